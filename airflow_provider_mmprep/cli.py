@@ -1,0 +1,148 @@
+"""``mmprep``: validate a NeMo ``download_multimodal.yaml``, show its plan, run its stages locally.
+
+Exit codes: 0 success, 1 a task failed (after writing what it could), 2 bad config or usage.
+Pods and Airflow operators call ``mmprep run CONFIG --stage NAME --task-id N --task-count M``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from .config import STAGE_NAMES, ConfigError, PipelineConfig, load_config
+from .plan import build_plan, compact_ranges, plan_stage
+from .stages import StageError, run_stage_task
+
+log = logging.getLogger("mmprep")
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def _split_overrides(values: Sequence[str]) -> list[str]:
+    bad = [v for v in values if "=" not in v]
+    if bad:
+        raise ConfigError([f"overrides: expected key=value, got {b!r}" for b in bad])
+    return list(values)
+
+
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, _split_overrides(args.overrides))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(f"{args.config}: valid; enabled stages: {', '.join(cfg.enabled_stages) or 'none'}")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    plan = build_plan(_load(args))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+        return EXIT_OK
+    print(f"DAG {plan.dag_id}")
+    for number, stage in enumerate(plan.stages, 1):
+        print(f"{number}. {stage.name}  [{stage.describe_tasks()}, runner {stage.runner}]")
+        print(f"     in:  {stage.input}")
+        print(f"     out: {stage.output}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    stages = args.stage or cfg.enabled_stages
+    disabled = [s for s in stages if s not in cfg.enabled_stages]
+    if disabled:
+        raise ConfigError([f"{s}.enable: stage is disabled in this config; enable it to run it"
+                           for s in disabled])
+    if (args.task_id is None) != (args.task_count is None):
+        raise ConfigError(["--task-id and --task-count go together"])
+    if args.task_id is not None and len(stages) != 1:
+        raise ConfigError(["--task-id/--task-count need exactly one --stage"])
+    results: dict[str, Any] = {}
+    for name in [s for s in STAGE_NAMES if s in stages]:
+        if args.task_id is not None:
+            task_ids, task_count = [args.task_id], args.task_count
+        else:
+            stage_plan = plan_stage(cfg, name)
+            if stage_plan.task_ids is None or stage_plan.task_count == 0:
+                log.error("%s: nothing to do: no input found in %s", name, stage_plan.input)
+                return EXIT_TASK_FAILED
+            task_ids, task_count = stage_plan.task_ids, stage_plan.task_count
+        log.info("%s: running tasks %s of %d", name, compact_ranges(task_ids), task_count)
+        failed: list[int] = []
+        for task_id in task_ids:
+            try:
+                results[f"{name}[{task_id}]"] = run_stage_task(cfg, name, task_id, task_count)
+            except StageError as exc:
+                log.error("%s: task %d/%d failed: %s", name, task_id, task_count, exc)
+                failed.append(task_id)
+            except Exception:  # keep going with the other tasks; the exit code reports it
+                log.exception("%s: task %d/%d failed", name, task_id, task_count)
+                failed.append(task_id)
+        if failed:
+            log.error("%s: %d task(s) failed: %s; rerun them with --stage %s --task-id N --task-count %d",
+                      name, len(failed), compact_ranges(failed), name, task_count)
+            return EXIT_TASK_FAILED
+    if args.summary_json:
+        print(json.dumps(results, indent=2, default=str))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmprep", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", help="NeMo-style download_multimodal.yaml")
+        p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. dataset_repo_id=org/name")
+        return p
+
+    with_config(sub.add_parser("validate", help="check the config; one line per problem")).set_defaults(
+        func=cmd_validate)
+    p_plan = with_config(sub.add_parser("plan", help="show enabled stages, folders and task ids"))
+    p_plan.add_argument("--json", action="store_true")
+    p_plan.set_defaults(func=cmd_plan)
+    p_run = with_config(sub.add_parser("run", help="run stages locally"))
+    p_run.add_argument("--stage", action="append", choices=STAGE_NAMES, help="stage to run (repeatable)")
+    p_run.add_argument("--task-id", type=int)
+    p_run.add_argument("--task-count", type=int)
+    p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
+    p_run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`run CFG --stage x key=value`): argparse leaves those unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

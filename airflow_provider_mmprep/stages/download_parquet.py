@@ -1,0 +1,151 @@
+"""download_parquet: fetch the (URL, caption) parquet files of a Hugging Face dataset repo, optionally split.
+
+Downloading is huggingface_hub's ``snapshot_download`` into ``output_dir`` (it resumes partial files and skips
+complete ones; ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured). With ``parquet_subpartitions: N > 1`` each
+file is split into N parts of contiguous rows, streamed by record batch so a file never sits in memory
+whole. A split leaves a small record (``.mmprep/split/<file>.json``) so a rerun neither downloads nor splits
+that file again, although the original is gone.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ..config import PipelineConfig
+from ..fsutil import atomic_path, atomic_write_bytes, task_range
+from ..plan import list_parquet_parts
+from ..progress import Progress
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+SPLIT_RECORD_DIR = Path(".mmprep") / "split"
+BATCH_ROWS = 65_536
+
+
+def _split_record_path(output_dir: Path, rel: str) -> Path:
+    return output_dir / SPLIT_RECORD_DIR / f"{rel}.json"
+
+
+def part_paths(original: Path, count: int) -> list[Path]:
+    """Names of the parts of ``original``: ``name_part003-of-010.parquet`` beside it, sorting in row order."""
+    stem = original.name[: -len(".parquet")] if original.name.endswith(".parquet") else original.name
+    return [original.with_name(f"{stem}_part{i:03d}-of-{count:03d}.parquet") for i in range(count)]
+
+
+def _already_split(output_dir: Path, rel: str, count: int) -> bool:
+    record_path = _split_record_path(output_dir, rel)
+    try:
+        record = json.loads(record_path.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return record.get("parts") == count and all(
+        (output_dir / p).is_file() for p in record.get("part_files", []))
+
+
+def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
+    """Split ``source`` into ``count`` parts of contiguous rows, each written atomically; then record the
+    split and remove ``source``. Row order and values are preserved exactly."""
+    parquet = pq.ParquetFile(source)
+    total_rows = parquet.metadata.num_rows
+    schema = parquet.schema_arrow
+    parts = part_paths(source, count)
+    batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+    pending = None  # a batch (or its tail) not yet written
+    for index, part in enumerate(parts):
+        wanted = len(task_range(total_rows, index, count))
+        with atomic_path(part) as tmp:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                while wanted > 0:
+                    if pending is None or pending.num_rows == 0:
+                        pending = next(batches)
+                    take = min(wanted, pending.num_rows)
+                    writer.write_batch(pending.slice(0, take))
+                    pending = pending.slice(take)
+                    wanted -= take
+    rel = source.relative_to(output_dir).as_posix()
+    record_path = _split_record_path(output_dir, rel)
+    try:  # an earlier split into another number of parts: its parts would duplicate rows, remove them
+        stale = set(json.loads(record_path.read_text()).get("part_files", []))
+    except (FileNotFoundError, ValueError):
+        stale = set()
+    record = {"source": rel, "rows": total_rows, "parts": count,
+              "part_files": [p.relative_to(output_dir).as_posix() for p in parts]}
+    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    source.unlink()
+    for old in stale - set(record["part_files"]):
+        (output_dir / old).unlink(missing_ok=True)
+    return parts
+
+
+def _remote_files(cfg: PipelineConfig, endpoint: str | None, token: str | None) -> list[str]:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    block = cfg.download_parquet
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        files = api.list_repo_files(cfg.dataset_repo_id, repo_type="dataset", revision=block.revision)
+    except RevisionNotFoundError:
+        raise StageError(f"download_parquet.revision: revision {block.revision!r} not found in dataset "
+                         f"{cfg.dataset_repo_id!r}") from None
+    except RepositoryNotFoundError:
+        raise StageError(f"dataset_repo_id: dataset repo {cfg.dataset_repo_id!r} not found at "
+                         f"{api.endpoint} (check the name; private or gated repos need HF_TOKEN or "
+                         "download_parquet.hf_token)") from None
+    except HfHubHTTPError as exc:
+        raise StageError(f"dataset_repo_id: listing {cfg.dataset_repo_id!r} at {api.endpoint} failed: "
+                         f"{str(exc).splitlines()[0]}") from None
+    return sorted(f for f in files if fnmatch.fnmatch(f, block.parquet_pattern))
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    block = cfg.download_parquet
+    output_dir = Path(block.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = block.hf_token or os.environ.get("HF_TOKEN") or None
+    count = block.parquet_subpartitions
+
+    remote = _remote_files(cfg, endpoint, token)
+    if not remote:
+        raise StageError(f"download_parquet.parquet_pattern: no file of dataset {cfg.dataset_repo_id!r} "
+                         f"matches {block.parquet_pattern!r}")
+    to_fetch = [f for f in remote if count == 1 or not _already_split(output_dir, f, count)]
+    log.info("download_parquet: %d file(s) match %r, %d to fetch or verify", len(remote),
+             block.parquet_pattern, len(to_fetch))
+    if to_fetch:
+        try:
+            snapshot_download(cfg.dataset_repo_id, repo_type="dataset", revision=block.revision,
+                              local_dir=output_dir, allow_patterns=to_fetch, token=token,
+                              endpoint=endpoint, max_workers=block.max_workers)
+        except HfHubHTTPError as exc:
+            raise StageError(f"download_parquet: download from {endpoint or 'the Hub'} failed: "
+                             f"{str(exc).splitlines()[0]}") from None
+
+    split_files = 0
+    if count > 1:
+        progress = Progress("download_parquet: splitting", len(to_fetch), unit="files")
+        for rel in to_fetch:
+            source = output_dir / rel
+            if source.is_file():
+                split_parquet(source, count, output_dir)
+                split_files += 1
+            progress.advance()
+        progress.finish()
+
+    parts = list_parquet_parts(output_dir, block.parquet_pattern)
+    log.info("download_parquet: %d parquet part(s) ready in %s (download_images fans out over these)",
+             len(parts), output_dir)
+    return {"files": len(remote), "fetched_or_verified": len(to_fetch), "split": split_files,
+            "parts": len(parts)}
