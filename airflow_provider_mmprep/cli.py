@@ -98,6 +98,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run report from what the stages left on disk (see :mod:`.report`)."""
+    from .report import write_report  # matplotlib is imported only when a report is asked for
+
+    cfg = _load(args)
+    path = write_report(cfg, args.out, overrides=args.overrides, dag_id=args.dag_id, run_id=args.run_id)
+    print(path)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -120,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--task-count", type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
+    p_report = with_config(sub.add_parser("report", help="write report.html: counts, failures, plots, "
+                                                         "resume commands"))
+    p_report.add_argument("--out", help="where to write it (default: report.html beside wdinfo.pkl)")
+    p_report.add_argument("--dag-id", help="DAG id for the 'mmprep clear' lines (default: run.name)")
+    p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
+    p_report.set_defaults(func=cmd_report)
     return parser
 
 
