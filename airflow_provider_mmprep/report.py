@@ -469,7 +469,7 @@ def resume_commands(cfg: PipelineConfig, failed: Mapping[str, Sequence[int]], ta
             lines.append(shlex.join([*base, "--stage", stage, "--task-id", str(task_id),
                                      "--task-count", str(task_counts[stage])]))
         lines.append(shlex.join(["mmprep", "clear", dag_id or cfg.run.name, run_id or "RUN_ID",
-                                 "--stage", stage, "--task-ids", *map(str, ids)]))
+                                 "--stage", stage, "--task-ids", compact_ranges(ids)]))
     return lines
 
 

@@ -208,7 +208,7 @@ def test_airflow_task_states_add_failed_map_indices(run_root) -> None:
                                                "precache_encodings": {1: "success", 2: "upstream_failed"}},
                              dag_id="my_dag", run_id="r1")
     assert "mmprep clear my_dag r1 --stage reorganize_tar --task-ids 0" in page
-    assert "mmprep clear my_dag r1 --stage precache_encodings --task-ids 2 3" in page
+    assert "mmprep clear my_dag r1 --stage precache_encodings --task-ids 2-3" in page
     assert "Airflow state upstream_failed" in page
 
 
