@@ -45,6 +45,11 @@ FAILED_STATES = frozenset({"failed", "upstream_failed", "removed"})
 #: More tasks than this and the per-task throughput plot shows the aggregate only (a legend of 1000 is noise).
 MAX_TASK_LINES = 12
 TOP_ERRORS = 12
+#: Suffix NeMo (and our reorganize_tar) gives a short last tar so loaders do not take it for a full one.
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
+TAR_SUFFIXES = (".tar", ".tar" + INCOMPLETE_SUFFIX)
+#: Per-task `mmprep run` lines shown per stage; the `mmprep clear` line always covers every failed task.
+MAX_RUN_LINES = 50
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -97,8 +102,10 @@ def _stage_tars(folder: Path, default_task: dict[str, int] | None = None
     if not folder.is_dir():
         return tars, unlisted
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.name.endswith(".tar") or entry.name.startswith(".") or not entry.is_file():
+        if not entry.name.endswith(TAR_SUFFIXES) or entry.name.startswith(".") or not entry.is_file():
             continue
+        if entry.name.endswith(INCOMPLETE_SUFFIX) and entry.stat().st_size == 0:
+            continue  # an empty marker beside its tar, not a tar
         manifest = read_manifest(entry.path)
         if manifest is None:
             unlisted.append(entry.name)
@@ -191,7 +198,13 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 tar_bytes += tar.stat().st_size
             elif int(stats.get("successes", 0)) > 0:
                 facts.incomplete[task_id] = f"{shard}_stats.json present but {shard}.tar missing"
-            _collect_statuses(folder / f"{shard}.parquet", task_id, dl)
+            if int(stats.get("count", 0)) > int(stats.get("successes", 0)):
+                dl.retryable_tasks.add(task_id)
+            status_dict = stats.get("status_dict")
+            if isinstance(status_dict, dict) and status_dict:
+                _count_status_dict(status_dict, stats, dl)
+            else:  # no status_dict: read the two status columns of the shard's parquet
+                _collect_statuses(folder / f"{shard}.parquet", task_id, dl)
         if shards:
             dl.shards_by_task[task_id] = sorted(shards)
     done = len(folders) - len(facts.incomplete)
@@ -211,6 +224,18 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 dl.status_counts[status] = totals[key]
 
 
+def _count_status_dict(status_dict: dict[str, Any], stats: dict[str, Any], dl: DownloadFacts) -> None:
+    """img2dataset's ``status_dict``: ``{"success": n, "<error message>": n, ...}``; the status mix comes from
+    the stats' own counters, so only the reasons are taken from it (cheap at any scale: no parquet read)."""
+    for status, key in (("success", "successes"), ("failed_to_download", "failed_to_download"),
+                        ("failed_to_resize", "failed_to_resize")):
+        if int(stats.get(key, 0)):
+            dl.status_counts[status] += int(stats[key])
+    for reason, count in status_dict.items():
+        if reason != "success" and isinstance(count, int) and count > 0:
+            dl.error_counts[" ".join(str(reason).split())[:100]] += count
+
+
 def _collect_statuses(parquet_path: Path, task_id: int, dl: DownloadFacts) -> None:
     if not parquet_path.is_file():
         return
@@ -225,7 +250,6 @@ def _collect_statuses(parquet_path: Path, task_id: int, dl: DownloadFacts) -> No
         status = status or "unknown"
         dl.status_counts[status] += 1
         if status != "success":
-            dl.retryable_tasks.add(task_id)
             reason = " ".join(str(error or status).split())
             dl.error_counts[reason[:100]] += 1
 
@@ -255,9 +279,18 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     samples = sum(t[1] for t in tars)
     chunk = block.tar_chunk_size
     short = [t for t in tars if t[1] < chunk]
+    marked = [t[0] for t in tars if t[0].endswith(INCOMPLETE_SUFFIX)]
+    marked += sorted(p.name[: -len(INCOMPLETE_SUFFIX)] for p in out.glob("*.tar" + INCOMPLETE_SUFFIX)
+                     if p.stat().st_size == 0)
     facts.rows += [("tars with manifest", _fmt_int(len(tars))), ("samples", _fmt_int(samples)),
                    ("bytes", _fmt_bytes(sum(t[2] for t in tars))),
-                   (f"short tars (< tar_chunk_size {chunk:,})", _fmt_int(len(short)))]
+                   (f"short tars (< tar_chunk_size {chunk:,})", _fmt_int(len(short))),
+                   ("marked .INCOMPLETE (not listed in wdinfo as full)", _fmt_int(len(marked)))]
+    unmarked_short = [t[0] for t in short if t[0] not in marked and t[0] + INCOMPLETE_SUFFIX not in marked
+                      and not t[0].endswith(INCOMPLETE_SUFFIX)]
+    if unmarked_short:
+        facts.notes.append(f"{len(unmarked_short)} tar(s) hold fewer than tar_chunk_size samples without an "
+                           f".INCOMPLETE mark: {', '.join(unmarked_short[:5])}")
     if unlisted:
         facts.notes.append(f"{len(unlisted)} tar(s) without a current manifest (being written, or written "
                            f"by an interrupted task): {', '.join(unlisted[:5])}")
@@ -397,44 +430,52 @@ def plot_download_throughput(dl: DownloadFacts) -> str | None:
 
 
 def plot_tar_throughput(stages: Sequence[StageFacts]) -> str | None:
-    """Samples written over time for tar stages, from manifest times; split by task where recorded."""
+    """Per tar stage: cumulative samples over time (manifest times), each tar's point coloured by the task
+    that wrote it where manifests or the input order say so (one legend entry per task up to a dozen)."""
     with_tars = [s for s in stages if s.tars]
     if not with_tars:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(with_tars), figsize=(11, 3.4), squeeze=False)
     for ax, stage in zip(axes[0], with_tars):
-        t0 = min(t[3] for t in stage.tars)
-        by_task: dict[Any, list[tuple[float, int]]] = defaultdict(list)
-        for _, samples, _, mtime, task in stage.tars:
-            by_task[task].append((mtime, samples))
-        per_task = len(by_task) <= MAX_TASK_LINES and None not in by_task
-        groups = sorted(by_task.items()) if per_task else [("all", sorted(x for v in by_task.values() for x in v))]
-        for task, points in groups:
-            points.sort()
-            xs, ys, cumulative = [0.0], [0], 0
-            for mtime, samples in points:
-                cumulative += samples
-                xs.append((mtime - t0) / 60)
-                ys.append(cumulative)
-            ax.step(xs, ys, where="post", marker=".", label=f"task {task}" if per_task else "all tasks")
-        ax.set_title(f"{stage.name}: samples written")
-        ax.set_xlabel("minutes since its first tar")
+        ordered = sorted(stage.tars, key=lambda t: t[3])
+        t0 = ordered[0][3]
+        xs, ys, tasks, cumulative = [], [], [], 0
+        for _, samples, _, mtime, task in ordered:
+            cumulative += samples
+            xs.append((mtime - t0) / 60)
+            ys.append(cumulative)
+            tasks.append(task)
+        ax.step(xs, ys, where="post", color="#9e9e9e", linewidth=1, label="all tasks")
+        known = sorted({t for t in tasks if t is not None})
+        if known and len(known) <= MAX_TASK_LINES:
+            for task in known:
+                ax.plot([x for x, t in zip(xs, tasks) if t == task], [y for y, t in zip(ys, tasks) if t == task],
+                        "o", markersize=5, label=f"task {task}")
+        else:
+            ax.plot(xs, ys, "o", markersize=3, color="#1565c0")
+        ax.set_title(f"{stage.name}: samples written ({len(known) or '?'} tasks)")
+        ax.set_xlabel("minutes since its first finished tar")
+        ax.set_ylabel("samples (cumulative)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return _png_uri(fig)
 
 
 def plot_shard_sizes(stages: Sequence[StageFacts], chunk_sizes: Mapping[str, int]) -> str | None:
+    """Samples and MB per tar, one colour per stage on shared bins (so small tars stay visible)."""
+    import numpy as np
+
     with_tars = [s for s in stages if s.tars]
     if not with_tars:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    for stage in with_tars:
-        axes[0].hist([t[1] for t in stage.tars], bins=20, alpha=0.6, label=stage.name)
-        axes[1].hist([t[2] / 1e6 for t in stage.tars], bins=20, alpha=0.6, label=stage.name)
+    for ax, column, scale in ((axes[0], 1, 1), (axes[1], 2, 1e6)):
+        series = [[t[column] / scale for t in s.tars] for s in with_tars]
+        edges = np.histogram_bin_edges(np.concatenate(series), bins=20)
+        ax.hist(series, bins=edges, label=[s.name for s in with_tars])
     for name, chunk in chunk_sizes.items():
         if any(s.name == name for s in with_tars):
             axes[0].axvline(chunk, color="k", linestyle="--", linewidth=1)
@@ -465,9 +506,12 @@ def resume_commands(cfg: PipelineConfig, failed: Mapping[str, Sequence[int]], ta
         if not ids:
             continue
         base = ["mmprep", "run", config, *overrides, *(extra_overrides or {}).get(stage, ())]
-        for task_id in ids:
+        for task_id in ids[:MAX_RUN_LINES]:
             lines.append(shlex.join([*base, "--stage", stage, "--task-id", str(task_id),
                                      "--task-count", str(task_counts[stage])]))
+        if len(ids) > MAX_RUN_LINES:
+            lines.append(f"# ... {len(ids) - MAX_RUN_LINES} more {stage} tasks: "
+                         f"{compact_ranges(ids[MAX_RUN_LINES:])}")
         lines.append(shlex.join(["mmprep", "clear", dag_id or cfg.run.name, run_id or "RUN_ID",
                                  "--stage", stage, "--task-ids", compact_ranges(ids)]))
     return lines
@@ -559,15 +603,24 @@ def build_report_html(cfg: PipelineConfig, *, task_states: Mapping[str, Mapping[
 
     chunk_sizes = {n: cfg.stage(n).tar_chunk_size for n in ("reorganize_tar", "precache_encodings")
                    if getattr(cfg, n) is not None}
-    try:
-        status_png = plot_status_mix(dl)
-        throughput_png = plot_download_throughput(dl)
-        tar_throughput_png = plot_tar_throughput(stages)
-        sizes_png = plot_shard_sizes(stages, chunk_sizes)
-        plot_note = None
-    except ImportError:
-        status_png = throughput_png = tar_throughput_png = sizes_png = None
-        plot_note = "matplotlib is not installed: plots are left out (pip install matplotlib)."
+    plot_problems: list[str] = []
+
+    def plot(function: Any, *args: Any) -> str | None:
+        # A plot that cannot be drawn costs that plot, never the report.
+        try:
+            return function(*args)
+        except ImportError:
+            plot_problems.append("matplotlib is not installed: plots are left out (pip install matplotlib).")
+        except Exception as exc:
+            log.exception("report: %s failed", function.__name__)
+            plot_problems.append(f"{function.__name__} failed: {type(exc).__name__}: {exc}")
+        return None
+
+    status_png = plot(plot_status_mix, dl)
+    throughput_png = plot(plot_download_throughput, dl)
+    tar_throughput_png = plot(plot_tar_throughput, stages)
+    sizes_png = plot(plot_shard_sizes, stages, chunk_sizes)
+    plot_note = " ".join(dict.fromkeys(plot_problems)) or None
 
     esc = html.escape
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>mmprep report: "
@@ -637,7 +690,8 @@ def build_report_html(cfg: PipelineConfig, *, task_states: Mapping[str, Mapping[
                                 extra_overrides={"download_images": ["download_images.retry_failed=true"]})
         parts.append(f"<p>{len(ids):,} download task(s) finished with failed URLs. To retry only those URLs "
                      "(<code>download_images.retry_failed=true</code>), then rerun the later stages:</p>")
-        parts.append(f"<pre>{esc(chr(10).join(line for line in retry if ' run ' in line))}</pre>")
+        retry_lines = [line for line in retry if not line.startswith("mmprep clear")]
+        parts.append(f"<pre>{esc(chr(10).join(retry_lines))}</pre>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -26,7 +26,7 @@ from PIL import Image
 from airflow_provider_mmprep.cli import build_parser, main
 from airflow_provider_mmprep.config import PipelineConfig, load_config
 from airflow_provider_mmprep.manifest import write_manifest
-from airflow_provider_mmprep.report import build_report_html, default_report_path, write_report
+from airflow_provider_mmprep.report import build_report_html, default_report_path, resume_commands, write_report
 
 CHUNK = 8
 T0 = 1_760_000_000.0  # a fixed epoch so times in the fixtures are deterministic
@@ -223,6 +223,67 @@ def test_disabled_and_missing_stages_are_said_so(tmp_path: Path, nemo_config) ->
     assert "stage not run yet" in text and "wdinfo.pkl not found" in text
     assert "No download_images status data" in text and "No tars with manifests yet." in text
     assert _images(out.read_text()) == []
+
+
+def test_failure_reasons_fall_back_to_the_shard_parquet(run_root) -> None:
+    _, _, cfg = run_root
+    for stats_file in Path(cfg.download_images.output_dir).glob("*/*_stats.json"):
+        stats = json.loads(stats_file.read_text())
+        del stats["status_dict"]
+        stats_file.write_text(json.dumps(stats))
+    text = _text(build_report_html(cfg))
+    # the same reasons and counts, now from the `status` / `error_message` columns
+    assert "HTTP Error 404: Not Found 4" in text and "timed out 4" in text
+    assert "image decoding error: cannot identify image file 4" in text
+
+
+@pytest.mark.parametrize("form", ["renamed", "marker"])
+def test_short_tar_marked_incomplete(run_root, form: str) -> None:
+    _, _, cfg = run_root
+    short = Path(cfg.reorganize_tar.output_dir) / "00003.tar"
+    if form == "renamed":  # the short tar itself carries the suffix, with its manifest
+        marked = short.with_name("00003.tar.INCOMPLETE")
+        short.rename(marked)
+        short.with_name("00003.tar.manifest.json").unlink()
+        write_manifest(marked, 4)
+    else:  # an empty marker beside the tar
+        short.with_name("00003.tar.INCOMPLETE").touch()
+    text = _text(build_report_html(cfg))
+    assert "marked .INCOMPLETE (not listed in wdinfo as full) 1" in text
+    assert "without an .INCOMPLETE mark" not in text
+    assert "short tars (< tar_chunk_size 8) 1" in text and "samples 28" in text
+
+
+def test_unmarked_short_tar_is_flagged(run_root) -> None:
+    _, _, cfg = run_root
+    assert "1 tar(s) hold fewer than tar_chunk_size samples without an .INCOMPLETE mark: 00003.tar" \
+        in _text(build_report_html(cfg))
+
+
+def test_resume_lines_are_capped_but_clear_covers_all(run_root) -> None:
+    _, _, cfg = run_root
+    lines = resume_commands(cfg, {"precache_encodings": list(range(60))}, {"precache_encodings": 1024})
+    assert sum(line.startswith("mmprep run") for line in lines) == 50
+    assert "# ... 10 more precache_encodings tasks: 50-59" in lines
+    assert lines[-1].endswith("--stage precache_encodings --task-ids 0-59")
+
+
+def test_report_without_matplotlib_still_has_counts_and_commands(run_root, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    _, _, cfg = run_root
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    page = build_report_html(cfg)
+    assert _images(page) == []
+    assert "matplotlib is not installed" in page and "URLs tried 40" in _text(page)
+    assert "--stage precache_encodings --task-id 3 --task-count 4" in page
 
 
 def test_wdinfo_with_a_class_reference_is_not_unpickled(run_root) -> None:
