@@ -25,7 +25,7 @@ import os
 import pickle
 import shlex
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -147,24 +147,36 @@ def _collect_download_parquet(cfg: PipelineConfig, facts: StageFacts) -> None:
         facts.incomplete[0] = "unreadable parquet output"
 
 
-def _download_task_folders(cfg: PipelineConfig) -> tuple[list[Path], str | None]:
-    """One output folder per download_images task, in task order (the plan's order of parquet parts)."""
+def _download_task_folders(cfg: PipelineConfig) -> tuple[list[Path], list[Path | None], str | None]:
+    """One output folder per download_images task, in task order (the plan's order of parquet parts), with
+    the task's input part where it still exists."""
     block = cfg.download_images
     parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
     if parts:
-        return [Path(block.output_dir) / part_name(block.input_dir, p) for p in parts], None
+        return [Path(block.output_dir) / part_name(block.input_dir, p) for p in parts], list(parts), None
     out = Path(block.output_dir)
     if out.is_dir():  # inputs gone (cleaned up): fall back to the folders present, in name order
         folders = sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return folders, (f"input parquet parts not found in {block.input_dir}; task ids below follow the "
-                         "output folders' name order")
-    return [], None
+        return folders, [None] * len(folders), (
+            f"input parquet parts not found in {block.input_dir}; task ids below follow the output folders' "
+            "name order")
+    return [], [], None
+
+
+def _parquet_rows(path: Path | None) -> int | None:
+    """Row count from the parquet footer (no data read), or None if unknown."""
+    if path is None:
+        return None
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:
+        return None
 
 
 def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: DownloadFacts) -> None:
     block = cfg.download_images
     facts.output = str(block.output_dir)
-    folders, note = _download_task_folders(cfg)
+    folders, inputs, note = _download_task_folders(cfg)
     if note:
         facts.notes.append(note)
     facts.task_count, facts.task_ids = len(folders), list(range(len(folders)))
@@ -180,6 +192,7 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
             facts.incomplete[task_id] = f"no *_stats.json in {folder.name}/"
             continue
         shards = []
+        tried_before = totals["count"]
         for stats_file in stats_files:
             try:
                 stats = json.loads(stats_file.read_text())
@@ -207,6 +220,10 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 _collect_statuses(folder / f"{shard}.parquet", task_id, dl)
         if shards:
             dl.shards_by_task[task_id] = sorted(shards)
+        expected = _parquet_rows(inputs[task_id])
+        tried = totals["count"] - tried_before
+        if expected is not None and tried < expected:  # a task stopped part-way (crash, pod evicted)
+            facts.incomplete.setdefault(task_id, f"{tried:,} of {expected:,} URLs of its part have a status")
     done = len(folders) - len(facts.incomplete)
     facts.rows += [
         ("tasks with output", f"{done:,} of {len(folders):,}"),
@@ -217,20 +234,16 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
         ("failed to resize", _fmt_int(totals["failed_to_resize"])),
         ("tars", f"{tar_count:,} ({_fmt_bytes(tar_bytes)})"),
     ]
-    if not dl.status_counts and totals["count"]:  # parquet side-files absent: fall back to the stats
-        for status, key in (("success", "successes"), ("failed_to_download", "failed_to_download"),
-                            ("failed_to_resize", "failed_to_resize")):
-            if totals[key]:
-                dl.status_counts[status] = totals[key]
+    # the status mix comes from the stats' own counters, which every shard has
+    for status, key in (("success", "successes"), ("failed_to_download", "failed_to_download"),
+                        ("failed_to_resize", "failed_to_resize")):
+        if totals[key]:
+            dl.status_counts[status] = totals[key]
 
 
 def _count_status_dict(status_dict: dict[str, Any], stats: dict[str, Any], dl: DownloadFacts) -> None:
-    """img2dataset's ``status_dict``: ``{"success": n, "<error message>": n, ...}``; the status mix comes from
-    the stats' own counters, so only the reasons are taken from it (cheap at any scale: no parquet read)."""
-    for status, key in (("success", "successes"), ("failed_to_download", "failed_to_download"),
-                        ("failed_to_resize", "failed_to_resize")):
-        if int(stats.get(key, 0)):
-            dl.status_counts[status] += int(stats[key])
+    """Failure reasons from img2dataset's ``status_dict`` (``{"success": n, "<error message>": n, ...}``):
+    cheap at any scale, no parquet read."""
     for reason, count in status_dict.items():
         if reason != "success" and isinstance(count, int) and count > 0:
             dl.error_counts[" ".join(str(reason).split())[:100]] += count
@@ -248,7 +261,6 @@ def _collect_statuses(parquet_path: Path, task_id: int, dl: DownloadFacts) -> No
     errors = table.column("error_message").to_pylist()
     for status, error in zip(statuses, errors):
         status = status or "unknown"
-        dl.status_counts[status] += 1
         if status != "success":
             reason = " ".join(str(error or status).split())
             dl.error_counts[reason[:100]] += 1

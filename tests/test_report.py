@@ -237,6 +237,16 @@ def test_failure_reasons_fall_back_to_the_shard_parquet(run_root) -> None:
     assert "image decoding error: cannot identify image file 4" in text
 
 
+def test_download_task_stopped_part_way_is_to_redo(run_root) -> None:
+    _, _, cfg = run_root
+    last_shard = Path(cfg.download_images.output_dir) / "part1" / "00001_stats.json"
+    last_shard.unlink()  # as if the pod died before its second shard was finished
+    text = _text(build_report_html(cfg))
+    assert "10 of 20 URLs of its part have a status" in text
+    assert "--stage download_images --task-id 1 --task-count 2" in text
+    assert "URLs tried 30" in text
+
+
 @pytest.mark.parametrize("form", ["renamed", "marker"])
 def test_short_tar_marked_incomplete(run_root, form: str) -> None:
     _, _, cfg = run_root
