@@ -211,7 +211,7 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 tar_bytes += tar.stat().st_size
             elif int(stats.get("successes", 0)) > 0:
                 facts.incomplete[task_id] = f"{shard}_stats.json present but {shard}.tar missing"
-            if int(stats.get("count", 0)) > int(stats.get("successes", 0)):
+            if int(stats.get("failed_to_download", 0)) > 0:  # resize failures would fail again
                 dl.retryable_tasks.add(task_id)
             status_dict = stats.get("status_dict")
             if isinstance(status_dict, dict) and status_dict:
