@@ -10,10 +10,7 @@ import json
 import os
 import pickle
 import re
-import shutil
-import subprocess
 import tarfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +24,7 @@ from airflow_provider_mmprep.cli import build_parser, main
 from airflow_provider_mmprep.config import PipelineConfig, load_config
 from airflow_provider_mmprep.manifest import write_manifest
 from airflow_provider_mmprep.report import build_report_html, default_report_path, resume_commands, write_report
+from airflow_provider_mmprep.testing.browser import dump_dom, find_chromium, screenshot
 
 CHUNK = 8
 T0 = 1_760_000_000.0  # a fixed epoch so times in the fixtures are deterministic
@@ -318,22 +316,12 @@ def test_cli_report_subcommand(run_root, tmp_path: Path, capsys) -> None:
 # Headless Chromium
 # --------------------------------------------------------------------------------------------------------
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
-                None)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
+CHROMIUM = find_chromium()
 # Appended to a *copy* of the page (the report itself has no script): after load, the title says how many
 # images decoded, which --dump-dom then shows.
 PROBE = ("<script>window.addEventListener('load',()=>{const i=[...document.images];"
          "document.title='decoded '+i.filter(x=>x.complete&&x.naturalWidth>0).length+' of '+i.length;});"
          "</script>")
-
-
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"  # fresh profile every launch
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install -y chromium); "
@@ -343,12 +331,11 @@ def test_report_renders_in_headless_chromium(run_root, tmp_path: Path) -> None:
     path = write_report(cfg, overrides=overrides)
     probe = tmp_path / "probe.html"
     probe.write_text(path.read_text().replace("</body>", PROBE + "</body>"))
-    dom = _chromium(tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
-    assert "<title>decoded 4 of 4</title>" in dom.stdout, dom.stderr[-2000:]
+    assert "<title>decoded 4 of 4</title>" in dump_dom(probe.as_uri())
 
-    shot = Path(os.environ.get("MMPREP_REPORT_SCREENSHOT", tmp_path / "report.png"))
-    shot.parent.mkdir(parents=True, exist_ok=True)
-    _chromium(tmp_path, "--window-size=1200,3600", f"--screenshot={shot}", path.as_uri())
+    # MMPREP_REPORT_SCREENSHOT=/some/where.png keeps the screenshot for a look
+    shot = screenshot(path.as_uri(), os.environ.get("MMPREP_REPORT_SCREENSHOT", tmp_path / "report.png"),
+                      width=1200, height=3600)
     image = Image.open(shot).convert("RGB")
     assert image.size == (1200, 3600)
     # not a blank page: many distinct colours (text, tables, the plots' bars and lines)
