@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from .config import STAGE_NAMES, PipelineConfig
 from .fsutil import atomic_write_bytes, task_range
-from .manifest import MANIFEST_SUFFIX, read_manifest
+from .manifest import MANIFEST_SUFFIX
 from .plan import compact_ranges, list_parquet_parts, part_name
 
 log = logging.getLogger(__name__)
@@ -104,19 +104,34 @@ def _stage_tars(folder: Path, default_task: dict[str, int] | None = None
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if not entry.name.endswith(TAR_SUFFIXES) or entry.name.startswith(".") or not entry.is_file():
             continue
-        if entry.name.endswith(INCOMPLETE_SUFFIX) and entry.stat().st_size == 0:
+        tar_size = entry.stat().st_size
+        if entry.name.endswith(INCOMPLETE_SUFFIX) and tar_size == 0:
             continue  # an empty marker beside its tar, not a tar
-        manifest = read_manifest(entry.path)
-        if manifest is None:
+        loaded = _read_manifest_fast(entry.path + MANIFEST_SUFFIX, tar_size)
+        if loaded is None:
             unlisted.append(entry.name)
             continue
+        manifest, mtime = loaded
         task = manifest.get("task_id")
         if task is None and default_task:
             task = default_task.get(entry.name)
-        mtime = os.stat(Path(entry.path).with_name(entry.name + MANIFEST_SUFFIX)).st_mtime
-        tars.append((entry.name, int(manifest["sample_count"]), int(manifest["tar_size"]), mtime,
+        tars.append((entry.name, int(manifest["sample_count"]), tar_size, mtime,
                      int(task) if task is not None else None))
     return tars, unlisted
+
+
+def _read_manifest_fast(path: str, tar_size: int) -> tuple[dict[str, Any], float] | None:
+    """:func:`manifest.read_manifest`'s rule (absent, unreadable or stale: None) plus the manifest's mtime,
+    on plain strings and one open: at millions of tars pathlib's overhead was 2/3 of the report's time."""
+    try:
+        with open(path, "rb") as fh:
+            mtime = os.fstat(fh.fileno()).st_mtime
+            body = json.loads(fh.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(body, dict) or body.get("tar_size") != tar_size or "sample_count" not in body:
+        return None
+    return body, mtime
 
 
 # --------------------------------------------------------------------------------------------------------
