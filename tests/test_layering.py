@@ -9,7 +9,7 @@ from pathlib import Path
 CORE_MODULES = ["airflow_provider_mmprep.config", "airflow_provider_mmprep.plan",
                 "airflow_provider_mmprep.cli", "airflow_provider_mmprep.stages",
                 "airflow_provider_mmprep.fsutil", "airflow_provider_mmprep.manifest",
-                "airflow_provider_mmprep.progress"]
+                "airflow_provider_mmprep.progress", "airflow_provider_mmprep.report"]
 
 
 def _stage_modules() -> list[str]:
