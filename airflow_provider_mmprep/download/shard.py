@@ -1,0 +1,214 @@
+"""Download one shard and write it in img2dataset's layout, atomically and byte-reproducibly.
+
+Images arrive in any order; each accepted image is appended to a spill file (so memory holds only the
+images in flight, never the shard), and when every URL has its outcome the tar is written in key order
+with fixed member metadata (mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
+responses therefore give byte-identical tars. Each file is written under a temporary name and renamed; the
+``_stats.json`` is renamed last and marks the shard complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
+from ..manifest import write_manifest
+from .fetcher import Fetcher
+from .options import DownloadOptions
+from .reader import ShardJob
+from .resizer import ImageRejected, process_image
+
+SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
+#: Processing threads per worker process: Pillow releases the GIL while decoding, resizing and encoding,
+#: so these overlap with the event loop without a second process.
+IMAGE_THREADS = 2
+
+
+@dataclass
+class Outcome:
+    status: str
+    error: str | None = None
+    retryable: bool = False
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    hash: str | None = None
+    offset: int = 0
+    length: int = 0
+
+
+def shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
+    stem = f"{shard_id:05d}"
+    return {"tar": out_dir / f"{stem}.tar", "parquet": out_dir / f"{stem}.parquet",
+            "stats": out_dir / f"{stem}_stats.json"}
+
+
+def is_complete(out_dir: Path, shard_id: int) -> bool:
+    paths = shard_paths(out_dir, shard_id)
+    return all(p.is_file() for p in paths.values())
+
+
+async def _download_all(job: ShardJob, options: DownloadOptions, spill: io.BufferedWriter,
+                        on_done: Callable[[bool], None] | None) -> list[Outcome]:
+    loop = asyncio.get_running_loop()
+    outcomes: list[Outcome | None] = [None] * len(job)
+    indices = iter(range(len(job)))
+    executor = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="mmprep-image")
+    position = 0
+
+    async def worker(fetcher: Fetcher) -> None:
+        nonlocal position
+        for index in indices:
+            url = job.urls[index]
+            if not url:
+                outcome = Outcome(FAILED_DOWNLOAD, "empty URL")
+            else:
+                result = await fetcher.fetch(url)
+                if result.body is None:
+                    outcome = Outcome(FAILED_DOWNLOAD, result.error, result.transient)
+                elif not result.body:
+                    outcome = Outcome(FAILED_DOWNLOAD, "empty body")
+                else:
+                    try:
+                        image = await loop.run_in_executor(executor, process_image, result.body, options)
+                    except ImageRejected as exc:
+                        outcome = Outcome(FAILED_RESIZE, str(exc))
+                    except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
+                        outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
+                    else:
+                        spill.write(image.data)
+                        outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
+                                          image.original_height, image.hash, position, len(image.data))
+                        position += len(image.data)
+            outcomes[index] = outcome
+            if on_done is not None:
+                on_done(outcome.status == SUCCESS)
+
+    try:
+        async with Fetcher(options) as fetcher:
+            await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(job))))))
+    finally:
+        executor.shutdown(wait=True)
+    return [o for o in outcomes if o is not None]
+
+
+def _run_loop(coroutine: Any) -> Any:
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)
+
+
+def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
+                   on_done: Callable[[bool], None] | None = None) -> dict[str, Any]:
+    """Fetch every URL of ``job`` and write ``{shard}.tar/.parquet/_stats.json`` (+ manifest) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = shard_paths(out_dir, job.shard_id)
+    start = time.time()
+    spill_path = out_dir / f".{job.shard_id:05d}.spill.{os.getpid()}{TMP_MARKER}"
+    try:
+        with open(spill_path, "wb") as spill:
+            outcomes = _run_loop(_download_all(job, options, spill, on_done))
+        extension = options.extension
+        hash_name = options.compute_hash or "sha256"
+        extra_rows = job.extra.to_pylist() if job.extra is not None else [{} for _ in outcomes]
+        successes = 0
+        with atomic_path(paths["tar"]) as tmp_tar, open(spill_path, "rb") as spill_in:
+            with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+                for index in sorted(range(len(outcomes)), key=lambda i: job.keys[i]):
+                    outcome = outcomes[index]
+                    if outcome.status != SUCCESS:
+                        continue
+                    successes += 1
+                    key = job.keys[index]
+                    spill_in.seek(outcome.offset)
+                    _tar_member(tar, f"{key}.{extension}", spill_in.read(outcome.length))
+                    if job.captions is not None:
+                        _tar_member(tar, f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
+                    meta = {"url": job.urls[index], "caption": job.captions[index] if job.captions else None,
+                            "key": key, "status": SUCCESS, "error_message": None, "width": outcome.width,
+                            "height": outcome.height, "original_width": outcome.original_width,
+                            "original_height": outcome.original_height, hash_name: outcome.hash}
+                    meta.update({k: _json_value(v) for k, v in extra_rows[index].items()})
+                    _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+    finally:
+        spill_path.unlink(missing_ok=True)
+
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(job.keys, pa.string()),
+        "url": pa.array(job.urls, pa.string()),
+    }
+    if job.captions is not None:
+        columns["caption"] = pa.array(job.captions, pa.string())
+    columns.update({
+        "status": pa.array([o.status for o in outcomes], pa.string()),
+        "error_message": pa.array([o.error for o in outcomes], pa.string()),
+        "width": pa.array([o.width for o in outcomes], pa.int32()),
+        "height": pa.array([o.height for o in outcomes], pa.int32()),
+        "original_width": pa.array([o.original_width for o in outcomes], pa.int32()),
+        "original_height": pa.array([o.original_height for o in outcomes], pa.int32()),
+        hash_name: pa.array([o.hash for o in outcomes], pa.string()),
+        "retryable": pa.array([o.retryable for o in outcomes], pa.bool_()),  # ours: transient failure
+    })
+    table = pa.table(columns)
+    if job.extra is not None:
+        for name in job.extra.column_names:
+            if name not in table.column_names:
+                table = table.append_column(name, job.extra.column(name))
+    with atomic_path(paths["parquet"]) as tmp:
+        pq.write_table(table, tmp)
+
+    failed_download = sum(o.status == FAILED_DOWNLOAD for o in outcomes)
+    failed_resize = sum(o.status == FAILED_RESIZE for o in outcomes)
+    status_dict: dict[str, int] = {}
+    for outcome in outcomes:
+        label = outcome.error or outcome.status
+        status_dict[label] = status_dict.get(label, 0) + 1
+    end = time.time()
+    write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=sorted(
+        [extension, "json"] + (["txt"] if job.captions is not None else [])), retry_round=job.retry,
+        source="download_images")
+    stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
+             "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
+             "duration": end - start, "start_time": start, "end_time": end,
+             "status_dict": dict(sorted(status_dict.items(), key=lambda kv: -kv[1])),
+             "shard": job.shard_id, "retry_round": job.retry}
+    atomic_write_bytes(paths["stats"], json.dumps(stats, indent=1).encode())
+    return stats
