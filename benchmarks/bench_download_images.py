@@ -8,8 +8,8 @@ What it does: serves ``--urls`` procedurally generated ~75 KB JPEGs (200 distinc
 from a loopback host that delays every reply by 20-200 ms; installs img2dataset into
 ``benchmarks/.venv-img2dataset`` (first run only, from PyPI); then, for ``resize_mode no`` and for
 ``resize_mode center_crop, image_size 256``, runs img2dataset and ``mmprep run --stage download_images`` as
-separate processes with equal parallelism (``--processes`` × ``--threads``, 1,000 samples per shard so both
-use every process) and measures for each the whole-process wall time, the successful images, and the peak
+separate processes with equal parallelism (``--processes`` × ``--threads``; ``--per-shard`` samples per
+shard, img2dataset's default 10,000 unless given) and measures for each the whole-process wall time, the successful images, and the peak
 RSS of its whole process tree (sampled every 20 ms). It prints images/s and the ratios mmprep/img2dataset.
 Runs alternate and the median of ``--repeat`` runs is reported. The host and both tools share the machine,
 so absolute figures depend on load; the ratios are what to read.
@@ -109,7 +109,7 @@ def run_img2dataset(exe: Path, parquet: Path, out: Path, mode: dict, args: argpa
     cmd = [str(exe), "--url_list", str(parquet), "--input_format", "parquet", "--url_col", "URL",
            "--caption_col", "TEXT", "--output_format", "webdataset", "--output_folder", str(out),
            "--processes_count", str(args.processes), "--thread_count", str(args.threads),
-           "--number_sample_per_shard", "1000", "--encode_quality", "95", "--timeout", "10", "--retries", "0",
+           "--number_sample_per_shard", str(args.per_shard), "--encode_quality", "95", "--timeout", "10", "--retries", "0",
            "--enable_wandb", "False"]
     for key, value in mode.items():
         cmd += [f"--{key}", str(value)]
@@ -121,7 +121,7 @@ def run_img2dataset(exe: Path, parquet: Path, out: Path, mode: dict, args: argpa
 
 
 def run_mmprep(parquet_dir: Path, out: Path, mode: dict, args: argparse.Namespace) -> dict:
-    extra = {"encode_quality": 95, "number_sample_per_shard": 1000, "timeout": 10, "retries": 0, **mode}
+    extra = {"encode_quality": 95, "number_sample_per_shard": args.per_shard, "timeout": 10, "retries": 0, **mode}
     if args.skip_reencode:
         extra["skip_reencode"] = True
     config = {"run": {"name": "bench"}, "download_images": {
@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--per-shard", type=int, default=10_000,
+                        help="number_sample_per_shard for both (img2dataset's default, which NeMo's config keeps)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--skip-reencode", action="store_true",
                         help="pass skip_reencode true to both tools (equal work for resize_mode no)")
@@ -158,7 +160,8 @@ def main() -> None:
         sample_data.write_url_parquet(parquet_dir / "urls.parquet", urls)
         print(f"{args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB "
               f"(mean {sum(sizes) // len(sizes) // 1024} KB), latency 20-200 ms, "
-              f"{args.processes} processes x {args.threads} threads, cpus={os.cpu_count()}"
+              f"{args.processes} processes x {args.threads} threads, {args.per_shard} samples/shard, "
+              f"cpus={os.cpu_count()}"
               f"{', skip_reencode true for both' if args.skip_reencode else ''}", flush=True)
         report = {}
         for mode_name in args.modes.split(","):

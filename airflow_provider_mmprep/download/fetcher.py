@@ -232,6 +232,11 @@ class Fetcher:
                 length = response.content_length
                 if length is not None and length > options.max_image_bytes:
                     raise _Failure(f"image larger than max_image_bytes ({length} bytes)", False)
+                if length is not None:  # the common case: one read of a known size
+                    body = await response.read()
+                    if len(body) > options.max_image_bytes:
+                        raise _Failure(f"image larger than max_image_bytes ({len(body)} bytes)", False)
+                    return body
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.content.iter_any():

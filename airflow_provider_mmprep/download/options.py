@@ -69,8 +69,9 @@ class DownloadOptions:
     disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED
     compute_hash: str | None = "sha256"
     # ours (download_images.* keys, not img2dataset's)
-    threads: int = 64
+    threads: int = 64  # fetches in flight per worker process
     processes: int = 1
+    image_threads: int = 2  # Pillow work per worker process (it releases the GIL, so these run in parallel)
     allow_private_addresses: bool = False
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 89_478_485

@@ -31,10 +31,6 @@ from .reader import ShardJob
 from .resizer import ImageRejected, process_image
 
 SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
-#: Processing threads per worker process: Pillow releases the GIL while decoding, resizing and encoding,
-#: so these overlap with the event loop without a second process.
-IMAGE_THREADS = 2
-
 
 @dataclass
 class Outcome:
@@ -66,7 +62,7 @@ async def _download_all(job: ShardJob, options: DownloadOptions, spill: io.Buffe
     loop = asyncio.get_running_loop()
     outcomes: list[Outcome | None] = [None] * len(job)
     indices = iter(range(len(job)))
-    executor = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="mmprep-image")
+    executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
     position = 0
 
     async def worker(fetcher: Fetcher) -> None:
@@ -114,14 +110,45 @@ def _run_loop(coroutine: Any) -> Any:
         return asyncio.run(coroutine)
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+class _TarWriter:
+    """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
+    kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._fd = self._file.fileno()
+
+    @staticmethod
+    def header(name: str, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._file.write(self.header(name, len(data)) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+    def add_from(self, name: str, source_fd: int, offset: int, length: int) -> None:
+        self._file.write(self.header(name, length))
+        self._file.flush()
+        copied = 0
+        while copied < length:
+            try:
+                count = os.copy_file_range(source_fd, self._fd, length - copied, offset + copied)
+            except (AttributeError, OSError):
+                count = 0
+            if count <= 0:  # unsupported here: plain read/write
+                self._file.write(os.pread(source_fd, length - copied, offset + copied))
+                self._file.flush()
+                break
+            copied += count
+        self._file.write(b"\0" * (-length % tarfile.BLOCKSIZE))
+
+    def close(self) -> None:
+        self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        self._file.flush()
+        size = self._file.tell()
+        self._file.write(b"\0" * (-size % tarfile.RECORDSIZE))
+        self._file.close()
 
 
 def _json_value(value: Any) -> Any:
@@ -151,23 +178,25 @@ def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
         extra_rows = job.extra.to_pylist() if job.extra is not None else [{} for _ in outcomes]
         successes = 0
         with atomic_path(paths["tar"]) as tmp_tar, open(spill_path, "rb") as spill_in:
-            with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+            tar = _TarWriter(tmp_tar)
+            try:
                 for index in sorted(range(len(outcomes)), key=lambda i: job.keys[i]):
                     outcome = outcomes[index]
                     if outcome.status != SUCCESS:
                         continue
                     successes += 1
                     key = job.keys[index]
-                    spill_in.seek(outcome.offset)
-                    _tar_member(tar, f"{key}.{extension}", spill_in.read(outcome.length))
+                    tar.add_from(f"{key}.{extension}", spill_in.fileno(), outcome.offset, outcome.length)
                     if job.captions is not None:
-                        _tar_member(tar, f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
+                        tar.add_bytes(f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
                     meta = {"url": job.urls[index], "caption": job.captions[index] if job.captions else None,
                             "key": key, "status": SUCCESS, "error_message": None, "width": outcome.width,
                             "height": outcome.height, "original_width": outcome.original_width,
                             "original_height": outcome.original_height, hash_name: outcome.hash}
                     meta.update({k: _json_value(v) for k, v in extra_rows[index].items()})
-                    _tar_member(tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+                    tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+            finally:
+                tar.close()
     finally:
         spill_path.unlink(missing_ok=True)
 

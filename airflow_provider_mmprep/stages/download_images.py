@@ -14,6 +14,7 @@ original keys — as additional shards numbered after the existing ones.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -88,6 +89,12 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     """Download every job; in this process when one worker suffices, else in a pool of processes."""
     reporter = _ProgressReporter(what, total)
     processes = options.processes if parallel_hint is None else max(1, min(options.processes, parallel_hint))
+    # The parallelism asked for is processes x threads fetches in flight. With fewer shards than processes
+    # (a small part, or the default 10,000 samples per shard) fewer processes each carry more fetches, so the
+    # whole budget is used instead of leaving processes idle.
+    budget = options.processes * options.threads
+    options = dataclasses.replace(options, threads=-(-budget // processes),
+                                  image_threads=max(2, -(-options.processes // processes)))
     results: list[dict[str, Any]] = []
     if processes == 1:
         counts = [0, 0]
