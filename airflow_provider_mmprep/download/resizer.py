@@ -36,9 +36,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .options import DownloadOptions
 
 _FORMAT_OF = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-_OPENABLE = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _ORIENTATION_TAG = 0x0112
 Image.init()  # register every plugin now: ``Image.open(formats=...)`` only knows registered ones
+#: Web image formats we accept (JPEG covers MPO); anything else is "not an image".
+_OPENABLE = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in Image.OPEN)
 
 
 class ImageRejected(Exception):
