@@ -150,8 +150,8 @@ def test_private_and_loopback_addresses_are_refused_by_default(tmp_path: Path, h
     assert sum(host.hits.values()) == 0  # nothing was ever sent to the host
 
 
-def test_rerun_skips_complete_shards_and_two_processes_give_identical_tars(tmp_path: Path,
-                                                                             host: ImageHost) -> None:
+def test_rerun_skips_complete_shards_and_two_processes_give_identical_tars(
+        tmp_path: Path, host: ImageHost, monkeypatch: pytest.MonkeyPatch) -> None:
     urls = sample_data.add_images(host, 30, size=SMALL)
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
     first = run(write_config(tmp_path, tmp_path / "in", tmp_path / "a", number_sample_per_shard=8))
@@ -160,6 +160,8 @@ def test_rerun_skips_complete_shards_and_two_processes_give_identical_tars(tmp_p
     again = run(write_config(tmp_path, tmp_path / "in", tmp_path / "a", number_sample_per_shard=8))
     assert again["downloaded_shards"] == 0 and again["skipped_shards"] == 4
     assert sum(host.hits.values()) == hits
+    # second run: two worker processes, and every early finisher goes through the spill file
+    monkeypatch.setattr("airflow_provider_mmprep.download.shard.MEMORY_CAP_BYTES", 1)
     run(write_config(tmp_path, tmp_path / "in", tmp_path / "b", processes=2, number_sample_per_shard=8))
     names = sorted(p.name for p in (tmp_path / "a" / "p").glob("*.tar"))
     assert names == ["00000.tar", "00001.tar", "00002.tar", "00003.tar"]

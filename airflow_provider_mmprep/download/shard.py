@@ -1,8 +1,7 @@
 """Download one shard and write it in img2dataset's layout, atomically and byte-reproducibly.
 
-Images arrive in any order; each accepted image is appended to a spill file (so memory holds only the
-images in flight, never the shard), and when every URL has its outcome the tar is written in key order
-with fixed member metadata (mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
+Images arrive in any order and are streamed into the tar in key order (those finished early wait in a
+bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata (mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
 responses therefore give byte-identical tars. Each file is written under a temporary name and renamed; the
 ``_stats.json`` is renamed last and marks the shard complete.
 """
@@ -31,6 +30,9 @@ from .reader import ShardJob
 from .resizer import ImageRejected, process_image
 
 SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
+#: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar; beyond
+#: this they wait in a spill file.
+MEMORY_CAP_BYTES = 48 * 1024 * 1024
 
 @dataclass
 class Outcome:
@@ -57,18 +59,74 @@ def is_complete(out_dir: Path, shard_id: int) -> bool:
     return all(p.is_file() for p in paths.values())
 
 
-async def _download_all(job: ShardJob, options: DownloadOptions, spill: io.BufferedWriter,
+class _OrderedSampleWriter:
+    """Write samples to the tar in key order while downloads finish in any order.
+
+    A finished sample that is next in order goes straight into the tar; others wait in memory, and once
+    ``memory_cap`` bytes are waiting (a slow URL holds up the head of the line) further arrivals wait in a
+    spill file instead, so memory stays bounded whatever happens. Image bytes leave the spill file by a
+    kernel-side copy.
+    """
+
+    def __init__(self, tar: "_TarWriter", spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
+                 memory_cap: int):
+        self.tar, self.spill, self.job, self.options, self.memory_cap = tar, spill, job, options, memory_cap
+        self.extra_rows = job.extra.to_pylist() if job.extra is not None else None
+        self.waiting: dict[int, tuple[Outcome, bytes | None]] = {}
+        self.waiting_bytes = 0
+        self.spill_end = 0
+        self.next_index = 0
+        self.successes = 0
+
+    def accept(self, index: int, outcome: Outcome, data: bytes | None) -> None:
+        if data is not None and index != self.next_index and self.waiting_bytes + len(data) > self.memory_cap:
+            self.spill.seek(self.spill_end)
+            self.spill.write(data)
+            self.spill.flush()
+            outcome.offset, outcome.length = self.spill_end, len(data)
+            self.spill_end += len(data)
+            data = None
+        elif data is not None:
+            self.waiting_bytes += len(data)
+        self.waiting[index] = (outcome, data)
+        while self.next_index in self.waiting:
+            outcome, data = self.waiting.pop(self.next_index)
+            if data is not None:
+                self.waiting_bytes -= len(data)
+            if outcome.status == SUCCESS:
+                self._write(self.next_index, outcome, data)
+            self.next_index += 1
+
+    def _write(self, index: int, outcome: Outcome, data: bytes | None) -> None:
+        job, key = self.job, self.job.keys[index]
+        self.successes += 1
+        name = f"{key}.{self.options.extension}"
+        if data is not None:
+            self.tar.add_bytes(name, data)
+        else:
+            self.tar.add_from(name, self.spill.fileno(), outcome.offset, outcome.length)
+        if job.captions is not None:
+            self.tar.add_bytes(f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
+        meta = {"url": job.urls[index], "caption": job.captions[index] if job.captions else None, "key": key,
+                "status": SUCCESS, "error_message": None, "width": outcome.width, "height": outcome.height,
+                "original_width": outcome.original_width, "original_height": outcome.original_height,
+                self.options.compute_hash or "sha256": outcome.hash}
+        if self.extra_rows is not None:
+            meta.update({k: _json_value(v) for k, v in self.extra_rows[index].items()})
+        self.tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+
+
+async def _download_all(job: ShardJob, options: DownloadOptions, writer: _OrderedSampleWriter,
                         on_done: Callable[[bool], None] | None) -> list[Outcome]:
     loop = asyncio.get_running_loop()
     outcomes: list[Outcome | None] = [None] * len(job)
-    indices = iter(range(len(job)))
+    indices = iter(range(len(job)))  # shared by the workers: each takes the next row, so rows finish ~in order
     executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
-    position = 0
 
     async def worker(fetcher: Fetcher) -> None:
-        nonlocal position
         for index in indices:
             url = job.urls[index]
+            data = None
             if not url:
                 outcome = Outcome(FAILED_DOWNLOAD, "empty URL")
             else:
@@ -85,11 +143,11 @@ async def _download_all(job: ShardJob, options: DownloadOptions, spill: io.Buffe
                     except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
                         outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
                     else:
-                        spill.write(image.data)
+                        data = image.data
                         outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
-                                          image.original_height, image.hash, position, len(image.data))
-                        position += len(image.data)
+                                          image.original_height, image.hash)
             outcomes[index] = outcome
+            writer.accept(index, outcome, data)
             if on_done is not None:
                 on_done(outcome.status == SUCCESS)
 
@@ -170,35 +228,19 @@ def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
     paths = shard_paths(out_dir, job.shard_id)
     start = time.time()
     spill_path = out_dir / f".{job.shard_id:05d}.spill.{os.getpid()}{TMP_MARKER}"
+    hash_name = options.compute_hash or "sha256"
     try:
-        with open(spill_path, "wb") as spill:
-            outcomes = _run_loop(_download_all(job, options, spill, on_done))
-        extension = options.extension
-        hash_name = options.compute_hash or "sha256"
-        extra_rows = job.extra.to_pylist() if job.extra is not None else [{} for _ in outcomes]
-        successes = 0
-        with atomic_path(paths["tar"]) as tmp_tar, open(spill_path, "rb") as spill_in:
+        with atomic_path(paths["tar"]) as tmp_tar, open(spill_path, "wb+") as spill:
             tar = _TarWriter(tmp_tar)
             try:
-                for index in sorted(range(len(outcomes)), key=lambda i: job.keys[i]):
-                    outcome = outcomes[index]
-                    if outcome.status != SUCCESS:
-                        continue
-                    successes += 1
-                    key = job.keys[index]
-                    tar.add_from(f"{key}.{extension}", spill_in.fileno(), outcome.offset, outcome.length)
-                    if job.captions is not None:
-                        tar.add_bytes(f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
-                    meta = {"url": job.urls[index], "caption": job.captions[index] if job.captions else None,
-                            "key": key, "status": SUCCESS, "error_message": None, "width": outcome.width,
-                            "height": outcome.height, "original_width": outcome.original_width,
-                            "original_height": outcome.original_height, hash_name: outcome.hash}
-                    meta.update({k: _json_value(v) for k, v in extra_rows[index].items()})
-                    tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+                writer = _OrderedSampleWriter(tar, spill, job, options, MEMORY_CAP_BYTES)
+                outcomes = _run_loop(_download_all(job, options, writer, on_done))
             finally:
                 tar.close()
+        successes = writer.successes
     finally:
         spill_path.unlink(missing_ok=True)
+    extension = options.extension
 
     columns: dict[str, pa.Array] = {
         "key": pa.array(job.keys, pa.string()),
