@@ -168,6 +168,13 @@ def _run_loop(coroutine: Any) -> Any:
         return asyncio.run(coroutine)
 
 
+_HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_REST_BEFORE_SUM = b"00000000000\0"  # mtime 0
+_HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 155).ljust(
+    512 - 148 - 8, b"\0")  # type, linkname, magic+version, uname, gname, devmajor, devminor, prefix, pad
+_HEADER_SUM_OF_TAIL = sum(b" " * 8) + sum(_HEADER_TAIL)
+
+
 class _TarWriter:
     """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
     kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
@@ -178,9 +185,17 @@ class _TarWriter:
 
     @staticmethod
     def header(name: str, size: int) -> bytes:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        """The ustar header ``tarfile`` would write for a regular file with our fixed metadata, built
+        directly (tarfile's generic builder costs more than the rest of writing a sample)."""
+        encoded = name.encode("ascii")
+        if len(encoded) > 100 or size >= 8 ** 11:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                size, 0, 0o644, 0, 0, "", "")
+            return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        head = encoded.ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_REST_BEFORE_SUM
+        checksum = sum(head) + _HEADER_SUM_OF_TAIL
+        return head + b"%06o\0 " % checksum + _HEADER_TAIL
 
     def add_bytes(self, name: str, data: bytes) -> None:
         self._file.write(self.header(name, len(data)) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
