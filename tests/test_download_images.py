@@ -169,6 +169,12 @@ def test_rerun_skips_complete_shards_and_two_processes_give_identical_tars(
         assert (tmp_path / "a" / "p" / name).read_bytes() == (tmp_path / "b" / "p" / name).read_bytes()
     assert pq.read_table(tmp_path / "a" / "p" / "00001.parquet").equals(
         pq.read_table(tmp_path / "b" / "p" / "00001.parquet"))
+    # one shard, three processes: the shard is fetched in three pieces and joined into the same tar
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "c1", number_sample_per_shard=100))
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "c3", processes=3, number_sample_per_shard=100))
+    single, joined = (tmp_path / "c1" / "p" / "00000.tar").read_bytes(), (tmp_path / "c3" / "p" / "00000.tar").read_bytes()
+    assert single == joined and len(tar_members(tmp_path / "c3" / "p" / "00000.tar")) == 90
+    assert not [p for p in (tmp_path / "c3" / "p").iterdir() if p.name.startswith(".")]  # no piece left over
 
 
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:

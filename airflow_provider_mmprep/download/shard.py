@@ -75,7 +75,7 @@ class _OrderedSampleWriter:
         self.waiting: dict[int, tuple[Outcome, bytes | None]] = {}
         self.waiting_bytes = 0
         self.spill_end = 0
-        self.next_index = 0
+        self.next_index = 0  # set to the first row of the piece by the caller
         self.successes = 0
 
     def accept(self, index: int, outcome: Outcome, data: bytes | None) -> None:
@@ -116,11 +116,11 @@ class _OrderedSampleWriter:
         self.tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
-async def _download_all(job: ShardJob, options: DownloadOptions, writer: _OrderedSampleWriter,
+async def _download_all(job: ShardJob, rows: range, options: DownloadOptions, writer: _OrderedSampleWriter,
                         on_done: Callable[[bool], None] | None) -> list[Outcome]:
     loop = asyncio.get_running_loop()
-    outcomes: list[Outcome | None] = [None] * len(job)
-    indices = iter(range(len(job)))  # shared by the workers: each takes the next row, so rows finish ~in order
+    outcomes: dict[int, Outcome] = {}
+    indices = iter(rows)  # shared by the workers: each takes the next row, so rows finish ~in order
     executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
 
     async def worker(fetcher: Fetcher) -> None:
@@ -153,10 +153,10 @@ async def _download_all(job: ShardJob, options: DownloadOptions, writer: _Ordere
 
     try:
         async with Fetcher(options) as fetcher:
-            await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(job))))))
+            await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(rows))))))
     finally:
         executor.shutdown(wait=True)
-    return [o for o in outcomes if o is not None]
+    return [outcomes[i] for i in rows]
 
 
 def _run_loop(coroutine: Any) -> Any:
@@ -203,6 +203,26 @@ class _TarWriter:
     def add_from(self, name: str, source_fd: int, offset: int, length: int) -> None:
         self._file.write(self.header(name, length))
         self._file.flush()
+        self.add_raw(source_fd, offset, length)
+        self._file.write(b"\0" * (-length % tarfile.BLOCKSIZE))
+
+    def close(self, end_archive: bool = True) -> None:
+        """Finish the file; without ``end_archive`` it is a piece, to be concatenated with others."""
+        if end_archive:
+            self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+            self._file.flush()
+            size = self._file.tell()
+            self._file.write(b"\0" * (-size % tarfile.RECORDSIZE))
+        self._file.close()
+
+    def append_file(self, path: Path) -> None:
+        """Copy a piece (members without an end-of-archive marker) into this tar, kernel-side."""
+        self._file.flush()
+        with open(path, "rb") as piece:
+            size = os.fstat(piece.fileno()).st_size
+            self.add_raw(piece.fileno(), 0, size)
+
+    def add_raw(self, source_fd: int, offset: int, length: int) -> None:
         copied = 0
         while copied < length:
             try:
@@ -212,16 +232,8 @@ class _TarWriter:
             if count <= 0:  # unsupported here: plain read/write
                 self._file.write(os.pread(source_fd, length - copied, offset + copied))
                 self._file.flush()
-                break
+                return
             copied += count
-        self._file.write(b"\0" * (-length % tarfile.BLOCKSIZE))
-
-    def close(self) -> None:
-        self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        self._file.flush()
-        size = self._file.tell()
-        self._file.write(b"\0" * (-size % tarfile.RECORDSIZE))
-        self._file.close()
 
 
 def _json_value(value: Any) -> Any:
@@ -236,26 +248,71 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
-def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
-                   on_done: Callable[[bool], None] | None = None) -> dict[str, Any]:
-    """Fetch every URL of ``job`` and write ``{shard}.tar/.parquet/_stats.json`` (+ manifest) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = shard_paths(out_dir, job.shard_id)
-    start = time.time()
-    spill_path = out_dir / f".{job.shard_id:05d}.spill.{os.getpid()}{TMP_MARKER}"
-    hash_name = options.compute_hash or "sha256"
+def piece_path(out_dir: Path, shard_id: int, piece: int) -> Path:
+    """Where one piece of a shard is written: a temporary name, removed by the next run if left behind."""
+    return out_dir / f".{shard_id:05d}.piece{piece:03d}.{os.getpid()}{TMP_MARKER}"
+
+
+def split_rows(count: int, pieces: int) -> list[range]:
+    """Contiguous row ranges, one per piece, in order (so concatenated pieces stay in key order)."""
+    pieces = max(1, min(pieces, count))
+    base, extra = divmod(count, pieces)
+    ranges, start = [], 0
+    for index in range(pieces):
+        stop = start + base + (1 if index < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def download_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path,
+                   on_done: Callable[[bool], None] | None = None) -> list[Outcome]:
+    """Fetch rows ``rows`` of ``job``; write their samples, in key order, as tar members to ``path``."""
+    spill_path = path.with_name(path.name.replace(TMP_MARKER, f".spill{TMP_MARKER}"))
     try:
-        with atomic_path(paths["tar"]) as tmp_tar, open(spill_path, "wb+") as spill:
-            tar = _TarWriter(tmp_tar)
+        with open(spill_path, "wb+") as spill:
+            tar = _TarWriter(path)
             try:
                 writer = _OrderedSampleWriter(tar, spill, job, options, MEMORY_CAP_BYTES)
-                outcomes = _run_loop(_download_all(job, options, writer, on_done))
+                writer.next_index = rows.start
+                return _run_loop(_download_all(job, rows, options, writer, on_done))
             finally:
-                tar.close()
-        successes = writer.successes
+                tar.close(end_archive=False)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     finally:
         spill_path.unlink(missing_ok=True)
+
+
+def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
+                   on_done: Callable[[bool], None] | None = None) -> dict[str, Any]:
+    """Fetch every URL of ``job`` in this process and write the shard's files in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    path = piece_path(out_dir, job.shard_id, 0)
+    outcomes = download_piece(job, range(len(job)), options, path, on_done)
+    return finish_shard(job, options, out_dir, outcomes, [path], start)
+
+
+def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcomes: list[Outcome],
+                 pieces: list[Path], start: float) -> dict[str, Any]:
+    """Join the pieces into ``{shard}.tar`` and write ``.parquet``, the manifest and ``_stats.json`` (last)."""
+    paths = shard_paths(out_dir, job.shard_id)
+    hash_name = options.compute_hash or "sha256"
     extension = options.extension
+    try:
+        with atomic_path(paths["tar"]) as tmp_tar:
+            tar = _TarWriter(tmp_tar)
+            try:
+                for piece in pieces:
+                    tar.append_file(piece)
+            finally:
+                tar.close()
+    finally:
+        for piece in pieces:
+            piece.unlink(missing_ok=True)
+    successes = sum(o.status == SUCCESS for o in outcomes)
 
     columns: dict[str, pa.Array] = {
         "key": pa.array(job.keys, pa.string()),

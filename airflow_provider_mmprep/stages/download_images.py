@@ -14,7 +14,6 @@ original keys — as additional shards numbered after the existing ones.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import json
 import logging
 import multiprocessing
@@ -28,7 +27,8 @@ import pyarrow.parquet as pq
 from ..config import PipelineConfig
 from ..download.options import DownloadOptions, parse_options
 from ..download.reader import ShardJob, count_rows, iter_shard_jobs
-from ..download.shard import download_shard, is_complete, shard_paths
+from ..download.shard import (Outcome, download_piece, download_shard, finish_shard, is_complete, piece_path,
+                              shard_paths, split_rows)
 from ..fsutil import remove_stale_temporaries, sorted_files
 from ..plan import list_parquet_parts, part_name
 from ..progress import Progress
@@ -56,8 +56,8 @@ def _count_in_worker(success: bool) -> None:
             _ok_counter.value += 1
 
 
-def _worker_download(job: ShardJob, options: DownloadOptions, out_dir: Path) -> dict[str, Any]:
-    return download_shard(job, options, out_dir, _count_in_worker)
+def _worker_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path) -> list[Outcome]:
+    return download_piece(job, rows, options, path, _count_in_worker)
 
 
 def options_from_config(cfg: PipelineConfig) -> DownloadOptions:
@@ -86,15 +86,15 @@ class _ProgressReporter:
 
 def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, total: int | None,
              parallel_hint: int | None = None, what: str = "download_images") -> list[dict[str, Any]]:
-    """Download every job; in this process when one worker suffices, else in a pool of processes."""
+    """Download every job: in this process with one worker, else in a pool of ``processes`` processes.
+
+    The parallelism asked for is processes × threads fetches in flight. With fewer shards than processes (a
+    small part, or img2dataset's default 10,000 samples per shard) each shard is cut into contiguous pieces
+    fetched by different processes and joined in order afterwards, so no process sits idle and the tar is
+    the same as one process would write.
+    """
     reporter = _ProgressReporter(what, total)
-    processes = options.processes if parallel_hint is None else max(1, min(options.processes, parallel_hint))
-    # The parallelism asked for is processes x threads fetches in flight. With fewer shards than processes
-    # (a small part, or the default 10,000 samples per shard) fewer processes each carry more fetches, so the
-    # whole budget is used instead of leaving processes idle.
-    budget = options.processes * options.threads
-    options = dataclasses.replace(options, threads=-(-budget // processes),
-                                  image_threads=max(2, -(-options.processes // processes)))
+    processes = options.processes
     results: list[dict[str, Any]] = []
     if processes == 1:
         counts = [0, 0]
@@ -111,6 +111,7 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
         reporter.progress.finish()
         return results
 
+    pieces_per_shard = 1 if parallel_hint is None or parallel_hint >= processes else -(-processes // parallel_hint)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
     # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
     # sessions are created inside each worker.
@@ -119,21 +120,36 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     done, ok = context.Value("q", 0), context.Value("q", 0)
     with cf.ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
                                 initargs=(done, ok)) as pool:
-        pending: set[cf.Future] = set()
+        pending: dict[cf.Future, tuple[int, int]] = {}
+        shards: dict[int, dict[str, Any]] = {}
         job_iter: Iterator[ShardJob] = iter(jobs)
         exhausted = False
         while pending or not exhausted:
-            while not exhausted and len(pending) < processes + 1:  # bounded: one queued job per worker
+            while not exhausted and len(pending) < processes + 1:  # bounded: about one queued piece per worker
                 job = next(job_iter, None)
                 if job is None:
                     exhausted = True
                     break
-                pending.add(pool.submit(_worker_download, job, options, out_dir))
+                ranges = split_rows(len(job), pieces_per_shard)
+                paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
+                shards[job.shard_id] = {"job": job, "paths": paths, "outcomes": [None] * len(ranges),
+                                        "left": len(ranges), "start": time.time()}
+                for index, rows in enumerate(ranges):
+                    future = pool.submit(_worker_piece, job, rows, options, paths[index])
+                    pending[future] = (job.shard_id, index)
             if not pending:
                 break
-            finished, pending = cf.wait(pending, timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            finished, _ = cf.wait(list(pending), timeout=1.0, return_when=cf.FIRST_COMPLETED)
             for future in finished:
-                results.append(future.result())
+                shard_id, index = pending.pop(future)
+                state = shards[shard_id]
+                state["outcomes"][index] = future.result()
+                state["left"] -= 1
+                if state["left"] == 0:
+                    del shards[shard_id]
+                    outcomes = [o for piece in state["outcomes"] for o in piece]
+                    results.append(finish_shard(state["job"], options, out_dir, outcomes, state["paths"],
+                                                state["start"]))
             reporter.update(done.value, ok.value)
     reporter.update(done.value, ok.value)
     reporter.progress.finish()
