@@ -10,7 +10,7 @@ from a loopback host that delays every reply by 20-200 ms; installs img2dataset 
 ``resize_mode center_crop, image_size 256``, runs img2dataset and ``mmprep run --stage download_images`` as
 separate processes with equal parallelism (``--processes`` × ``--threads``; ``--per-shard`` samples per
 shard, img2dataset's default 10,000 unless given) and measures for each the whole-process wall time, the successful images, and the peak
-RSS of its whole process tree (sampled every 20 ms). It prints images/s and the ratios mmprep/img2dataset.
+RSS of its whole process tree (sampled every 50 ms). It prints images/s and the ratios mmprep/img2dataset.
 Runs alternate and the median of ``--repeat`` runs is reported. The host and both tools share the machine,
 so absolute figures depend on load; the ratios are what to read.
 
@@ -32,12 +32,36 @@ import time
 from pathlib import Path
 
 import psutil
+from contextlib import contextmanager
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from airflow_provider_mmprep.testing import sample_data  # noqa: E402
-from airflow_provider_mmprep.testing.image_host import ImageHost  # noqa: E402
+HOST_PROCESS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from airflow_provider_mmprep.testing import sample_data
+from airflow_provider_mmprep.testing.image_host import ImageHost
+with ImageHost(latency=(0.02, 0.2), seed=1) as host:
+    urls = sample_data.add_images(host, int(sys.argv[2]), distinct=200)
+    sample_data.write_url_parquet(sys.argv[3], urls)
+    sizes = sorted({len(r.body) for r in host.resources.values()})
+    print(json.dumps(sizes), flush=True)
+    sys.stdin.read()  # serve until the benchmark closes our stdin
+"""
+
+
+@contextmanager
+def image_host(urls: int, parquet: Path):
+    """The loopback host in its own process, so the RSS sampler here never slows it down."""
+    proc = subprocess.Popen([sys.executable, "-c", HOST_PROCESS, str(REPO), str(urls), str(parquet)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        yield json.loads(proc.stdout.readline())
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait()
 
 VENV = REPO / "benchmarks" / ".venv-img2dataset"
 IMG2DATASET_VERSION = "1.47.0"
@@ -57,7 +81,7 @@ def ensure_img2dataset() -> Path:
 class PeakRss:
     """Sample the summed RSS of a process and all its descendants."""
 
-    def __init__(self, pid: int, interval: float = 0.02):
+    def __init__(self, pid: int, interval: float = 0.05):
         self.pid, self.interval, self.peak = pid, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -153,11 +177,9 @@ def main() -> None:
     args = parser.parse_args()
     exe = ensure_img2dataset()
     work = Path(tempfile.mkdtemp(prefix="bench_download_images_"))
-    with ImageHost(latency=(0.02, 0.2), seed=1) as host:
-        urls = sample_data.add_images(host, args.urls, distinct=200)
-        sizes = sorted({len(r.body) for r in host.resources.values()})
-        parquet_dir = work / "parquet"
-        sample_data.write_url_parquet(parquet_dir / "urls.parquet", urls)
+    parquet_dir = work / "parquet"
+    parquet_dir.mkdir()
+    with image_host(args.urls, parquet_dir / "urls.parquet") as sizes:
         print(f"{args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB "
               f"(mean {sum(sizes) // len(sizes) // 1024} KB), latency 20-200 ms, "
               f"{args.processes} processes x {args.threads} threads, {args.per_shard} samples/shard, "

@@ -93,9 +93,10 @@ def iter_batches(path: Path, options: DownloadOptions) -> Iterator[pa.RecordBatc
     fmt, _compressed = _format_of(path, options)
     columns = _wanted_columns(options)
     if fmt == "parquet":
-        parquet = pq.ParquetFile(path)
+        # no pre-buffering and no read-ahead threads: otherwise Arrow's memory grows with the file
+        parquet = pq.ParquetFile(path, pre_buffer=False)
         _check_columns(path, parquet.schema_arrow.names, options)
-        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+        yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
     elif fmt in ("csv", "tsv"):
         import pyarrow.csv as pcsv
 

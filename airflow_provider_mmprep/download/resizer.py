@@ -154,8 +154,16 @@ def process_image(body: bytes, options: DownloadOptions) -> ProcessedImage:
             image = image.convert("RGB")
         if resize_to is not None:
             shrinking = resize_to[0] * resize_to[1] < image.size[0] * image.size[1]
-            image = image.resize(resize_to, Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS,
-                                 reducing_gap=None)
+            resample = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+            if fit and options.resize_mode == "center_crop":
+                # resize only the centre square: same pixels as resize-then-crop, without resampling the
+                # parts the crop would throw away
+                side = min(image.size)
+                left, top = (image.size[0] - side) / 2, (image.size[1] - side) / 2
+                image = image.resize((size, size), resample, box=(left, top, left + side, top + side),
+                                     reducing_gap=None)
+            else:
+                image = image.resize(resize_to, resample, reducing_gap=None)
         if fit and options.resize_mode == "center_crop" and image.size != (size, size):
             left = (image.size[0] - size) // 2
             top = (image.size[1] - size) // 2
