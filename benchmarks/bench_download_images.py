@@ -9,7 +9,8 @@ from a loopback host that delays every reply by 20-200 ms; installs img2dataset 
 ``benchmarks/.venv-img2dataset`` (first run only, from PyPI); then, for ``resize_mode no`` and for
 ``resize_mode center_crop, image_size 256``, runs img2dataset and ``mmprep run --stage download_images`` as
 separate processes with equal parallelism (``--processes`` × ``--threads``; ``--per-shard`` samples per
-shard, img2dataset's default 10,000 unless given) and measures for each the whole-process wall time, the successful images, and the peak
+shard, img2dataset's default 10,000 unless given) and measures for each the whole-process wall time, the
+successful images, and the peak
 RSS of its whole process tree (sampled every 50 ms). It prints images/s and the ratios mmprep/img2dataset.
 Runs alternate and the median of ``--repeat`` runs is reported. The host and both tools share the machine,
 so absolute figures depend on load; the ratios are what to read.
@@ -133,7 +134,8 @@ def run_img2dataset(exe: Path, parquet: Path, out: Path, mode: dict, args: argpa
     cmd = [str(exe), "--url_list", str(parquet), "--input_format", "parquet", "--url_col", "URL",
            "--caption_col", "TEXT", "--output_format", "webdataset", "--output_folder", str(out),
            "--processes_count", str(args.processes), "--thread_count", str(args.threads),
-           "--number_sample_per_shard", str(args.per_shard), "--encode_quality", "95", "--timeout", "10", "--retries", "0",
+           "--number_sample_per_shard", str(args.per_shard), "--encode_quality", "95", "--timeout", "10",
+           "--retries", "0",
            "--enable_wandb", "False"]
     for key, value in mode.items():
         cmd += [f"--{key}", str(value)]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import warnings
 from dataclasses import dataclass
 

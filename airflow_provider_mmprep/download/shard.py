@@ -1,7 +1,8 @@
 """Download one shard and write it in img2dataset's layout, atomically and byte-reproducibly.
 
 Images arrive in any order and are streamed into the tar in key order (those finished early wait in a
-bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata (mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
+bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata
+(mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
 responses therefore give byte-identical tars. Each file is written under a temporary name and renamed; the
 ``_stats.json`` is renamed last and marks the shard complete.
 """
