@@ -143,8 +143,12 @@ class DownloadImagesConfig(_Block):
     download_num_threads: int = Field(default=64, gt=0)
     img2dataset_additional_arguments: dict[str, Any] = Field(default_factory=dict)
     # ours
-    allow_private_addresses: bool = False
-    retry_failed: bool = False
+    allow_private_addresses: bool = False  # fetch from loopback/private/link-local addresses (tests, demo)
+    retry_failed: bool = False  # rerun only transient failures into additional shards
+    max_image_bytes: int = Field(default=32 * 1024 * 1024, gt=0)  # per-image body size cap
+    max_image_pixels: int = Field(default=89_478_485, gt=0)  # decompression-bomb limit, checked from the header
+    max_redirects: int = Field(default=5, ge=0)
+    max_connections_per_host: int = Field(default=32, gt=0)  # politeness cap per host
     runner: Runner = "local"
 
     @field_validator("download_num_processes")

@@ -1,0 +1,358 @@
+"""Download one shard and write it in img2dataset's layout, atomically and byte-reproducibly.
+
+Images arrive in any order and are streamed into the tar in key order (those finished early wait in a
+bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata
+(mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
+responses therefore give byte-identical tars. Each file is written under a temporary name and renamed; the
+``_stats.json`` is renamed last and marks the shard complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
+from ..manifest import write_manifest
+from .fetcher import Fetcher
+from .options import DownloadOptions
+from .reader import ShardJob
+from .resizer import ImageRejected, process_image
+
+SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
+#: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar; beyond
+#: this they wait in a spill file.
+MEMORY_CAP_BYTES = 48 * 1024 * 1024
+
+@dataclass
+class Outcome:
+    status: str
+    error: str | None = None
+    retryable: bool = False
+    width: int | None = None
+    height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
+    hash: str | None = None
+    offset: int = 0
+    length: int = 0
+
+
+def shard_paths(out_dir: Path, shard_id: int) -> dict[str, Path]:
+    stem = f"{shard_id:05d}"
+    return {"tar": out_dir / f"{stem}.tar", "parquet": out_dir / f"{stem}.parquet",
+            "stats": out_dir / f"{stem}_stats.json"}
+
+
+def is_complete(out_dir: Path, shard_id: int) -> bool:
+    paths = shard_paths(out_dir, shard_id)
+    return all(p.is_file() for p in paths.values())
+
+
+class _OrderedSampleWriter:
+    """Write samples to the tar in key order while downloads finish in any order.
+
+    A finished sample that is next in order goes straight into the tar; others wait in memory, and once
+    ``memory_cap`` bytes are waiting (a slow URL holds up the head of the line) further arrivals wait in a
+    spill file instead, so memory stays bounded whatever happens. Image bytes leave the spill file by a
+    kernel-side copy.
+    """
+
+    def __init__(self, tar: "_TarWriter", spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
+                 memory_cap: int):
+        self.tar, self.spill, self.job, self.options, self.memory_cap = tar, spill, job, options, memory_cap
+        self.extra_rows = job.extra.to_pylist() if job.extra is not None else None
+        self.waiting: dict[int, tuple[Outcome, bytes | None]] = {}
+        self.waiting_bytes = 0
+        self.spill_end = 0
+        self.next_index = 0  # set to the first row of the piece by the caller
+        self.successes = 0
+
+    def accept(self, index: int, outcome: Outcome, data: bytes | None) -> None:
+        if data is not None and index != self.next_index and self.waiting_bytes + len(data) > self.memory_cap:
+            self.spill.seek(self.spill_end)
+            self.spill.write(data)
+            self.spill.flush()
+            outcome.offset, outcome.length = self.spill_end, len(data)
+            self.spill_end += len(data)
+            data = None
+        elif data is not None:
+            self.waiting_bytes += len(data)
+        self.waiting[index] = (outcome, data)
+        while self.next_index in self.waiting:
+            outcome, data = self.waiting.pop(self.next_index)
+            if data is not None:
+                self.waiting_bytes -= len(data)
+            if outcome.status == SUCCESS:
+                self._write(self.next_index, outcome, data)
+            self.next_index += 1
+
+    def _write(self, index: int, outcome: Outcome, data: bytes | None) -> None:
+        job, key = self.job, self.job.keys[index]
+        self.successes += 1
+        name = f"{key}.{self.options.extension}"
+        if data is not None:
+            self.tar.add_bytes(name, data)
+        else:
+            self.tar.add_from(name, self.spill.fileno(), outcome.offset, outcome.length)
+        if job.captions is not None:
+            self.tar.add_bytes(f"{key}.txt", (job.captions[index] or "").encode("utf-8"))
+        meta = {"url": job.urls[index], "caption": job.captions[index] if job.captions else None, "key": key,
+                "status": SUCCESS, "error_message": None, "width": outcome.width, "height": outcome.height,
+                "original_width": outcome.original_width, "original_height": outcome.original_height,
+                self.options.compute_hash or "sha256": outcome.hash}
+        if self.extra_rows is not None:
+            meta.update({k: _json_value(v) for k, v in self.extra_rows[index].items()})
+        self.tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+
+
+async def _download_all(job: ShardJob, rows: range, options: DownloadOptions, writer: _OrderedSampleWriter,
+                        on_done: Callable[[bool], None] | None) -> list[Outcome]:
+    loop = asyncio.get_running_loop()
+    outcomes: dict[int, Outcome] = {}
+    indices = iter(rows)  # shared by the workers: each takes the next row, so rows finish ~in order
+    executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
+
+    async def worker(fetcher: Fetcher) -> None:
+        for index in indices:
+            url = job.urls[index]
+            data = None
+            if not url:
+                outcome = Outcome(FAILED_DOWNLOAD, "empty URL")
+            else:
+                result = await fetcher.fetch(url)
+                if result.body is None:
+                    outcome = Outcome(FAILED_DOWNLOAD, result.error, result.transient)
+                elif not result.body:
+                    outcome = Outcome(FAILED_DOWNLOAD, "empty body")
+                else:
+                    try:
+                        image = await loop.run_in_executor(executor, process_image, result.body, options)
+                    except ImageRejected as exc:
+                        outcome = Outcome(FAILED_RESIZE, str(exc))
+                    except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
+                        outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
+                    else:
+                        data = image.data
+                        outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
+                                          image.original_height, image.hash)
+            outcomes[index] = outcome
+            writer.accept(index, outcome, data)
+            if on_done is not None:
+                on_done(outcome.status == SUCCESS)
+
+    try:
+        async with Fetcher(options) as fetcher:
+            await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(rows))))))
+    finally:
+        executor.shutdown(wait=True)
+    return [outcomes[i] for i in rows]
+
+
+def _run_loop(coroutine: Any) -> Any:
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+_HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_REST_BEFORE_SUM = b"00000000000\0"  # mtime 0
+_HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 155).ljust(
+    512 - 148 - 8, b"\0")  # type, linkname, magic+version, uname, gname, devmajor, devminor, prefix, pad
+_HEADER_SUM_OF_TAIL = sum(b" " * 8) + sum(_HEADER_TAIL)
+
+
+class _TarWriter:
+    """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
+    kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "wb")
+        self._fd = self._file.fileno()
+
+    @staticmethod
+    def header(name: str, size: int) -> bytes:
+        """The ustar header ``tarfile`` would write for a regular file with our fixed metadata, built
+        directly (tarfile's generic builder costs more than the rest of writing a sample)."""
+        encoded = name.encode("ascii")
+        if len(encoded) > 100 or size >= 8 ** 11:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                size, 0, 0o644, 0, 0, "", "")
+            return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        head = encoded.ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_REST_BEFORE_SUM
+        checksum = sum(head) + _HEADER_SUM_OF_TAIL
+        return head + b"%06o\0 " % checksum + _HEADER_TAIL
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._file.write(self.header(name, len(data)) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+
+    def add_from(self, name: str, source_fd: int, offset: int, length: int) -> None:
+        self._file.write(self.header(name, length))
+        self._file.flush()
+        self.add_raw(source_fd, offset, length)
+        self._file.write(b"\0" * (-length % tarfile.BLOCKSIZE))
+
+    def close(self, end_archive: bool = True) -> None:
+        """Finish the file; without ``end_archive`` it is a piece, to be concatenated with others."""
+        if end_archive:
+            self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+            self._file.flush()
+            size = self._file.tell()
+            self._file.write(b"\0" * (-size % tarfile.RECORDSIZE))
+        self._file.close()
+
+    def append_file(self, path: Path) -> None:
+        """Copy a piece (members without an end-of-archive marker) into this tar, kernel-side."""
+        self._file.flush()
+        with open(path, "rb") as piece:
+            size = os.fstat(piece.fileno()).st_size
+            self.add_raw(piece.fileno(), 0, size)
+
+    def add_raw(self, source_fd: int, offset: int, length: int) -> None:
+        copied = 0
+        while copied < length:
+            try:
+                count = os.copy_file_range(source_fd, self._fd, length - copied, offset + copied)
+            except (AttributeError, OSError):
+                count = 0
+            if count <= 0:  # unsupported here: plain read/write
+                self._file.write(os.pread(source_fd, length - copied, offset + copied))
+                self._file.flush()
+                return
+            copied += count
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return str(value)
+
+
+def piece_path(out_dir: Path, shard_id: int, piece: int) -> Path:
+    """Where one piece of a shard is written: a temporary name, removed by the next run if left behind."""
+    return out_dir / f".{shard_id:05d}.piece{piece:03d}.{os.getpid()}{TMP_MARKER}"
+
+
+def split_rows(count: int, pieces: int) -> list[range]:
+    """Contiguous row ranges, one per piece, in order (so concatenated pieces stay in key order)."""
+    pieces = max(1, min(pieces, count))
+    base, extra = divmod(count, pieces)
+    ranges, start = [], 0
+    for index in range(pieces):
+        stop = start + base + (1 if index < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def download_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path,
+                   on_done: Callable[[bool], None] | None = None) -> list[Outcome]:
+    """Fetch rows ``rows`` of ``job``; write their samples, in key order, as tar members to ``path``."""
+    spill_path = path.with_name(path.name.replace(TMP_MARKER, f".spill{TMP_MARKER}"))
+    try:
+        with open(spill_path, "wb+") as spill:
+            tar = _TarWriter(path)
+            try:
+                writer = _OrderedSampleWriter(tar, spill, job, options, MEMORY_CAP_BYTES)
+                writer.next_index = rows.start
+                return _run_loop(_download_all(job, rows, options, writer, on_done))
+            finally:
+                tar.close(end_archive=False)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        spill_path.unlink(missing_ok=True)
+
+
+def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
+                   on_done: Callable[[bool], None] | None = None) -> dict[str, Any]:
+    """Fetch every URL of ``job`` in this process and write the shard's files in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    path = piece_path(out_dir, job.shard_id, 0)
+    outcomes = download_piece(job, range(len(job)), options, path, on_done)
+    return finish_shard(job, options, out_dir, outcomes, [path], start)
+
+
+def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcomes: list[Outcome],
+                 pieces: list[Path], start: float) -> dict[str, Any]:
+    """Join the pieces into ``{shard}.tar`` and write ``.parquet``, the manifest and ``_stats.json`` (last)."""
+    paths = shard_paths(out_dir, job.shard_id)
+    hash_name = options.compute_hash or "sha256"
+    extension = options.extension
+    try:
+        with atomic_path(paths["tar"]) as tmp_tar:
+            tar = _TarWriter(tmp_tar)
+            try:
+                for piece in pieces:
+                    tar.append_file(piece)
+            finally:
+                tar.close()
+    finally:
+        for piece in pieces:
+            piece.unlink(missing_ok=True)
+    successes = sum(o.status == SUCCESS for o in outcomes)
+
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(job.keys, pa.string()),
+        "url": pa.array(job.urls, pa.string()),
+    }
+    if job.captions is not None:
+        columns["caption"] = pa.array(job.captions, pa.string())
+    columns.update({
+        "status": pa.array([o.status for o in outcomes], pa.string()),
+        "error_message": pa.array([o.error for o in outcomes], pa.string()),
+        "width": pa.array([o.width for o in outcomes], pa.int32()),
+        "height": pa.array([o.height for o in outcomes], pa.int32()),
+        "original_width": pa.array([o.original_width for o in outcomes], pa.int32()),
+        "original_height": pa.array([o.original_height for o in outcomes], pa.int32()),
+        hash_name: pa.array([o.hash for o in outcomes], pa.string()),
+        "retryable": pa.array([o.retryable for o in outcomes], pa.bool_()),  # ours: transient failure
+    })
+    table = pa.table(columns)
+    if job.extra is not None:
+        for name in job.extra.column_names:
+            if name not in table.column_names:
+                table = table.append_column(name, job.extra.column(name))
+    with atomic_path(paths["parquet"]) as tmp:
+        pq.write_table(table, tmp)
+
+    failed_download = sum(o.status == FAILED_DOWNLOAD for o in outcomes)
+    failed_resize = sum(o.status == FAILED_RESIZE for o in outcomes)
+    status_dict: dict[str, int] = {}
+    for outcome in outcomes:
+        label = outcome.error or outcome.status
+        status_dict[label] = status_dict.get(label, 0) + 1
+    end = time.time()
+    write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=sorted(
+        [extension, "json"] + (["txt"] if job.captions is not None else [])), retry_round=job.retry,
+        source="download_images")
+    stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
+             "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
+             "duration": end - start, "start_time": start, "end_time": end,
+             "status_dict": dict(sorted(status_dict.items(), key=lambda kv: -kv[1])),
+             "shard": job.shard_id, "retry_round": job.retry}
+    atomic_write_bytes(paths["stats"], json.dumps(stats, indent=1).encode())
+    return stats

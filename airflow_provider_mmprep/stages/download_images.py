@@ -1,0 +1,262 @@
+"""download_images: turn one input part (a list of image URLs + captions) into img2dataset-style shards.
+
+Task ``i`` of ``N`` takes the ``i``-th part of ``plan.list_parquet_parts(input_dir, parquet_pattern)`` and
+writes ``output_dir/<part name>/{shard:05d}.tar|.parquet|_stats.json`` (plus a tar manifest for the later
+stages). Work is cut into shards of ``number_sample_per_shard`` rows; ``download_num_processes`` worker
+processes each take whole shards and keep ``download_num_threads`` fetches in flight on one event loop.
+
+Reruns skip shards whose ``_stats.json`` exists (written last) and redo the others from scratch, so a killed
+task resumes with no duplicate and no partial shard. ``retry_failed: true`` then re-attempts only URLs whose
+latest outcome was a transient failure (timeouts, connection errors, 5xx, 429), writing them — under their
+original keys — as additional shards numbered after the existing ones.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import PipelineConfig
+from ..download.options import DownloadOptions, parse_options
+from ..download.reader import ShardJob, count_rows, iter_shard_jobs
+from ..download.shard import (Outcome, download_piece, download_shard, finish_shard, is_complete, piece_path,
+                              shard_paths, split_rows)
+from ..fsutil import remove_stale_temporaries, sorted_files
+from ..plan import list_parquet_parts, part_name
+from ..progress import Progress
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 5.0
+
+# Counters shared with worker processes (set by the pool initializer).
+_done_counter: Any = None
+_ok_counter: Any = None
+
+
+def _init_worker(done: Any, ok: Any) -> None:
+    global _done_counter, _ok_counter
+    _done_counter, _ok_counter = done, ok
+
+
+def _count_in_worker(success: bool) -> None:
+    with _done_counter.get_lock():
+        _done_counter.value += 1
+    if success:
+        with _ok_counter.get_lock():
+            _ok_counter.value += 1
+
+
+def _worker_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path) -> list[Outcome]:
+    return download_piece(job, rows, options, path, _count_in_worker)
+
+
+def options_from_config(cfg: PipelineConfig) -> DownloadOptions:
+    block = cfg.download_images
+    return parse_options(block.img2dataset_additional_arguments, threads=block.download_num_threads,
+                         processes=block.download_num_processes,
+                         allow_private_addresses=block.allow_private_addresses,
+                         max_image_bytes=block.max_image_bytes, max_image_pixels=block.max_image_pixels,
+                         max_redirects=block.max_redirects,
+                         max_connections_per_host=block.max_connections_per_host)
+
+
+class _ProgressReporter:
+    """Log done/total, images/s and success rate every few seconds while shards run."""
+
+    def __init__(self, what: str, total: int | None):
+        self.progress = Progress(what, total, unit="images", interval=PROGRESS_INTERVAL)
+        self.ok = 0
+
+    def update(self, done: int, ok: int) -> None:
+        delta = done - self.progress.done
+        self.ok = ok
+        rate = f"{100 * ok / done:.1f}%" if done else "-"
+        self.progress.advance(delta, success=rate)
+
+
+def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, total: int | None,
+             parallel_hint: int | None = None, what: str = "download_images") -> list[dict[str, Any]]:
+    """Download every job: in this process with one worker, else in a pool of ``processes`` processes.
+
+    The parallelism asked for is processes × threads fetches in flight. With fewer shards than processes (a
+    small part, or img2dataset's default 10,000 samples per shard) each shard is cut into contiguous pieces
+    fetched by different processes and joined in order afterwards, so no process sits idle and the tar is
+    the same as one process would write.
+    """
+    reporter = _ProgressReporter(what, total)
+    processes = options.processes
+    results: list[dict[str, Any]] = []
+    if processes == 1:
+        counts = [0, 0]
+
+        def count(success: bool) -> None:
+            counts[0] += 1
+            counts[1] += success
+            if counts[0] % 64 == 0:
+                reporter.update(*counts)
+
+        for job in jobs:
+            results.append(download_shard(job, options, out_dir, count))
+        reporter.update(*counts)
+        reporter.progress.finish()
+        return results
+
+    pieces_per_shard = 1 if parallel_hint is None or parallel_hint >= processes else -(-processes // parallel_hint)
+    # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
+    # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
+    # sessions are created inside each worker.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    done, ok = context.Value("q", 0), context.Value("q", 0)
+    with cf.ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
+                                initargs=(done, ok)) as pool:
+        pending: dict[cf.Future, tuple[int, int]] = {}
+        shards: dict[int, dict[str, Any]] = {}
+        job_iter: Iterator[ShardJob] = iter(jobs)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < processes + 1:  # bounded: about one queued piece per worker
+                job = next(job_iter, None)
+                if job is None:
+                    exhausted = True
+                    break
+                ranges = split_rows(len(job), pieces_per_shard)
+                paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
+                shards[job.shard_id] = {"job": job, "paths": paths, "outcomes": [None] * len(ranges),
+                                        "left": len(ranges), "start": time.time()}
+                for index, rows in enumerate(ranges):
+                    future = pool.submit(_worker_piece, job, rows, options, paths[index])
+                    pending[future] = (job.shard_id, index)
+            if not pending:
+                break
+            finished, _ = cf.wait(list(pending), timeout=1.0, return_when=cf.FIRST_COMPLETED)
+            for future in finished:
+                shard_id, index = pending.pop(future)
+                state = shards[shard_id]
+                state["outcomes"][index] = future.result()
+                state["left"] -= 1
+                if state["left"] == 0:
+                    del shards[shard_id]
+                    outcomes = [o for piece in state["outcomes"] for o in piece]
+                    results.append(finish_shard(state["job"], options, out_dir, outcomes, state["paths"],
+                                                state["start"]))
+            reporter.update(done.value, ok.value)
+    reporter.update(done.value, ok.value)
+    reporter.progress.finish()
+    return results
+
+
+def _complete_shards(out_dir: Path) -> list[int]:
+    ids = []
+    for stats in sorted_files(out_dir, "*_stats.json"):
+        stem = stats.name[: -len("_stats.json")]
+        if stem.isdigit() and is_complete(out_dir, int(stem)):
+            ids.append(int(stem))
+    return sorted(ids)
+
+
+def retry_jobs(out_dir: Path, options: DownloadOptions, first_shard: int) -> Iterator[ShardJob]:
+    """Jobs re-attempting every key whose latest recorded outcome is a transient failure, keys unchanged."""
+    latest: dict[str, int] = {}  # key -> shard holding its latest transient failure
+    for shard_id in _complete_shards(out_dir):
+        table = pq.read_table(shard_paths(out_dir, shard_id)["parquet"], columns=["key", "status", "retryable"])
+        for key, status, retryable in zip(*(table.column(c).to_pylist() for c in ("key", "status", "retryable"))):
+            if status != "success" and retryable:
+                latest[key] = shard_id
+            else:
+                latest.pop(key, None)
+    if not latest:
+        return
+    wanted_by_shard: dict[int, set[str]] = {}
+    for key, shard_id in latest.items():
+        wanted_by_shard.setdefault(shard_id, set()).add(key)
+    tables = []
+    for shard_id, keys in sorted(wanted_by_shard.items()):
+        table = pq.read_table(shard_paths(out_dir, shard_id)["parquet"])
+        mask = pa.array([k in keys for k in table.column("key").to_pylist()])
+        tables.append(table.filter(mask))
+    rows = pa.concat_tables(tables, promote_options="default").sort_by("key")
+    per_shard = options.number_sample_per_shard
+    extra_names = [c for c in options.save_additional_columns if c in rows.column_names]
+    for number, start in enumerate(range(0, rows.num_rows, per_shard)):
+        chunk = rows.slice(start, per_shard)
+        yield ShardJob(
+            first_shard + number, chunk.column("key").to_pylist(), chunk.column("url").to_pylist(),
+            chunk.column("caption").to_pylist() if options.caption_col and "caption" in chunk.column_names else None,
+            chunk.select(extra_names) if extra_names else None, retry=True)
+
+
+def _summary(out_dir: Path) -> dict[str, Any]:
+    totals = {"shards": 0, "retry_shards": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    rows = 0
+    for shard_id in _complete_shards(out_dir):
+        stats = json.loads(shard_paths(out_dir, shard_id)["stats"].read_text())
+        if stats.get("retry_round"):
+            totals["retry_shards"] += 1
+            totals["successes"] += stats["successes"]  # recovered samples
+        else:
+            totals["shards"] += 1
+            rows += stats["count"]
+            for name in ("successes", "failed_to_download", "failed_to_resize"):
+                totals[name] += stats[name]
+    totals["urls"] = rows
+    return totals
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    block = cfg.download_images
+    parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
+    if not parts:
+        raise StageError(f"download_images.input_dir: no file matching {block.parquet_pattern!r} in "
+                         f"{block.input_dir}")
+    if task_id >= len(parts):
+        raise StageError(f"download_images: task id {task_id} but only {len(parts)} input part(s) match "
+                         f"{block.parquet_pattern!r} in {block.input_dir}")
+    if task_count != len(parts):
+        log.warning("download_images: running task %d of %d, but %d part(s) are present now", task_id, task_count,
+                    len(parts))
+    part = parts[task_id]
+    options = options_from_config(cfg)
+    out_dir = Path(block.output_dir) / part_name(block.input_dir, part)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(out_dir)
+    if removed:
+        log.info("download_images: removed %d temporary file(s) left by an interrupted run in %s", removed, out_dir)
+
+    started = time.monotonic()
+    rows = count_rows(part, options)
+    per_shard = options.number_sample_per_shard
+    complete = set(_complete_shards(out_dir))
+    regular_total = -(-rows // per_shard) if rows is not None else None
+    todo_shards = None if regular_total is None else [s for s in range(regular_total) if s not in complete]
+    todo = None if todo_shards is None else len(todo_shards)
+    todo_rows = None if todo_shards is None else sum(min(per_shard, rows - s * per_shard) for s in todo_shards)
+    log.info("download_images: part %s (%s rows) -> %s; %d shard(s) already complete", part.name,
+             rows if rows is not None else "?", out_dir, len(complete))
+    results = run_jobs(iter_shard_jobs(part, options, skip=complete), options, out_dir,
+                       todo_rows, parallel_hint=todo,
+                       what=f"download_images[{part_name(block.input_dir, part)}]")
+
+    retried = 0
+    if block.retry_failed:
+        complete_now = _complete_shards(out_dir)
+        first = max([regular_total or 0] + [s + 1 for s in complete_now])
+        retry_results = run_jobs(retry_jobs(out_dir, options, first), options, out_dir, None,
+                                 what=f"download_images[{part.name}] retry")
+        retried = sum(r["count"] for r in retry_results)
+
+    summary = _summary(out_dir)
+    summary.update({"part": part_name(block.input_dir, part), "output_dir": str(out_dir),
+                    "downloaded_shards": len(results), "skipped_shards": len(complete), "retried_urls": retried,
+                    "seconds": round(time.monotonic() - started, 3)})
+    return summary

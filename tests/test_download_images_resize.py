@@ -1,0 +1,118 @@
+"""Image checks and transforms of download_images: documented sizes, EXIF, alpha, formats, limits."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from airflow_provider_mmprep.download.fetcher import address_refusal, robots_disallowed
+from airflow_provider_mmprep.download.options import parse_options
+from airflow_provider_mmprep.download.resizer import ImageRejected, process_image
+from airflow_provider_mmprep.testing import sample_data
+from airflow_provider_mmprep.testing.image_host import decompression_bomb_png
+
+
+def options(**arguments):
+    return parse_options(arguments)
+
+
+def decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+@pytest.mark.parametrize(("mode", "source", "expected"), [
+    ("no", (300, 200), (300, 200)),
+    ("keep_ratio", (300, 200), (150, 100)),
+    ("keep_ratio", (60, 40), (150, 100)),  # upscaled unless resize_only_if_bigger
+    ("center_crop", (300, 200), (100, 100)),
+    ("center_crop", (200, 300), (100, 100)),
+    ("keep_ratio_largest", (300, 200), (100, 67)),
+    ("keep_ratio_largest", (200, 300), (67, 100)),
+    ("border", (300, 200), (100, 100)),
+    ("border", (100, 100), (100, 100)),
+])
+def test_resize_modes_give_documented_sizes(mode: str, source: tuple[int, int], expected: tuple[int, int]) -> None:
+    body = sample_data.make_jpeg(1, source)
+    result = process_image(body, options(resize_mode=mode, image_size=100))
+    assert decoded(result.data).size == expected == (result.width, result.height)
+    assert (result.original_width, result.original_height) == source
+
+
+def test_resize_only_if_bigger_keeps_small_images_and_their_bytes() -> None:
+    body = sample_data.make_jpeg(2, (60, 40))
+    result = process_image(body, options(resize_mode="center_crop", image_size=100, resize_only_if_bigger=True))
+    assert result.data == body and (result.width, result.height) == (60, 40)
+
+
+def test_border_pads_with_white_around_the_centred_image() -> None:
+    body = sample_data.encode(Image.new("RGB", (200, 100), (0, 0, 0)), "PNG")
+    image = decoded(process_image(body, options(resize_mode="border", image_size=100, encode_format="png")).data)
+    assert image.size == (100, 100)
+    assert image.getpixel((50, 5)) == (255, 255, 255) and image.getpixel((50, 50)) == (0, 0, 0)
+
+
+def test_skip_reencode_semantics() -> None:
+    body = sample_data.make_jpeg(3, (120, 80))
+    assert process_image(body, options()).data == body  # unset: unchanged image keeps its bytes
+    assert process_image(body, options(skip_reencode=True)).data == body
+    reencoded = process_image(body, options(skip_reencode=False, encode_quality=40)).data
+    assert reencoded != body and decoded(reencoded).size == (120, 80)
+
+
+def test_exif_orientation_is_applied_when_reencoding() -> None:
+    image = Image.new("RGB", (200, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 100, 100))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: viewers rotate 90° clockwise
+    body = sample_data.encode(image, "JPEG", quality=95, exif=exif.tobytes())
+    result = process_image(body, options())
+    upright = decoded(result.data)
+    assert upright.size == (100, 200) and (result.original_width, result.original_height) == (100, 200)
+    red, green, blue = upright.getpixel((50, 30))  # the red half is now on top
+    assert red > 200 and blue < 60
+    assert upright.getexif().get(0x0112, 1) == 1
+
+
+def test_alpha_is_composited_on_white_and_formats_are_honoured() -> None:
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent red
+    body = sample_data.encode(rgba, "PNG")
+    jpg = decoded(process_image(body, options()).data)
+    assert jpg.format == "JPEG" and min(jpg.getpixel((5, 5))) > 245
+    webp = decoded(process_image(body, options(encode_format="webp")).data)
+    assert webp.format == "WEBP"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (decompression_bomb_png(), "decompression bomb"),
+    (sample_data.make_jpeg(4, (64, 48))[:900], "truncated"),
+    (b"<html>not an image</html>", "not an image"),
+    (sample_data.make_jpeg(5, (30, 20)), "image too small"),
+    (sample_data.make_jpeg(6, (200, 20)), "aspect ratio too large"),
+])
+def test_bad_images_are_rejected_with_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(ImageRejected, match=reason):
+        process_image(body, options(min_image_size=20 if reason != "image too small" else 25,
+                                    max_aspect_ratio=5))
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    body = sample_data.make_jpeg(7, (300, 200))
+    with pytest.raises(ImageRejected, match="max_image_pixels"):
+        process_image(body, parse_options({}, max_image_pixels=50_000))
+
+
+def test_robots_and_address_rules() -> None:
+    disallowed = ("noai", "noimageai", "noindex", "noimageindex")
+    assert robots_disallowed(["noai, noimageai"], disallowed, "mmprep") == "noai"
+    assert robots_disallowed(["otherbot: noindex"], disallowed, "mmprep") is None
+    assert robots_disallowed(["mmprep: noindex"], disallowed, "mmprep") == "noindex"
+    assert robots_disallowed(["nofollow"], disallowed, "mmprep") is None
+    assert robots_disallowed(["noai"], (), "mmprep") is None
+    for address, kind in [("127.0.0.1", "loopback"), ("10.1.2.3", "private"), ("169.254.169.254", "link-local"),
+                          ("224.0.0.1", "multicast"), ("::1", "loopback"), ("::ffff:192.168.0.1", "private")]:
+        assert address_refusal(address) == kind, address
+    assert address_refusal("93.184.216.34") is None
