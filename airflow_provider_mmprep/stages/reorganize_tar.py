@@ -1,0 +1,248 @@
+"""reorganize_tar: re-pack uneven download shards into tars of exactly ``tar_chunk_size`` samples.
+
+One global plan, built from tar headers only, orders every usable sample of every input tar (tars sorted
+by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
+``[j*C, (j+1)*C)`` of that order and is named ``{j:05d}.tar`` in one flat ``output_dir``; the last one
+may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMPLETE`` file beside it
+(NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
+:func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes.
+
+Member data is copied as byte ranges (:mod:`airflow_provider_mmprep.tarwriter`), never decoded. Each
+output is written under a temporary name, renamed, and then described by a manifest holding a digest of
+its plan; a rerun skips outputs whose manifest matches and rewrites the rest.
+
+A usable sample has every extension of ``file_ext_in_tar``; only those members are copied (as NeMo
+does). Samples missing one are counted and reported; duplicate keys are reported (and kept: shards of
+different parts legitimately restart their key numbering); damaged tars contribute their readable
+samples, are reported, and fail the task only with ``strict: true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import fsutil
+from ..config import PipelineConfig
+from ..manifest import read_manifest, write_manifest
+from ..progress import Progress
+from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
+                        normalize_extensions, select_members)
+from ..tarwriter import RangeTarWriter
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+STAGE = "reorganize_tar"
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
+EXAMPLES = 10  # how many examples of each problem a summary lists
+
+
+@dataclass
+class PlannedSample:
+    tar: int  # index into ReorganizePlan.inputs
+    key: str
+    members: list[Member]
+
+
+@dataclass
+class ReorganizePlan:
+    input_dir: Path
+    inputs: list[Path]
+    chunk_size: int
+    samples: list[PlannedSample] = field(default_factory=list)
+    missing_members: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    duplicate_keys: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # input (relative) -> problems
+    skipped_members: int = 0
+    members_not_copied: int = 0  # members of usable samples whose extension is not in file_ext_in_tar
+
+    @property
+    def output_count(self) -> int:
+        return -(-len(self.samples) // self.chunk_size)
+
+    @property
+    def short_count(self) -> int:
+        return len(self.samples) % self.chunk_size
+
+    def rel(self, tar: int) -> str:
+        return self.inputs[tar].relative_to(self.input_dir).as_posix()
+
+    def chunk(self, j: int) -> list[PlannedSample]:
+        return self.samples[j * self.chunk_size:(j + 1) * self.chunk_size]
+
+    def digest(self, j: int) -> str:
+        """Fingerprint of what output ``j`` must contain: a rerun over changed inputs never skips it."""
+        h = hashlib.sha256()
+        for sample in self.chunk(j):
+            h.update(self.rel(sample.tar).encode())
+            for m in sample.members:
+                h.update(f"\0{m.name}\0{m.offset}\0{m.size}\n".encode())
+        return h.hexdigest()
+
+
+def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -> ReorganizePlan:
+    """Index every input tar's headers and order their usable samples; raises StageError on unsafe names."""
+    wanted = normalize_extensions(file_ext_in_tar)
+    plan = ReorganizePlan(input_dir, find_tars(input_dir), chunk_size)
+    seen_keys: set[str] = set()
+    progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
+    for tar_no, path in enumerate(plan.inputs):
+        try:
+            index = index_tar(path)
+        except UnsafeMemberName as exc:
+            raise StageError(f"{STAGE}.input_dir: {exc}") from None
+        rel = plan.rel(tar_no)
+        if index.problems:
+            plan.damaged[rel] = index.problems
+        plan.skipped_members += index.skipped_members
+        for sample in index.samples:
+            if not has_extensions(sample, wanted):
+                plan.missing_members += 1
+                if len(plan.missing_examples) < EXAMPLES:
+                    plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
+                continue
+            if sample.key in seen_keys:
+                plan.duplicate_keys += 1
+                if len(plan.duplicate_examples) < EXAMPLES:
+                    plan.duplicate_examples.append(f"{rel}:{sample.key}")
+            seen_keys.add(sample.key)
+            members = select_members(sample, wanted)
+            plan.members_not_copied += len(sample.members) - len(members)
+            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+        progress.advance()
+    progress.finish()
+    return plan
+
+
+def output_path(output_dir: Path, j: int) -> Path:
+    return output_dir / f"{j:05d}.tar"
+
+
+def _is_complete(tar: Path, digest: str, short: bool) -> bool:
+    body = read_manifest(tar)
+    marker_ok = tar.with_name(tar.name + INCOMPLETE_SUFFIX).exists() == short
+    return body is not None and body.get("plan_digest") == digest and marker_ok
+
+
+def close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def write_output(plan: ReorganizePlan, j: int, final: Path, open_inputs: dict[int, int]) -> int:
+    """Write output tar ``j`` atomically; returns bytes written."""
+    with fsutil.atomic_path(final) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            writer = RangeTarWriter(fd)
+            for sample in plan.chunk(j):
+                src = open_inputs.get(sample.tar)
+                if src is None:
+                    if len(open_inputs) >= 64:  # a chunk spans few inputs; keep the fd count bounded
+                        close_all(open_inputs)
+                    src = open_inputs[sample.tar] = os.open(plan.inputs[sample.tar], os.O_RDONLY)
+                for m in sample.members:
+                    writer.add_range(m.name, src, m.offset, m.size)
+            writer.close()
+            size = writer.position
+        finally:
+            os.close(fd)
+    return size
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    block = cfg.stage(STAGE)
+    input_dir, output_dir = Path(block.input_dir), Path(block.output_dir)
+    if not input_dir.is_dir():
+        raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
+    if not block.file_ext_in_tar:
+        raise StageError(f"{STAGE}.file_ext_in_tar: list at least one extension, e.g. [.jpg, .txt]")
+    plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar)
+    if not plan.inputs:
+        raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
+    for rel, problems in plan.damaged.items():
+        log.warning("%s: damaged input %s: %s (its readable samples are used)", STAGE, rel, "; ".join(problems))
+    if plan.damaged and block.strict:
+        raise StageError(f"{STAGE}.strict: {len(plan.damaged)} damaged input tar(s): "
+                         + "; ".join(f"{rel}: {p[0]}" for rel, p in list(plan.damaged.items())[:EXAMPLES]))
+    if plan.missing_members:
+        log.warning("%s: %d sample(s) lack an extension of file_ext_in_tar %s and are left out, e.g. %s",
+                    STAGE, plan.missing_members, block.file_ext_in_tar, plan.missing_examples[:3])
+    if plan.duplicate_keys:
+        log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
+                    STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fsutil.remove_stale_temporaries(output_dir)
+    mine = fsutil.task_range(plan.output_count, task_id, task_count)
+    last = plan.output_count - 1
+    written, skipped, samples_written, bytes_written = [], [], 0, 0
+    open_inputs: dict[int, int] = {}
+    progress = Progress(f"{STAGE}: task {task_id} writing tars", len(mine), unit="tars", logger=log)
+    try:
+        for j in mine:
+            final = output_path(output_dir, j)
+            short = j == last and plan.short_count > 0
+            digest = plan.digest(j)
+            marker = final.with_name(final.name + INCOMPLETE_SUFFIX)
+            if _is_complete(final, digest, short):
+                skipped.append(final.name)
+                progress.advance()
+                continue
+            count = len(plan.chunk(j))
+            if short:  # marker first: a reader never sees the short tar without it
+                marker.touch()
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
+            bytes_written += write_output(plan, j, final, open_inputs)
+            write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
+                           extensions=sorted({m.ext for s in plan.chunk(j) for m in s.members}))
+            written.append(final.name)
+            samples_written += count
+            progress.advance(bytes=bytes_written)
+    finally:
+        close_all(open_inputs)
+    progress.finish()
+
+    summary: dict[str, Any] = {
+        "input_tars": len(plan.inputs),
+        "usable_samples": len(plan.samples),
+        "output_tars": plan.output_count,
+        "chunk_size": plan.chunk_size,
+        "task_outputs": (f"{output_path(output_dir, mine[0]).name}..{output_path(output_dir, mine[-1]).name}"
+                         if mine else "none"),
+        "written": len(written),
+        "skipped_complete": len(skipped),
+        "samples_written": samples_written,
+        "bytes_written": bytes_written,
+        "missing_members": plan.missing_members,
+        "missing_examples": plan.missing_examples,
+        "duplicate_keys": plan.duplicate_keys,
+        "duplicate_examples": plan.duplicate_examples,
+        "damaged_inputs": plan.damaged,
+        "skipped_members": plan.skipped_members,
+        "members_not_copied": plan.members_not_copied,
+    }
+    if plan.short_count:
+        summary["short_tar"] = {"name": output_path(output_dir, last).name, "samples": plan.short_count}
+        if last in mine:
+            log.warning("%s: last tar %s holds %d of %d samples; marked %s%s", STAGE,
+                        output_path(output_dir, last).name, plan.short_count, plan.chunk_size,
+                        output_path(output_dir, last).name, INCOMPLETE_SUFFIX)
+    stale = [p.name for p in fsutil.sorted_files(output_dir, "*.tar")
+             if p.stem.isdigit() and int(p.stem) >= plan.output_count]
+    if stale:
+        summary["stale_outputs"] = stale
+        log.warning("%s: %s holds tars beyond this plan's %d outputs (from an earlier run?): %s",
+                    STAGE, output_dir, plan.output_count, stale[:EXAMPLES])
+    return summary
