@@ -1,0 +1,157 @@
+"""reorganize_tar throughput against ``cat`` of the same input tars, measured in the same run.
+
+Builds ≥300 MB of download_images-style shards (random-byte .jpg of 50–150 KB, .txt, .json; uneven
+sample counts; several parts) in a temporary folder, then alternates, ``--repeat`` times:
+  * ``cat <all input tars> > out`` (the anchor: read every byte once, write every byte once), and
+  * reorganize_tar task 0 of 1 into a fresh folder, with a chunk size that divides no input count,
+both with a warm page cache (a warm-up read first) and ``sync`` before each timed run so neither pays the
+other's write-back. Prints both throughputs (input MB/s) and the ratio per round, then the medians.
+
+Also measures generate_wdinfo over a folder of 100,000 tiny tars with manifests (the "under 2 s" goal).
+
+    /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--mb 320] [--repeat 5] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_config  # noqa: E402
+from airflow_provider_mmprep.stages import generate_wdinfo, reorganize_tar  # noqa: E402
+from airflow_provider_mmprep.testing.shards import download_style_samples, write_tar  # noqa: E402
+
+NEMO_YAML = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
+
+
+def make_input(root: Path, megabytes: int) -> tuple[list[Path], int, int]:
+    rng = random.Random(7)
+    tars, total, samples, shard = [], 0, 0, 0
+    while total < megabytes * 1_000_000:
+        part, index = divmod(shard, 9)
+        count = rng.randint(90, 170)
+        path = write_tar(root / f"part-{part:03d}" / f"{index:05d}.tar",
+                         download_style_samples(index, count, rng, (50_000, 150_000)))
+        tars.append(path)
+        total += path.stat().st_size
+        samples += count
+        shard += 1
+    return tars, total, samples
+
+
+def sync() -> None:
+    os.sync()
+
+
+def time_cat(tars: list[Path], out: Path) -> float:
+    sync()
+    started = time.perf_counter()
+    with open(out, "wb") as handle:
+        subprocess.run(["cat", *map(str, tars)], stdout=handle, check=True)
+    elapsed = time.perf_counter() - started
+    out.unlink()
+    return elapsed
+
+
+def time_reorganize(cfg, out_dir: Path) -> float:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    sync()
+    started = time.perf_counter()
+    reorganize_tar.run_task(cfg, 0, 1)
+    elapsed = time.perf_counter() - started
+    return elapsed
+
+
+def bench_wdinfo(work: Path, tar_count: int) -> None:
+    """generate_wdinfo over ``tar_count`` tiny tars that all have manifests."""
+    from airflow_provider_mmprep.manifest import write_manifest
+
+    folder = work / "wdinfo_input"
+    folder.mkdir()
+    template = work / "template.tar"
+    write_tar(template, [(f"{i:05d}", {"pickle": b"x"}) for i in range(3)])
+    data = template.read_bytes()
+    started = time.perf_counter()
+    for i in range(tar_count):
+        tar = folder / f"{i:06d}.tar"
+        tar.write_bytes(data)
+        write_manifest(tar, 3)
+    print(f"(made {tar_count} tars + manifests in {time.perf_counter() - started:.1f}s)")
+    cfg = load_config(NEMO_YAML, ["dataset_repo_id=x/y", f"dataset_output_root={work}",
+                                  f"generate_wdinfo.input_dir={folder}", "generate_wdinfo.tar_chunk_size=3",
+                                  f"generate_wdinfo.output_wdinfo_path={work}/wdinfo.pkl"],
+                      load_precache=False)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        summary = generate_wdinfo.run_task(cfg, 0, 1)
+        times.append(time.perf_counter() - started)
+    assert summary["full_tars"] == tar_count, summary
+    print(f"generate_wdinfo, {tar_count} tars with manifests: "
+          f"{' '.join(f'{t:.2f}s' for t in times)} (median {statistics.median(times):.2f}s; goal < 2 s)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=320, help="input size to generate (MB)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--chunk", type=int, default=97, help="tar_chunk_size (prime: divides no input count)")
+    parser.add_argument("--wdinfo-tars", type=int, default=100_000)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
+    try:
+        started = time.perf_counter()
+        tars, total, samples = make_input(work / "raw", args.mb)
+        print(f"input: {len(tars)} tars, {samples} samples, {total / 1e6:.0f} MB "
+              f"(made in {time.perf_counter() - started:.1f}s); chunk size {args.chunk}")
+        out_dir = work / "reorganized"
+        cfg = load_config(NEMO_YAML, ["dataset_repo_id=x/y", f"dataset_output_root={work}",
+                                      f"reorganize_tar.input_dir={work / 'raw'}",
+                                      f"reorganize_tar.output_dir={out_dir}",
+                                      f"reorganize_tar.tar_chunk_size={args.chunk}",
+                                      "reorganize_tar.file_ext_in_tar=[.jpg,.txt,.json]"],
+                          load_precache=False)
+        time_cat(tars, work / "warmup.out")  # page cache warm for both contenders
+        cat_times, reorg_times = [], []
+        for round_no in range(args.repeat):
+            order = ("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")
+            for which in order:
+                if which == "cat":
+                    cat_times.append(time_cat(tars, work / "cat.out"))
+                else:
+                    reorg_times.append(time_reorganize(cfg, out_dir))
+            cat_mbs, reorg_mbs = total / 1e6 / cat_times[-1], total / 1e6 / reorg_times[-1]
+            print(f"round {round_no + 1} ({'/'.join(order)}): cat {cat_mbs:7.0f} MB/s  "
+                  f"reorganize {reorg_mbs:7.0f} MB/s  ratio {reorg_mbs / cat_mbs:.2f}x")
+        written = sum(p.stat().st_size for p in out_dir.glob("*.tar"))
+        cat_median, reorg_median = statistics.median(cat_times), statistics.median(reorg_times)
+        print(f"output: {len(list(out_dir.glob('*.tar')))} tars, {written / 1e6:.0f} MB")
+        print(f"median: cat {total / 1e6 / cat_median:.0f} MB/s ({cat_median:.3f}s), reorganize "
+              f"{total / 1e6 / reorg_median:.0f} MB/s ({reorg_median:.3f}s): "
+              f"ratio {cat_median / reorg_median:.2f}x of cat's throughput (target >= 0.8x)")
+        shutil.rmtree(work / "raw")
+        shutil.rmtree(out_dir)
+        if args.wdinfo_tars:
+            bench_wdinfo(work, args.wdinfo_tars)
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
