@@ -70,12 +70,13 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
     """The wdinfo dict and a stats dict (how counts were obtained)."""
     wanted = normalize_extensions(file_ext_in_tar)
     tars, files = list_tars(input_dir)
+    root = os.fspath(input_dir)
     counts: dict[str, int] = {}
     not_listed: dict[str, str] = {}
     from_manifest = from_headers = 0
     progress = Progress(f"{STAGE}: counting samples", len(tars), unit="tars", logger=log)
     for rel in tars:
-        path = input_dir / rel
+        path = os.path.join(root, rel)
         body = read_manifest(path) if rel + MANIFEST_SUFFIX in files else None
         reason: str | None = None
         if body is not None:
@@ -85,7 +86,7 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
                 reason = "marked short by its producer"
         else:
             from_headers += 1
-            count, reason = count_from_headers(path, wanted)
+            count, reason = count_from_headers(Path(path), wanted)
         counts[rel] = count
         if rel + INCOMPLETE_SUFFIX in files:
             reason = f"marked {rel}{INCOMPLETE_SUFFIX}"
