@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["UnsafePickleError", "safe_loads", "safe_load_file", "describe_arrays"]
+__all__ = ["UnsafePickleError", "safe_loads", "safe_load_file", "safe_loads_plain", "describe_arrays"]
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -113,3 +113,35 @@ def safe_load_file(path: str) -> dict[str, np.ndarray]:
 def describe_arrays(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """``{key: {"shape": [...], "dtype": "float16"}}``: what inspect and manifests report per encoding."""
     return {key: {"shape": list(value.shape), "dtype": str(value.dtype)} for key, value in arrays.items()}
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise UnsafePickleError(f"refused global {module}.{name}: plain data only")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("refused persistent id")
+
+
+_PLAIN = (dict, list, tuple, str, int, float, bool, type(None), bytes)
+
+
+def safe_loads_plain(data: bytes) -> Any:
+    """Unpickle plain data (dicts, lists, strings, numbers) such as ``wdinfo.pkl``; no globals at all."""
+    try:
+        result = _NoGlobalsUnpickler(io.BytesIO(data)).load()
+    except UnsafePickleError:
+        raise
+    except Exception as exc:
+        raise UnsafePickleError(f"not a valid pickle: {type(exc).__name__}: {exc}") from None
+    stack = [result]
+    while stack:  # sets and frozensets need no globals either; refuse anything that is not plain
+        item = stack.pop()
+        if not isinstance(item, _PLAIN):
+            raise UnsafePickleError(f"unexpected {type(item).__name__} in plain pickle")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return result
