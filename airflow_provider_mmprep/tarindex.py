@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Iterator
 
 BLOCK = 512
@@ -69,7 +69,7 @@ def split_key(name: str) -> tuple[str, str] | None:
 
 
 def check_member_name(name: str, tar_path: str | Path) -> None:
-    if name.startswith("/") or ".." in PurePosixPath(name).parts:
+    if name.startswith("/") or ".." in name.split("/"):
         raise UnsafeMemberName(f"{tar_path}: member {name!r} is absolute or contains '..'; refusing this tar")
 
 
@@ -96,7 +96,7 @@ def _checksum_ok(block: bytes) -> bool:
         stored = _octal(block[148:156])
     except ValueError:
         return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
     if stored == unsigned:
         return True
     signed = unsigned - 2 * (sum(b for b in block[:148] if b > 127) + sum(b for b in block[156:] if b > 127))
