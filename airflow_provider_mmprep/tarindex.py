@@ -34,6 +34,12 @@ class Member:
     ext: str  # webdataset extension (text after the first dot of the basename), as stored
     offset: int  # byte offset of the data in the tar file
     size: int
+    header_offset: int  # where the member's header chain (pax / GNU long-name blocks, header) starts
+
+    @property
+    def end(self) -> int:
+        """Offset just past the member's data padding: the next member's header chain starts here."""
+        return self.offset + -(-self.size // BLOCK) * BLOCK
 
 
 @dataclass(slots=True)
@@ -122,8 +128,9 @@ def _decode(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[str, int, int, bool]]:
-    """Yield ``(name, data offset, size, regular)`` for members whose header and data lie in the file.
+def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[str, int, int, int, bool]]:
+    """Yield ``(name, header chain offset, data offset, size, regular)`` for members whose header and data
+    lie in the file.
 
     A direct header parser (ustar, GNU long names, pax ``path``/``size``) instead of :mod:`tarfile`:
     tarfile decodes every field of every header, which cost half of ``cat``'s time on a 325 MB shard set
@@ -138,6 +145,7 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
         offset = 0
         long_name: str | None = None
         pax: dict[str, str] = {}
+        chain_start: int | None = None  # first extended header block belonging to the next member
         while True:
             block = os.pread(fd, BLOCK, offset)
             if len(block) < BLOCK:
@@ -158,6 +166,10 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
                 problems.append(f"corrupt {where} (bad size field); the rest is unreadable")
                 return
             data_at = offset + BLOCK
+            if kind == b"g":
+                chain_start = None  # a global header belongs to no member
+            elif chain_start is None and kind in (b"x", b"L", b"K"):
+                chain_start = offset
             if kind in (b"x", b"L") or kind in _SKIP_DATA:
                 if data_at + size > file_size:
                     problems.append(f"truncated extended header at byte {offset}")
@@ -182,7 +194,8 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
             if "size" in pax:
                 size = int(pax["size"])
             sparse = kind == b"S" or any(k.startswith("GNU.sparse") for k in pax)
-            long_name, pax = None, {}
+            header_at = offset if chain_start is None else chain_start
+            long_name, pax, chain_start = None, {}, None
             regular = kind in _REGULAR and not sparse and not name.endswith("/")
             # like tarfile: links, folders and devices have no data blocks whatever their size field says
             has_data = kind in _REGULAR or kind == b"S" or kind not in _NO_DATA
@@ -192,8 +205,28 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
                 problems.append(f"member {name!r} truncated: needs bytes up to {data_at + size}, "
                                 f"file has {file_size}")
                 return
-            yield name, data_at, size, regular
+            yield name, header_at, data_at, size, regular
             offset = data_at + -(-size // BLOCK) * BLOCK
+    finally:
+        os.close(fd)
+
+
+def prefetch(path: str | Path) -> None:
+    """Ask the kernel to start reading a whole file in the background (large sequential reads).
+
+    For callers that will read the data anyway (reorganize_tar copies it): without this, reading one
+    header per member from a cold cache becomes thousands of small synchronous reads.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -205,7 +238,7 @@ def index_tar(path: str | Path) -> TarIndex:
     index = TarIndex(path=path, file_size=file_size)
     current: Sample | None = None
     seen_ext: set[str] = set()
-    for name, data_offset, size, regular in _members(path, file_size, index.problems):
+    for name, header_offset, data_offset, size, regular in _members(path, file_size, index.problems):
         check_member_name(name, path)
         if not regular or _is_metadata(name):
             index.skipped_members += 1
@@ -221,7 +254,7 @@ def index_tar(path: str | Path) -> TarIndex:
             index.samples.append(current)
             seen_ext = set()
         seen_ext.add(lowered)
-        current.members.append(Member(name, ext, data_offset, size))
+        current.members.append(Member(name, ext, data_offset, size, header_offset))
     return index
 
 

@@ -4,8 +4,9 @@ Builds ≥300 MB of download_images-style shards (random-byte .jpg of 50–150 K
 sample counts; several parts) in a temporary folder, then alternates, ``--repeat`` times:
   * ``cat <all input tars> > out`` (the anchor: read every byte once, write every byte once), and
   * reorganize_tar task 0 of 1 into a fresh folder, with a chunk size that divides no input count,
-both with a warm page cache (a warm-up read first) and ``sync`` before each timed run so neither pays the
-other's write-back. Prints both throughputs (input MB/s) and the ratio per round, then the medians.
+``sync`` before each timed run so neither pays the other's write-back; once with a warm page cache (a
+warm-up read first) and once cold (our input files evicted with ``posix_fadvise(DONTNEED)`` before each
+run). Prints throughputs (input MB/s), CPU seconds and the ratio per round, then the medians.
 
 Also measures generate_wdinfo over a folder of 100,000 tiny tars with manifests (the "under 2 s" goal).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,23 +55,69 @@ def sync() -> None:
     os.sync()
 
 
-def time_cat(tars: list[Path], out: Path) -> float:
-    sync()
-    started = time.perf_counter()
+def evict(paths: list[Path]) -> None:
+    """Drop these files' pages from the page cache (clean pages only, after a sync): a cold read of
+    exactly our inputs, without touching the rest of the machine's cache."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def child_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_cat(tars: list[Path], out: Path, cold: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``cat tars > out``."""
+    evict(tars) if cold else sync()
+    cpu, started = child_cpu(), time.perf_counter()
     with open(out, "wb") as handle:
         subprocess.run(["cat", *map(str, tars)], stdout=handle, check=True)
     elapsed = time.perf_counter() - started
+    cpu = child_cpu() - cpu
     out.unlink()
-    return elapsed
+    return elapsed, cpu
 
 
-def time_reorganize(cfg, out_dir: Path) -> float:
+def time_reorganize(cfg, tars: list[Path], out_dir: Path, cold: bool) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of reorganize_tar task 0 of 1."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    sync()
-    started = time.perf_counter()
+    evict(tars) if cold else sync()
+    cpu, started = time.process_time(), time.perf_counter()
     reorganize_tar.run_task(cfg, 0, 1)
-    elapsed = time.perf_counter() - started
-    return elapsed
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def compare(label: str, cfg, tars: list[Path], total: int, work: Path, out_dir: Path, repeat: int,
+            cold: bool) -> float:
+    if not cold:
+        time_cat(tars, work / "warmup.out", cold=False)  # page cache warm for both contenders
+    cat, reorg = [], []
+    for round_no in range(repeat):
+        order = ("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")
+        for which in order:
+            if which == "cat":
+                cat.append(time_cat(tars, work / "cat.out", cold))
+            else:
+                reorg.append(time_reorganize(cfg, tars, out_dir, cold))
+        cat_mbs, reorg_mbs = total / 1e6 / cat[-1][0], total / 1e6 / reorg[-1][0]
+        print(f"{label} round {round_no + 1} ({'/'.join(order)}): cat {cat_mbs:6.0f} MB/s "
+              f"(cpu {cat[-1][1]:.2f}s)  reorganize {reorg_mbs:6.0f} MB/s (cpu {reorg[-1][1]:.2f}s)  "
+              f"ratio {reorg_mbs / cat_mbs:.2f}x")
+    cat_wall = statistics.median(t for t, _ in cat)
+    reorg_wall = statistics.median(t for t, _ in reorg)
+    cat_cpu = statistics.median(c for _, c in cat)
+    reorg_cpu = statistics.median(c for _, c in reorg)
+    ratio = cat_wall / reorg_wall
+    print(f"{label} median: cat {total / 1e6 / cat_wall:.0f} MB/s ({cat_wall:.3f}s wall, {cat_cpu:.3f}s cpu), "
+          f"reorganize {total / 1e6 / reorg_wall:.0f} MB/s ({reorg_wall:.3f}s wall, {reorg_cpu:.3f}s cpu): "
+          f"throughput ratio {ratio:.2f}x of cat (target >= 0.8x); cpu ratio {reorg_cpu / cat_cpu:.2f}x")
+    return ratio
 
 
 def bench_wdinfo(work: Path, tar_count: int) -> None:
@@ -107,6 +155,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=97, help="tar_chunk_size (prime: divides no input count)")
     parser.add_argument("--wdinfo-tars", type=int, default=100_000)
+    parser.add_argument("--mode", choices=["warm", "cold", "both"], default="both",
+                        help="warm: inputs in page cache; cold: inputs evicted (fadvise) before every run")
+    parser.add_argument("--threads", type=int, default=0, help="reorganize_tar.write_threads (0 = auto)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
 
@@ -121,26 +172,18 @@ def main() -> int:
                                       f"reorganize_tar.input_dir={work / 'raw'}",
                                       f"reorganize_tar.output_dir={out_dir}",
                                       f"reorganize_tar.tar_chunk_size={args.chunk}",
-                                      "reorganize_tar.file_ext_in_tar=[.jpg,.txt,.json]"],
+                                      "reorganize_tar.file_ext_in_tar=[.jpg,.txt,.json]",
+                                      f"reorganize_tar.write_threads={args.threads}"],
                           load_precache=False)
-        time_cat(tars, work / "warmup.out")  # page cache warm for both contenders
-        cat_times, reorg_times = [], []
-        for round_no in range(args.repeat):
-            order = ("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")
-            for which in order:
-                if which == "cat":
-                    cat_times.append(time_cat(tars, work / "cat.out"))
-                else:
-                    reorg_times.append(time_reorganize(cfg, out_dir))
-            cat_mbs, reorg_mbs = total / 1e6 / cat_times[-1], total / 1e6 / reorg_times[-1]
-            print(f"round {round_no + 1} ({'/'.join(order)}): cat {cat_mbs:7.0f} MB/s  "
-                  f"reorganize {reorg_mbs:7.0f} MB/s  ratio {reorg_mbs / cat_mbs:.2f}x")
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+              f"write_threads={cfg.reorganize_tar.write_threads or 'auto'}")
+        if args.mode in ("warm", "both"):
+            compare("warm", cfg, tars, total, work, out_dir, args.repeat, cold=False)
+        if args.mode in ("cold", "both"):
+            compare("cold", cfg, tars, total, work, out_dir, args.repeat, cold=True)
         written = sum(p.stat().st_size for p in out_dir.glob("*.tar"))
-        cat_median, reorg_median = statistics.median(cat_times), statistics.median(reorg_times)
-        print(f"output: {len(list(out_dir.glob('*.tar')))} tars, {written / 1e6:.0f} MB")
-        print(f"median: cat {total / 1e6 / cat_median:.0f} MB/s ({cat_median:.3f}s), reorganize "
-              f"{total / 1e6 / reorg_median:.0f} MB/s ({reorg_median:.3f}s): "
-              f"ratio {cat_median / reorg_median:.2f}x of cat's throughput (target >= 0.8x)")
+        print(f"output: {len(list(out_dir.glob('*.tar')))} tars, {written / 1e6:.0f} MB; "
+              f"load average after: {os.getloadavg()[0]:.2f}")
         shutil.rmtree(work / "raw")
         shutil.rmtree(out_dir)
         if args.wdinfo_tars:

@@ -186,6 +186,24 @@ def test_truncated_and_corrupt_inputs_use_readable_samples_and_report(tmp_path: 
     assert not list(strict_out.glob("*.tar")) if strict_out.exists() else True
 
 
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_and_unicode_names_keep_their_extended_headers(tmp_path: Path, fmt: int) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    keys = ["d" * 150 + "/k0", "é✓/k1", "k2"]
+    with tarfile.open(raw / "00000.tar", "w", format=fmt, encoding="utf-8") as tar:
+        for key in keys:
+            for ext in ("jpg", "txt", "json"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                data = f"{key}.{ext}".encode() * 50
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 2), 0, 1)
+    members = [m for tar in sorted(out.glob("*.tar")) for m in tar_members(tar)]
+    assert members == [(f"{k}.{e}", f"{k}.{e}".encode() * 50) for k in keys for e in ("jpg", "txt")]
+
+
 @pytest.mark.parametrize("name", ["../escape.jpg", "/etc/passwd.jpg", "a/../../b.jpg"])
 def test_unsafe_member_names_are_refused(tmp_path: Path, name: str) -> None:
     raw = tmp_path / "raw"
@@ -210,14 +228,14 @@ KILLER = textwrap.dedent("""\
     from airflow_provider_mmprep import tarwriter
     cfg = load_config(sys.argv[1], sys.argv[3:], load_precache=False)
     calls = 0
-    real = tarwriter.RangeTarWriter.add_range
-    def add_range(self, *args):
+    real = tarwriter.RangeTarWriter.add_records
+    def add_records(self, *args):
         global calls
         calls += 1
         if calls == int(sys.argv[2]):  # die in the middle of an output tar, like a preempted pod
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *args)
-    tarwriter.RangeTarWriter.add_range = add_range
+    tarwriter.RangeTarWriter.add_records = add_records
     reorganize_tar.run_task(cfg, 0, 1)
 """)
 
@@ -234,8 +252,8 @@ def test_kill_mid_task_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> No
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    # 2 members per sample, 4 samples per tar: call 21 is inside the 3rd output tar
-    proc = subprocess.run([sys.executable, str(script), str(NEMO_YAML), "21", *overrides], env=env,
+    # one copy per sample (.jpg and .txt adjacent, .json left out), 4 per tar: call 10 is in the 3rd tar
+    proc = subprocess.run([sys.executable, str(script), str(NEMO_YAML), "10", *overrides], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]

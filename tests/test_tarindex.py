@@ -50,10 +50,3 @@ def test_split_key_follows_webdataset() -> None:
     assert split_key("a/b.c/d.seg.jpg") == ("a/b.c/d", "seg.jpg")
     assert split_key("noext") is None and split_key("dir/.hidden") is None
 
-
-@pytest.mark.parametrize("name, size", [("000000001.jpg", 123_456), ("a" * 100, 0), ("d/x.seg.jpg", 8 ** 11 - 1),
-                                        ("b" * 101, 5), ("é.jpg", 3), ("x.jpg", 8 ** 11)])
-def test_fast_member_header_equals_tarfiles(name: str, size: int) -> None:
-    from airflow_provider_mmprep.tarwriter import _tarfile_header, member_header
-
-    assert member_header(name, size) == _tarfile_header(name, size)

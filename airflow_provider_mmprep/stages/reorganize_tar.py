@@ -33,7 +33,7 @@ from ..config import PipelineConfig
 from ..manifest import read_manifest, write_manifest
 from ..progress import Progress
 from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
-                        normalize_extensions, select_members)
+                        normalize_extensions, prefetch, select_members)
 from ..tarwriter import RangeTarWriter
 from . import StageError
 
@@ -85,7 +85,7 @@ class ReorganizePlan:
         for sample in self.chunk(j):
             h.update(self.rel(sample.tar).encode())
             for m in sample.members:
-                h.update(f"\0{m.name}\0{m.offset}\0{m.size}\n".encode())
+                h.update(f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n".encode())
         return h.hexdigest()
 
 
@@ -100,7 +100,11 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     plan = ReorganizePlan(input_dir, find_tars(input_dir), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
+    if plan.inputs:
+        prefetch(plan.inputs[0])
     for tar_no, path in enumerate(plan.inputs):
+        if tar_no + 1 < len(plan.inputs):
+            prefetch(plan.inputs[tar_no + 1])  # the copy reads it all anyway: let the disk stream it
         try:
             index = index_tar(path)
         except UnsafeMemberName as exc:
@@ -140,6 +144,19 @@ def _is_complete(tar: Path, digest: str, short: bool) -> bool:
     return body is not None and body.get("plan_digest") == digest and marker_ok
 
 
+def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
+    """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
+    are adjacent in their input merge into one range (one copy call)."""
+    runs: list[list[int]] = []
+    for sample in samples:
+        for m in sample.members:
+            if runs and runs[-1][0] == sample.tar and runs[-1][2] == m.header_offset:
+                runs[-1][2] = m.end
+            else:
+                runs.append([sample.tar, m.header_offset, m.end])
+    return [(tar, start, end - start) for tar, start, end in runs]
+
+
 def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
     """Write output tar ``j`` atomically; returns bytes written."""
     sources: dict[int, int] = {}
@@ -148,12 +165,11 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 writer = RangeTarWriter(fd)
-                for sample in plan.chunk(j):
-                    src = sources.get(sample.tar)
+                for tar, start, length in record_runs(plan.chunk(j)):
+                    src = sources.get(tar)
                     if src is None:
-                        src = sources[sample.tar] = os.open(plan.inputs[sample.tar], os.O_RDONLY)
-                    for m in sample.members:
-                        writer.add_range(m.name, src, m.offset, m.size)
+                        src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
+                    writer.add_records(src, start, length)
                 writer.close()
             finally:
                 os.close(fd)
