@@ -157,6 +157,8 @@ def main() -> int:
     parser.add_argument("--wdinfo-tars", type=int, default=100_000)
     parser.add_argument("--mode", choices=["warm", "cold", "both"], default="both",
                         help="warm: inputs in page cache; cold: inputs evicted (fadvise) before every run")
+    parser.add_argument("--ext", default=".jpg,.txt,.json",
+                        help="file_ext_in_tar (default all members, so both sides copy the same bytes)")
     parser.add_argument("--threads", type=int, default=0, help="reorganize_tar.write_threads (0 = auto)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
@@ -172,7 +174,7 @@ def main() -> int:
                                       f"reorganize_tar.input_dir={work / 'raw'}",
                                       f"reorganize_tar.output_dir={out_dir}",
                                       f"reorganize_tar.tar_chunk_size={args.chunk}",
-                                      "reorganize_tar.file_ext_in_tar=[.jpg,.txt,.json]",
+                                      f"reorganize_tar.file_ext_in_tar=[{args.ext}]",
                                       f"reorganize_tar.write_threads={args.threads}"],
                           load_precache=False)
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
