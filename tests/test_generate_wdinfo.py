@@ -136,7 +136,8 @@ def test_reorganized_output_feeds_wdinfo(tmp_path: Path) -> None:
     reorganized = reorganize_tar.run_task(cfg, 0, 1)
     summary = run_task(cfg, 0, 1)
     assert summary["counts_from_manifests"] == reorganized["output_tars"]
-    assert summary["total_key_count"] == reorganized["usable_samples"] - reorganized.get("short_tar", {}).get("samples", 0)
+    short = reorganized["short_tar"]["samples"]
+    assert summary["total_key_count"] == reorganized["usable_samples"] - short
     info = pickle.loads((tmp_path / "wdinfo.pkl").read_bytes())
     assert reorganized["short_tar"]["name"] in info["not_listed"]  # the fixture does not divide by 5
     for rel in info["tar_files"]:

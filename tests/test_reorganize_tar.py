@@ -248,7 +248,8 @@ def test_kill_mid_task_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> No
 
     out = tmp_path / "out"
     overrides = ["dataset_repo_id=org/data", f"dataset_output_root={tmp_path}", f"reorganize_tar.input_dir={raw}",
-                 f"reorganize_tar.output_dir={out}", "reorganize_tar.tar_chunk_size=4", "reorganize_tar.write_threads=1"]
+                 f"reorganize_tar.output_dir={out}", "reorganize_tar.tar_chunk_size=4",
+                 "reorganize_tar.write_threads=1"]
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -7,7 +7,7 @@ may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMP
 (NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
 :func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes.
 
-Member data is copied as byte ranges (:mod:`airflow_provider_mmprep.tarwriter`), never decoded. Each
+Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
 its plan; a rerun skips outputs whose manifest matches and rewrites the rest.
 
