@@ -83,6 +83,7 @@ def _is_metadata(name: str) -> bool:
     return "/" not in name and name.startswith("__") and name.endswith("__")
 
 
+_ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # hard/sym link, char/block device, folder, fifo
 _SKIP_DATA = (b"g", b"K")  # pax global header, GNU long link name: nothing a sample needs
@@ -149,10 +150,10 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
         while True:
             block = os.pread(fd, BLOCK, offset)
             if len(block) < BLOCK:
-                if block.strip(b"\0") or offset == 0:
+                if block.count(0) != len(block) or offset == 0:
                     problems.append(f"truncated header at byte {offset}")
                 return  # a missing end-of-archive marker loses nothing
-            if not block.strip(b"\0"):
+            if block == _ZERO_BLOCK:
                 return  # end-of-archive marker
             where = "first header" if offset == 0 else f"header at byte {offset}"
             if not _checksum_ok(block):
