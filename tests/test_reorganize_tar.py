@@ -265,3 +265,18 @@ def test_kill_mid_task_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> No
     assert rerun["skipped_complete"] == 2 and rerun["written"] == rerun["output_tars"] - 2
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert digests(out) == digests(reference)
+
+
+def test_a_task_removes_only_its_own_leftover_temporaries(tmp_path: Path) -> None:
+    """Tasks share output_dir while they run: one must not delete another's work in progress."""
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=2, samples_per_shard=(8, 8), seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    ours, theirs = out / ".00000.tar.999999.mmprep-tmp", out / ".00003.tar.999998.mmprep-tmp"
+    our_manifest = out / ".00001.tar.manifest.json.999999.mmprep-tmp"
+    for leftover in (ours, theirs, our_manifest):
+        leftover.write_bytes(b"partial")
+    summary = run_task(make_cfg(raw, out, 4), 0, 2)  # 4 outputs: task 0 owns 00000 and 00001
+    assert summary["task_outputs"] == "00000.tar..00001.tar"
+    assert not ours.exists() and not our_manifest.exists() and theirs.exists()

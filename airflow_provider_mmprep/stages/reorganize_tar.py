@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import read_manifest, write_manifest
+from ..manifest import MANIFEST_SUFFIX, read_manifest, write_manifest
 from ..progress import Progress
 from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
                         normalize_extensions, prefetch, select_members)
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STAGE = "reorganize_tar"
 INCOMPLETE_SUFFIX = ".INCOMPLETE"
 EXAMPLES = 10  # how many examples of each problem a summary lists
+PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexing
 
 
 @dataclass
@@ -100,11 +101,11 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     plan = ReorganizePlan(input_dir, find_tars(input_dir), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
-    if plan.inputs:
-        prefetch(plan.inputs[0])
+    for path in plan.inputs[:PREFETCH_AHEAD]:
+        prefetch(path)
     for tar_no, path in enumerate(plan.inputs):
-        if tar_no + 1 < len(plan.inputs):
-            prefetch(plan.inputs[tar_no + 1])  # the copy reads it all anyway: let the disk stream it
+        if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
+            prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
         try:
             index = index_tar(path)
         except UnsafeMemberName as exc:
@@ -198,6 +199,16 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     return "written", count, size
 
 
+def remove_own_temporaries(output_dir: Path, names: set[str]) -> None:
+    """Delete crashed writers' temporaries (tar or manifest) of the outputs in ``names`` only."""
+    for entry in os.scandir(output_dir):
+        if entry.name.startswith(".") and entry.name.endswith(fsutil.TMP_MARKER):
+            final = entry.name[1:-len(fsutil.TMP_MARKER)].rsplit(".", 1)[0]  # ".{final}.{pid}{TMP_MARKER}"
+            if final.removesuffix(MANIFEST_SUFFIX) in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
 def write_threads(configured: int) -> int:
     """Threads that write output tars at once: the copy runs in the kernel without the GIL, so on a
     page-cache-warm node one thread per core goes that much faster; 0 means the CPU count (at most 8)."""
@@ -212,7 +223,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     if not block.file_ext_in_tar:
         raise StageError(f"{STAGE}.file_ext_in_tar: list at least one extension, e.g. [.jpg, .txt]")
     output_dir.mkdir(parents=True, exist_ok=True)
-    fsutil.remove_stale_temporaries(output_dir)
+    if task_count == 1:  # sole writer of the folder: every temporary in it is a crashed run's
+        fsutil.remove_stale_temporaries(output_dir)
     pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
     futures: dict[int, Future[tuple[str, int, int]]] = {}
 
@@ -242,6 +254,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
+        if task_count > 1:  # other tasks write beside us right now: remove only our own leftovers
+            remove_own_temporaries(output_dir, {output_path(output_dir, j).name for j in mine})
         last = plan.output_count - 1
         for j in mine:
             if j not in futures:
