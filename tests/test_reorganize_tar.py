@@ -216,6 +216,11 @@ def test_unsafe_member_names_are_refused(tmp_path: Path, name: str) -> None:
         run_task(make_cfg(raw, tmp_path / "out", 2), 0, 1)
 
 
+def test_no_usable_sample_names_file_ext_in_tar(uneven: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"reorganize_tar\.file_ext_in_tar: no sample .* has all of \['\.png'\]"):
+        run_task(make_cfg(uneven, tmp_path / "out", 2, "reorganize_tar.file_ext_in_tar=[.png]"), 0, 1)
+
+
 def test_missing_input_folder_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"reorganize_tar\.input_dir: folder .* does not exist"):
         run_task(make_cfg(tmp_path / "nope", tmp_path / "out", 2), 0, 1)

@@ -244,6 +244,10 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         for rel, problems in plan.damaged.items():
             log.warning("%s: damaged input %s: %s (its readable samples are used)", STAGE, rel,
                         "; ".join(problems))
+        if not plan.samples:
+            raise StageError(f"{STAGE}.file_ext_in_tar: no sample in the {len(plan.inputs)} tar(s) under "
+                             f"{input_dir} has all of {block.file_ext_in_tar}"
+                             + (f"; e.g. {plan.missing_examples[0]}" if plan.missing_examples else ""))
         if plan.damaged and block.strict:
             raise StageError(f"{STAGE}.strict: {len(plan.damaged)} damaged input tar(s): " + "; ".join(
                 f"{rel}: {p[0]}" for rel, p in list(plan.damaged.items())[:EXAMPLES]))
