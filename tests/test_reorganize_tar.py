@@ -285,3 +285,10 @@ def test_a_task_removes_only_its_own_leftover_temporaries(tmp_path: Path) -> Non
     summary = run_task(make_cfg(raw, out, 4), 0, 2)  # 4 outputs: task 0 owns 00000 and 00001
     assert summary["task_outputs"] == "00000.tar..00001.tar"
     assert not ours.exists() and not our_manifest.exists() and theirs.exists()
+
+
+def test_output_dir_inside_input_dir_is_not_read_back(uneven: Path) -> None:
+    out = uneven / "reorganized"
+    first = run_task(make_cfg(uneven, out, 3), 0, 1)
+    again = run_task(make_cfg(uneven, out, 3), 0, 1)
+    assert again["input_tars"] == first["input_tars"] == 4 and again["skipped_complete"] == 3

@@ -91,14 +91,19 @@ class ReorganizePlan:
 
 
 def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
-               on_tar_indexed: Callable[[ReorganizePlan], None] | None = None) -> ReorganizePlan:
+               on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
+               exclude: Path | None = None) -> ReorganizePlan:
     """Index every input tar's headers and order their usable samples; raises StageError on unsafe names.
 
     ``on_tar_indexed(plan)`` runs after each input tar is added, so a caller can start writing chunks that
     are already complete while later tars are still being indexed.
     """
     wanted = normalize_extensions(file_ext_in_tar)
-    plan = ReorganizePlan(input_dir, find_tars(input_dir), chunk_size)
+    inputs = find_tars(input_dir)
+    if exclude is not None and exclude.resolve().is_relative_to(input_dir.resolve()):
+        skip = exclude.resolve()  # output_dir inside input_dir: never read our own outputs back
+        inputs = [p for p in inputs if not p.resolve().is_relative_to(skip)]
+    plan = ReorganizePlan(input_dir, inputs, chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
     for path in plan.inputs[:PREFETCH_AHEAD]:
@@ -238,7 +243,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     try:
         stream = task_count == 1 and not block.strict
         plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
-                          submit_full_chunks if stream else None)
+                          submit_full_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
         for rel, problems in plan.damaged.items():
