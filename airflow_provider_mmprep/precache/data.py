@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from PIL import Image
 
 log = logging.getLogger(__name__)
+
+_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ class BatchDataset(torch.utils.data.Dataset):
                 for ext in text_exts:
                     decoded_texts[ext] = self._read(job.tar_index, sample.members[ext]).decode("utf-8")
             except Exception as exc:  # PIL raises many kinds; any of them means: skip this sample
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")  # deterministic manifests
                 log.warning("%s: sample %s skipped: %s", self.tars[job.tar_index].name, sample.key, reason)
                 bad.append((position, sample.key, reason))
                 continue
