@@ -102,7 +102,12 @@ class AutoencoderKLImageEncoder(nn.Module):
             if any(k.startswith("encoder.down.") for k in state):  # original LDM names
                 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
                 state = convert_ldm_vae_checkpoint(state, config)
-            missing, unexpected = self.vae.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = self.vae.load_state_dict(state, strict=False)
+            except RuntimeError as exc:  # shape mismatches
+                raise ValueError(f"encoder_config.from_pretrained: {source} does not match ddconfig/embed_dim: "
+                                 f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}"
+                                 ) from None
             needed = [k for k in missing if k.startswith(("encoder.", "quant_conv."))]
             if needed or unexpected:
                 raise ValueError(f"encoder_config.from_pretrained: {source} does not match ddconfig/embed_dim "

@@ -137,3 +137,47 @@ def write_shards(folder: Path, tar_count: int, per_tar: int, seed: int = 0,
         write_shard(path, keys, rng, sizes, bad_keys)
         paths.append(path)
     return paths
+
+
+NEMO_VAE = "nemo.collections.multimodal.models.text_to_image.stable_diffusion.ldm.autoencoder.AutoencoderKL"
+NEMO_CLIP = "nemo.collections.multimodal.modules.stable_diffusion.encoders.modules.FrozenCLIPEmbedder"
+
+
+def sd_encodings(vae: Path, clip: Path) -> list[dict[str, Any]]:
+    """precache_sd.yaml's two encodings, with NeMo's class paths, pointed at local tiny models."""
+    return [
+        {"modality": "image", "extension": "jpg", "key": "autoencoderkl_image", "precision": 16,
+         "encoder_config": {"cls": NEMO_VAE, "from_pretrained": str(vae), "embed_dim": 4}},
+        {"modality": "text", "extension": "txt", "key": "clip-vit-large-patch14_text", "precision": 32,
+         "store_pad_tokens": True,
+         "encoder_config": {"cls": NEMO_CLIP, "version": str(clip), "device": "cuda", "max_length": 77}},
+    ]
+
+
+def write_precache_configs(folder: Path, input_dir: Path, output_dir: Path, precache: dict[str, Any],
+                           **stage: Any) -> Path:
+    """Write ``precache.yaml`` and a pipeline YAML with only precache_encodings enabled; returns the latter."""
+    from omegaconf import OmegaConf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    precache_path = folder / "precache.yaml"
+    OmegaConf.save(OmegaConf.create(precache), precache_path)
+    block = {"enable": True, "input_dir": str(input_dir), "output_dir": str(output_dir),
+             "node_array_size": 1, "precache_config_path": str(precache_path), **stage}
+    pipeline_path = folder / "pipeline.yaml"
+    OmegaConf.save(OmegaConf.create({"run": {"name": "precache_test"}, "precache_encodings": block}),
+                   pipeline_path)
+    return pipeline_path
+
+
+class SleepyEncoder:
+    """A deliberately slow image "encoder" (per-channel means after ``delay`` seconds): lets tests kill a
+    run part-way through at a predictable point."""
+
+    def __init__(self, delay: float = 0.3):
+        self.delay = delay
+
+    def encode(self, images: Any) -> Any:
+        import time
+        time.sleep(self.delay)
+        return images.float().mean(dim=(2, 3))
