@@ -148,6 +148,7 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
     progress = Progress(f"{label} {device_name}", sum(len(o.samples) for o in outputs), unit="samples")
     writer = TarWriterThread(outputs, done.append)
     encoded_count = 0
+    pipeline_started = time.monotonic()  # models are built: from here on it is the steady-state pipeline
     try:
         for batch in loader:
             job = jobs[batch["job"]]
@@ -191,7 +192,8 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
     progress.finish()
     seconds = time.monotonic() - started
     return {"device": device_name, "tars": done, "samples": encoded_count,
-            "skipped": sum(t["skipped"] for t in done), "seconds": round(seconds, 3)}
+            "skipped": sum(t["skipped"] for t in done), "seconds": round(seconds, 3),
+            "pipeline_seconds": round(time.monotonic() - pipeline_started, 3)}
 
 
 def _child_main(index: int, device_name: str, outputs: list[TarOutput], precache: PrecacheConfig,

@@ -168,5 +168,6 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     samples = sum(r["samples"] for r in results)
     summary.update(encoded_tars=sum(len(r["tars"]) for r in results), samples=samples,
                    skipped_samples=sum(r["skipped"] for r in results), devices=devices,
-                   seconds=round(seconds, 3), samples_per_s=round(samples / seconds, 2) if seconds else None)
+                   seconds=round(seconds, 3), samples_per_s=round(samples / seconds, 2) if seconds else None,
+                   pipeline_seconds=max(r["pipeline_seconds"] for r in results))
     return summary
