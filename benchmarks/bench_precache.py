@@ -90,22 +90,27 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sd-vae", action="store_true",
+                        help="SD 1.x VAE architecture at full size (random weights) instead of the tiny one")
+    parser.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-precache-"))
     try:
-        vae = fx.make_tiny_vae(root / "vae", channels=args.vae_channels)
+        vae = fx.make_sd_vae(root / "vae") if args.sd_vae else fx.make_tiny_vae(root / "vae", channels=args.vae_channels)
         clip = fx.make_tiny_clip_text(root / "clip")
         side = args.image_size
         tars = fx.write_shards(root / "in", args.tars, args.per_tar,
                                sizes=((side * 3 // 2, side), (side, side * 4 // 3), (side * 5 // 4, side * 5 // 4)))
         precache = {"batch_size_per_GPU": args.batch_size, "dataloader_num_workers": args.workers,
-                    "image_size": side, "device": args.device, "encodings": fx.sd_encodings(vae, clip)}
+                    "image_size": side, "device": args.device, "compute_dtype": args.compute_dtype, "encodings": fx.sd_encodings(vae, clip)}
         config = load_config(fx.write_precache_configs(root / "conf", root / "in", root / "out", precache))
         print(f"precache benchmark: {args.tars} tars x {args.per_tar} samples, {side}px, batch {args.batch_size},"
-              f" device {args.device}, torch threads {torch.get_num_threads()}, DataLoader workers {args.workers}")
+              f" device {args.device} ({'SD-VAE size' if args.sd_vae else f'tiny VAE, width {args.vae_channels}'},"
+              f" compute {args.compute_dtype}), torch threads {torch.get_num_threads()}, DataLoader workers {args.workers}")
         prepared = prepare_forward_only(config.precache, tars, args.device)
         # anchor, run, anchor, run, ..., anchor: each run is compared with the anchors either side of it,
         # which cancels most of the drift that other work on a shared machine causes

@@ -228,3 +228,31 @@ def test_gaussian_output_is_stored_as_its_parameters(models):
         encoded, mask = interpret_output(output, spec)
         assert mask is None and encoded.shape == (2, 8, 8, 8)
         torch.testing.assert_close(encoded[:, :4], vae.encode(images).latent_dist.mean)
+
+
+def test_clip_l_width_gives_nemo_shape_80_by_768(tmp_path):
+    folder = fx.make_tiny_clip_text(tmp_path / "clip-l", hidden=768, layers=1)
+    encoded = build_encoder(fx.NEMO_CLIP, {"version": str(folder), "max_length": 77}).encode(["a cat", "dog"])
+    assert encoded.shape == (2, 80, 768) and encoded.dtype == torch.float32
+
+
+def test_devices_follow_visible_gpus_lightning_devices_and_worker_processes(monkeypatch):
+    from airflow_provider_mmprep.config import PrecacheConfig
+    from airflow_provider_mmprep.stages import StageError
+    from airflow_provider_mmprep.stages.precache_encodings import plan_devices
+
+    def precache(**extra):
+        return PrecacheConfig.model_validate({"encodings": [{"modality": "text", "extension": "txt", "key": "k",
+                                                             "encoder_config": {"cls": "torch.nn.Identity"}}],
+                                              **extra})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_devices(precache()) == ["cpu"]
+    assert plan_devices(precache(worker_processes=2)) == ["cpu", "cpu"]
+    with pytest.raises(StageError, match="precache.device"):
+        plan_devices(precache(device="cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert plan_devices(precache()) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert plan_devices(precache(lightning={"devices": 8})) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert plan_devices(precache(lightning={"devices": 2})) == ["cuda:0", "cuda:1"]
+    assert plan_devices(precache(device="cpu")) == ["cpu"]

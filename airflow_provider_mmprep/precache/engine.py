@@ -123,6 +123,7 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed image size: pick the fastest convolution kernels once
     started = time.monotonic()
     encoders = []
     for number, spec in enumerate(precache.encodings):

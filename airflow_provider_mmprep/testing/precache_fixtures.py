@@ -51,14 +51,28 @@ def make_tiny_vae(folder: Path, seed: int = 0, channels: int = 32, force_upcast:
     return folder
 
 
-def make_tiny_clip_text(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+def make_sd_vae(folder: Path, seed: int = 0) -> Path:
+    """Stable Diffusion 1.x's VAE architecture at full size (block widths 128-256-512-512, 2 resnets per
+    block; about 84M parameters) with random weights: for throughput measurements, not for tests."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                        layers_per_block=2, latent_channels=4, sample_size=512, force_upcast=False)
+    vae.save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_clip_text(folder: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = write_word_tokenizer(folder)
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
-                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                            num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=77,
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id)
     CLIPTextModel(config).save_pretrained(str(folder))
