@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from airflow_provider_mmprep.config import load_config  # noqa: E402
-from airflow_provider_mmprep.precache.data import BatchDataset, InputSpec, index_tar, normalize_on_device, plan_jobs  # noqa: E402,E501
+from airflow_provider_mmprep.precache.data import BatchDataset, InputSpec, JobSampler, normalize_on_device  # noqa: E402,E501
 from airflow_provider_mmprep.precache.engine import call_encoder, compute_dtype, interpret_output, place_encoder  # noqa: E402,E501
 from airflow_provider_mmprep.encoders import build_encoder  # noqa: E402
 from airflow_provider_mmprep.stages import run_stage_task  # noqa: E402
@@ -49,10 +49,8 @@ def prepare_forward_only(precache, tars, device_name: str):
         encoders.append((spec, place_encoder(encoder, device, dtype), dtype))
     inputs = [InputSpec(s.modality, s.extension, getattr(e, "text_preprocessor", None) if s.modality == "text"
                         else None) for s, e, _ in encoders]
-    indexes = [index_tar(t) for t in tars]
-    dataset = BatchDataset(tars, indexes, plan_jobs([len(i) for i in indexes], precache.batch_size_per_GPU),
-                           inputs, precache.image_size, precache.crop_size)
-    batches = [dataset[i] for i in range(len(dataset))]
+    dataset = BatchDataset(tars, inputs, precache.image_size, precache.crop_size)
+    batches = [dataset[job] for job in JobSampler(tars, precache.batch_size_per_GPU)]
     if device.type == "cuda":
         batches = [{**b, "images": {k: v.to(device) for k, v in b["images"].items()},
                     "texts": {k: {n: t.to(device) for n, t in v.items()} for k, v in b["texts"].items()}}
@@ -74,7 +72,7 @@ def forward_only(device, encoders, batches) -> tuple[int, float]:
                     output = call_encoder(encoder, batch["texts"][number])
                 encoded, _ = interpret_output(output, spec)
                 encoded.to(_PRECISION[spec.precision]).to("cpu")
-            samples += len(batch["keep"])
+            samples += len(batch["kept"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return samples, time.perf_counter() - started

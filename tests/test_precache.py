@@ -245,11 +245,10 @@ def test_output_reads_with_webdataset_and_the_numpy_only_unpickler(tmp_path, mod
         assert sample["pickle"]["autoencoderkl_image"].shape == (8, 8, 8)
 
 
-@pytest.mark.parametrize("workers", [1])
-def test_multiple_worker_processes_give_the_same_output(tmp_path, models, workers):
+def test_multiple_worker_processes_give_the_same_output(tmp_path, models):
     """The one-process-per-GPU path, exercised with two CPU processes."""
     fx.write_shards(tmp_path / "in", 3, 2)
-    precache = _precache(models, batch_size_per_GPU=2, dataloader_num_workers=workers)
+    precache = _precache(models, batch_size_per_GPU=2, dataloader_num_workers=1)
     _, single_out = _run(tmp_path, tmp_path / "in", precache, name="single")
     summary, multi_out = _run(tmp_path, tmp_path / "in", {**precache, "device": "cpu", "worker_processes": 2},
                               name="multi")
@@ -262,7 +261,7 @@ def test_resume_after_sigkill_equals_a_clean_run(tmp_path, models):
     encodings = fx.sd_encodings(models["vae"], models["clip"])
     encodings.append({"modality": "image", "extension": "jpg", "key": "slow", "precision": 32,
                       "encoder_config": {"cls": "airflow_provider_mmprep.testing.precache_fixtures.SleepyEncoder",
-                                         "delay": 0.4}})
+                                         "delay": 0.25}})
     precache = _precache(models, batch_size_per_GPU=1, encodings=encodings, save_original_in_tar=True)
     config = fx.write_precache_configs(tmp_path / "conf", tmp_path / "in", tmp_path / "out", precache)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -284,3 +283,14 @@ def test_resume_after_sigkill_equals_a_clean_run(tmp_path, models):
     assert summary["already_done"] == len(finished) and summary["encoded_tars"] == 5 - len(finished)
     _, clean = _run(tmp_path, tmp_path / "in", precache, name="clean")
     assert _tree_bytes(out) == _tree_bytes(clean)  # no temporaries left, same bytes
+
+
+@pytest.mark.parametrize("claimed", [1, 9])
+def test_a_wrong_upstream_manifest_count_loses_or_invents_no_sample(tmp_path, models, claimed):
+    from airflow_provider_mmprep.manifest import write_manifest
+    shards = fx.write_shards(tmp_path / "in", 1, 5)
+    write_manifest(shards[0], claimed)  # reorganize_tar's count is used to plan batches, not trusted blindly
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models, batch_size_per_GPU=2))
+    assert summary["samples"] == 5
+    assert list(_pickles(out / "00000.tar")) == [f"{i:09d}" for i in range(5)]
+    assert read_manifest(out / "00000.tar")["source_sample_count"] == 5

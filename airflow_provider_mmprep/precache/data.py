@@ -1,8 +1,8 @@
 """Reading input shards for precaching: tar indexes, NeMo's image transform, and batches built in workers.
 
-Batches are jobs over byte ranges of an input tar (found once from its headers), so a DataLoader worker
-reads just the members it needs and batches come back in input order (map-style dataset, sequential
-sampler), which is what lets the writer emit samples in input order without a reorder buffer.
+Batches are jobs over sample ranges of an input tar; a DataLoader worker indexes the tar from its headers
+when it first needs it, reads just the members it needs, and batches come back in the order the sampler
+issued them (map-style dataset), which lets the writer emit samples in input order without reordering.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class BatchJob:
     tar_index: int  # into the list of tars this process encodes
     start: int  # sample positions [start, stop) in that tar
     stop: int
-    last_in_tar: bool
+    last_in_tar: bool  # the last job of its tar also takes any samples past ``stop``
 
 
 @dataclass(frozen=True)
@@ -110,72 +112,101 @@ class InputSpec:
     preprocess: Callable[[list[str]], Any] | None = None
 
 
-def plan_jobs(sample_counts: Sequence[int], batch_size: int) -> list[BatchJob]:
-    """Batches never span tars, so each finished tar can be closed as soon as its last batch is written."""
-    jobs = []
-    for tar_index, count in enumerate(sample_counts):
-        if count == 0:
-            jobs.append(BatchJob(tar_index, 0, 0, True))
-        for start in range(0, count, batch_size):
-            stop = min(start + batch_size, count)
-            jobs.append(BatchJob(tar_index, start, stop, stop == count))
-    return jobs
+def count_samples(tar: Path) -> int:
+    """Samples in a shard: from the producing stage's manifest when there is a current one, else headers."""
+    manifest = read_manifest(tar)
+    if manifest is not None and isinstance(manifest.get("sample_count"), int):
+        return manifest["sample_count"]
+    return len(index_tar(tar))
+
+
+def jobs_for(tar_index: int, count: int, batch_size: int) -> list[BatchJob]:
+    """Batches never span tars, so each finished tar is closed as soon as its last batch is written."""
+    if count <= 0:
+        return [BatchJob(tar_index, 0, 0, True)]
+    return [BatchJob(tar_index, start, min(start + batch_size, count), start + batch_size >= count)
+            for start in range(0, count, batch_size)]
+
+
+class JobSampler(torch.utils.data.Sampler):
+    """Yields the batch jobs of each tar in turn, counting a tar's samples only when its turn comes, so a
+    task with thousands of shards starts encoding at once and never holds every index in memory. The
+    DataLoader hands the jobs to its workers and returns the batches in this order."""
+
+    def __init__(self, tars: Sequence[Path], batch_size: int):
+        self.tars, self.batch_size = list(tars), batch_size
+
+    def __iter__(self) -> Iterator[BatchJob]:
+        for tar_index, tar in enumerate(self.tars):
+            yield from jobs_for(tar_index, count_samples(tar), self.batch_size)
+
+
+@dataclass(frozen=True)
+class KeptSample:
+    """What the writer needs of an encoded sample: its key, and where its originals lie in the input."""
+
+    key: str
+    mtime: int
+    originals: tuple[tuple[str, Member], ...]
 
 
 class BatchDataset(torch.utils.data.Dataset):
-    """Item i = batch job i, decoded and transformed (runs in DataLoader workers).
+    """Item = a :class:`BatchJob`, decoded and transformed (runs in DataLoader workers).
 
     A sample whose image will not decode, whose text is not UTF-8, or which lacks a needed member is left
     out of the batch and reported in ``bad`` with the reason; the writer records it in the manifest.
     """
 
-    def __init__(self, tars: Sequence[Path], indexes: Sequence[list[Sample]], jobs: Sequence[BatchJob],
-                 inputs: Sequence[InputSpec], image_size: int, crop_size: int):
-        self.tars, self.indexes, self.jobs = list(tars), list(indexes), list(jobs)
-        self.inputs, self.image_size, self.crop_size = list(inputs), image_size, crop_size
-        self._open: tuple[int, Any] | None = None  # the one input tar this worker has open
+    def __init__(self, tars: Sequence[Path], inputs: Sequence[InputSpec], image_size: int, crop_size: int,
+                 originals: Sequence[str] = ()):
+        self.tars, self.inputs = list(tars), list(inputs)
+        self.image_size, self.crop_size, self.originals = image_size, crop_size, tuple(originals)
+        self._open: tuple[int, Any, list[Sample]] | None = None  # the input tar this worker has open
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.tars)  # not the job count: jobs come from JobSampler
 
-    def _file(self, tar_index: int) -> Any:
+    def _tar(self, tar_index: int) -> tuple[Any, list[Sample]]:
         if self._open is None or self._open[0] != tar_index:
             if self._open is not None:
                 self._open[1].close()
-            self._open = (tar_index, open(self.tars[tar_index], "rb"))
-        return self._open[1]
+            path = self.tars[tar_index]
+            self._open = (tar_index, open(path, "rb"), index_tar(path))
+        return self._open[1], self._open[2]
 
-    def _read(self, tar_index: int, member: Member) -> bytes:
-        handle = self._file(tar_index)
+    @staticmethod
+    def _read(handle: Any, member: Member) -> bytes:
         handle.seek(member.offset)
         return handle.read(member.size)
 
-    def __getitem__(self, job_index: int) -> dict[str, Any]:
-        job = self.jobs[job_index]
-        samples = self.indexes[job.tar_index][job.start:job.stop]
+    def __getitem__(self, job: BatchJob) -> dict[str, Any]:
+        handle, index = self._tar(job.tar_index)
+        samples = index[job.start:] if job.last_in_tar else index[job.start:job.stop]
         image_exts = sorted({i.extension for i in self.inputs if i.modality == "image"})
         text_exts = sorted({i.extension for i in self.inputs if i.modality == "text"})
-        keep: list[int] = []
-        bad: list[tuple[int, str, str]] = []
+        kept: list[KeptSample] = []
+        bad: list[tuple[str, str]] = []
         images: dict[str, list[np.ndarray]] = {ext: [] for ext in image_exts}
         texts: dict[str, list[str]] = {ext: [] for ext in text_exts}
-        for position, sample in enumerate(samples, start=job.start):
+        for sample in samples:
             decoded_images, decoded_texts = {}, {}
             try:
                 for ext in image_exts + text_exts:
                     if ext not in sample.members:
                         raise LookupError(f"no .{ext} member")
                 for ext in image_exts:
-                    decoded_images[ext] = decode_image(self._read(job.tar_index, sample.members[ext]),
+                    decoded_images[ext] = decode_image(self._read(handle, sample.members[ext]),
                                                        self.image_size, self.crop_size)
                 for ext in text_exts:
-                    decoded_texts[ext] = self._read(job.tar_index, sample.members[ext]).decode("utf-8")
+                    decoded_texts[ext] = self._read(handle, sample.members[ext]).decode("utf-8")
             except Exception as exc:  # PIL raises many kinds; any of them means: skip this sample
                 reason = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")  # deterministic manifests
                 log.warning("%s: sample %s skipped: %s", self.tars[job.tar_index].name, sample.key, reason)
-                bad.append((position, sample.key, reason))
+                bad.append((sample.key, reason))
                 continue
-            keep.append(position)
+            kept.append(KeptSample(sample.key, next(iter(sample.members.values())).mtime,
+                                   tuple((ext, sample.members[ext]) for ext in self.originals
+                                         if ext in sample.members)))
             for ext, array in decoded_images.items():
                 images[ext].append(array)
             for ext, text in decoded_texts.items():
@@ -188,4 +219,4 @@ class BatchDataset(torch.utils.data.Dataset):
             if spec.modality == "text":
                 strings = texts[spec.extension]
                 prepared[number] = spec.preprocess(strings) if spec.preprocess and strings else strings
-        return {"job": job_index, "keep": keep, "bad": bad, "images": batch_images, "texts": prepared}
+        return {"job": job, "kept": kept, "bad": bad, "images": batch_images, "texts": prepared}

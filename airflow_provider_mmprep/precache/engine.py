@@ -21,7 +21,7 @@ from torch import nn
 from ..config import EncodingSpec, PrecacheConfig
 from ..encoders import build_encoder
 from ..progress import Progress
-from .data import BatchDataset, InputSpec, normalize_on_device, plan_jobs
+from .data import BatchDataset, InputSpec, JobSampler, normalize_on_device
 from .writer import EncodedBatch, TarOutput, TarWriterThread
 
 log = logging.getLogger(__name__)
@@ -138,24 +138,25 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
     inputs = [InputSpec(spec.modality, spec.extension,
                         getattr(encoder, "text_preprocessor", None) if spec.modality == "text" else None)
               for _, spec, encoder, _ in encoders]
-    jobs = plan_jobs([len(o.samples) for o in outputs], precache.batch_size_per_GPU)
-    dataset = BatchDataset([o.source for o in outputs], [o.samples for o in outputs], jobs, inputs,
-                           precache.image_size, precache.crop_size)
+    originals = sorted({tuple(o.originals) for o in outputs})
+    dataset = BatchDataset([o.source for o in outputs], inputs, precache.image_size, precache.crop_size,
+                           originals[0] if originals else ())
     workers = precache.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        dataset, batch_size=None, sampler=JobSampler(dataset.tars, precache.batch_size_per_GPU),
+        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        persistent_workers=False)
     done: list[dict[str, Any]] = []
-    progress = Progress(f"{label} {device_name}", sum(len(o.samples) for o in outputs), unit="samples")
+    progress = Progress(f"{label} {device_name}", None, unit="samples")
     writer = TarWriterThread(outputs, done.append)
     encoded_count = 0
     pipeline_started = time.monotonic()  # models are built: from here on it is the steady-state pipeline
     try:
         for batch in loader:
-            job = jobs[batch["job"]]
+            job = batch["job"]
             arrays: dict[str, torch.Tensor] = {}
             masks: dict[str, torch.Tensor] = {}
-            if batch["keep"]:
+            if batch["kept"]:
                 with torch.inference_mode():
                     on_device: dict[str, torch.Tensor] = {}
                     normalised: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -182,10 +183,10 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
                     ready.record()
             else:
                 ready = None
-            writer.put(EncodedBatch(job.tar_index, job.last_in_tar, list(batch["keep"]),
+            writer.put(EncodedBatch(job.tar_index, job.last_in_tar, list(batch["kept"]),
                                     [tuple(b) for b in batch["bad"]], arrays, masks, ready))
-            encoded_count += len(batch["keep"])
-            progress.advance(len(batch["keep"]) + len(batch["bad"]))
+            encoded_count += len(batch["kept"])
+            progress.advance(len(batch["kept"]) + len(batch["bad"]), tars=f"{len(done)}/{len(outputs)}")
         writer.close()
     except BaseException:
         writer.abort()

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..fsutil import temp_path_for
 from ..manifest import write_manifest
-from .data import Member, Sample
+from .data import KeptSample, Member
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ PICKLE_PROTOCOL = 4
 class EncodedBatch:
     tar_index: int
     last_in_tar: bool
-    keep: list[int]  # sample positions encoded, in order
-    bad: list[tuple[int, str, str]]
+    kept: list[KeptSample]  # the samples encoded, in input order
+    bad: list[tuple[str, str]]  # (key, reason) of samples left out
     arrays: dict[str, Any]  # encoding key → host tensor [n, ...]
     masks: dict[str, Any]  # encoding key → host mask [n, L] (only rows with mask == 1 are stored)
     ready: Any = None  # a CUDA event to wait on before reading ``arrays``, or None
@@ -46,7 +46,6 @@ class EncodedBatch:
 class TarOutput:
     source: Path
     final: Path
-    samples: list[Sample]
     originals: Sequence[str]  # extensions copied untouched
     manifest_fields: dict[str, Any] = field(default_factory=dict)
 
@@ -64,7 +63,7 @@ class _OpenTar:
         self.output = output
         self.tmp = temp_path_for(output.final)
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
-        self.source = open(output.source, "rb")
+        self.source = open(output.source, "rb") if output.originals else None
         self.written = 0
         self.skipped: list[dict[str, str]] = []
         self.encodings: dict[str, dict[str, Any]] = {}
@@ -76,9 +75,13 @@ class _OpenTar:
         self.source.seek(member.offset)
         self.tar.addfile(_info(name, member.size, member.mtime), _Limited(self.source, member.size))
 
-    def discard(self) -> None:
+    def close(self) -> None:
         self.tar.close()
-        self.source.close()
+        if self.source is not None:
+            self.source.close()
+
+    def discard(self) -> None:
+        self.close()
         self.tmp.unlink(missing_ok=True)
 
 
@@ -171,21 +174,16 @@ class TarWriterThread:
             batch.ready.synchronize()
         arrays = {key: tensor.numpy() for key, tensor in batch.arrays.items()}
         masks = {key: mask.numpy() for key, mask in batch.masks.items()}
-        samples = current.output.samples
-        for row, position in enumerate(batch.keep):
-            sample = samples[position]
+        for row, sample in enumerate(batch.kept):
             record: dict[str, np.ndarray] = {}
             for key, array in arrays.items():
                 value = array[row]
                 if key in masks:
                     value = value[masks[key][row].astype(bool)]
                 record[key] = np.ascontiguousarray(value)
-            mtime = next(iter(sample.members.values())).mtime
-            current.add(f"{sample.key}.pickle", pickle.dumps(record, protocol=PICKLE_PROTOCOL), mtime)
-            for ext in current.output.originals:
-                member = sample.members.get(ext)
-                if member is not None:
-                    current.copy_member(f"{sample.key}.{ext}", member)
+            current.add(f"{sample.key}.pickle", pickle.dumps(record, protocol=PICKLE_PROTOCOL), sample.mtime)
+            for ext, member in sample.originals:
+                current.copy_member(f"{sample.key}.{ext}", member)
             if current.written == 0:
                 current.encodings = {key: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                      for key, v in record.items()}
@@ -193,17 +191,16 @@ class TarWriterThread:
                     current.encodings[key]["shape"][0] = None
                     current.encodings[key]["pad_tokens_stored"] = False
             current.written += 1
-        current.skipped.extend({"key": key, "reason": reason} for _, key, reason in batch.bad)
+        current.skipped.extend({"key": key, "reason": reason} for key, reason in batch.bad)
         if batch.last_in_tar:
             self._finish(current)
 
     def _finish(self, current: _OpenTar) -> None:
-        current.tar.close()
-        current.source.close()
+        current.close()
         self._current = None
         output = current.output
         os.replace(current.tmp, output.final)
-        fields = {"source_tar": output.source.name, "source_sample_count": len(output.samples),
+        fields = {"source_tar": output.source.name, "source_sample_count": current.written + len(current.skipped),
                   "encodings": current.encodings, "skipped_samples": current.skipped,
                   "extensions": ["pickle", *output.originals], **output.manifest_fields}
         write_manifest(output.final, current.written, **fields)

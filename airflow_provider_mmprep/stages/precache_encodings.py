@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -134,20 +135,13 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     except ImportError:
         raise StageError(f"{STAGE}: needs torch, diffusers and transformers: "
                          "pip install 'airflow-provider-mmprep[precache]'") from None
-    from ..precache.data import index_tar
     from ..precache.engine import EncoderOutputError, encode_in_processes, encode_tars
     from ..precache.writer import TarOutput
 
     extensions = original_extensions(precache)
-    outputs = []
-    for tar in pending:
-        try:
-            samples = index_tar(tar)
-        except Exception as exc:
-            raise StageError(f"{STAGE}.input_dir: cannot read {tar}: {exc}") from None
-        outputs.append(TarOutput(tar, output_dir / tar.name, samples, extensions,
-                                 {"precache_fingerprint": fingerprints[tar],
-                                  "encoding_keys": [s.key for s in precache.encodings]}))
+    outputs = [TarOutput(tar, output_dir / tar.name, extensions,
+                         {"precache_fingerprint": fingerprints[tar],
+                          "encoding_keys": [s.key for s in precache.encodings]}) for tar in pending]
     devices = plan_devices(precache)
     devices = devices[: len(outputs)]
     log.info("%s: task %d/%d: %d tar(s) to encode (%d already done) on %s", STAGE, task_id, task_count,
@@ -160,6 +154,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                                           precache)
     except EncoderOutputError as exc:
         raise StageError(f"{block.precache_config_path}: {exc}") from None
+    except tarfile.TarError as exc:
+        raise StageError(f"{STAGE}.input_dir: unreadable shard: {exc} (finished tars are kept)") from None
     except RuntimeError as exc:
         if "writer failed" not in str(exc) and len(devices) == 1:
             raise
