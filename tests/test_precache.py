@@ -229,6 +229,21 @@ def test_refused_encoder_and_bad_output_are_stage_errors(tmp_path, models):
         run_stage_task(config.model_copy(update={"precache": PrecacheConfig.model_validate(
             _precache(models, encodings=no_mask))}), STAGE, 0, 1)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tar")]
+    from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_precache_config
+    nemo_file = load_precache_config(
+        BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/precache_sd.yaml")
+    with pytest.raises(StageError, match=r"encodings\.0\.encoder_config: cannot build .*AutoencoderKL.*"
+                                         r"from_pretrained: /path/to/vae\.bin is neither a folder nor a file"):
+        run_stage_task(config.model_copy(update={"precache": nemo_file.model_copy(update={"device": "cpu"})}),
+                       STAGE, 0, 1)
+    same = load_config(fx.write_precache_configs(tmp_path / "conf2", tmp_path / "in", tmp_path / "in",
+                                                 _precache(models)))
+    with pytest.raises(StageError, match="output_dir: must differ from input_dir"):
+        run_stage_task(same, STAGE, 0, 1)
+    missing = load_config(fx.write_precache_configs(tmp_path / "conf3", tmp_path / "nope", tmp_path / "o",
+                                                    _precache(models)))
+    with pytest.raises(StageError, match="input_dir: folder not found"):
+        run_stage_task(missing, STAGE, 0, 1)
 
 
 def test_output_reads_with_webdataset_and_the_numpy_only_unpickler(tmp_path, models):

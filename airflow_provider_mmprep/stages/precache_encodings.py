@@ -115,6 +115,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             raise StageError("; ".join(exc.problems)) from None
     if not Path(block.input_dir).is_dir():
         raise StageError(f"{STAGE}.input_dir: folder not found: {block.input_dir}")
+    if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
+        raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
     started = time.monotonic()
     tars = input_tars(block)
     owned = [tars[i] for i in task_range(len(tars), task_id, task_count)]
