@@ -144,7 +144,7 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
     workers = precache.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=JobSampler(dataset.tars, precache.batch_size_per_GPU),
-        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None,
         persistent_workers=False)
     done: list[dict[str, Any]] = []
     progress = Progress(f"{label} {device_name}", None, unit="samples")
