@@ -286,13 +286,17 @@ class PrecacheConfig(_Block):
 
     def encoder_problems(self) -> list[str]:
         """One line per ``encoder_config.cls`` outside the allow-list (checked without importing torch)."""
-        from .encoders import EncoderRefused, check_allowed
+        from .encoders import EncoderRefused, check_allowed, check_kwargs
         problems = []
         for index, spec in enumerate(self.encodings):
             try:
                 check_allowed(spec.encoder_config.cls, self.allowed_encoder_modules)
             except EncoderRefused as exc:
                 problems.append(f"encodings.{index}.encoder_config.cls: {exc}")
+            try:
+                check_kwargs(spec.encoder_config.kwargs)
+            except EncoderRefused as exc:
+                problems.append(f"encodings.{index}.encoder_config.trust_remote_code: {exc}")
         return problems
 
 

@@ -64,6 +64,16 @@ def test_allow_list_refusal_names_the_key_path_at_load(tmp_path):
         "to trust another module add its prefix to allowed_encoder_modules in the precache YAML"]
 
 
+def test_trust_remote_code_is_refused(tmp_path):
+    config = tmp_path / "precache.yaml"
+    config.write_text("encodings:\n  - {modality: text, extension: txt, key: b, encoder_config: "
+                      "{cls: transformers.pipeline, task: feature-extraction, trust_remote_code: true}}\n")
+    with pytest.raises(ConfigError, match=r"encodings\.0\.encoder_config\.trust_remote_code: .*not allowed"):
+        load_precache_config(config)
+    with pytest.raises(EncoderRefused):
+        build_encoder("transformers.pipeline", {"trust_remote_code": True})
+
+
 def test_allow_list_is_extendable_from_the_config(tmp_path):
     config = tmp_path / "precache.yaml"
     config.write_text("allowed_encoder_modules: [collections.]\nencodings:\n"

@@ -61,6 +61,12 @@ def check_allowed(cls_path: str, extra: Iterable[str] = ()) -> None:
             f"its prefix to allowed_encoder_modules in the precache YAML")
 
 
+def check_kwargs(kwargs: dict[str, Any]) -> None:
+    """Refuse ``trust_remote_code``: it would run code fetched with the weights, defeating the allow-list."""
+    if kwargs.get("trust_remote_code"):
+        raise EncoderRefused("trust_remote_code is not allowed: it runs code shipped with the weights")
+
+
 def resolve_class_path(cls_path: str) -> str:
     """The class path that will actually be imported: NeMo's known paths map to our built-ins."""
     target = NEMO_ALIASES.get(cls_path)
@@ -88,4 +94,5 @@ def import_class(cls_path: str, extra_allowed: Iterable[str] = ()) -> Any:
 
 def build_encoder(cls_path: str, kwargs: dict[str, Any], extra_allowed: Iterable[str] = ()) -> Any:
     """Instantiate the encoder ``cls_path(**kwargs)``: the contract of NeMo's precache YAML."""
+    check_kwargs(kwargs)
     return import_class(cls_path, extra_allowed)(**kwargs)
