@@ -1,0 +1,109 @@
+"""Airflow side of the DAG factory: turn a :class:`dag_factory.DagSpec` into an ``airflow.sdk.DAG``."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
+
+from .dag_factory import DagSpec, plan_download_images, plan_run, read_dag_spec
+from .operators.cluster import ClusterDefaults
+from .operators.stages import MAP_INDEX_TEMPLATE, OPERATORS
+
+log = logging.getLogger(__name__)
+
+
+def wdinfo_asset(spec: DagSpec) -> Asset:
+    """The Asset a training DAG schedules on: named after the DAG, URI = the YAML's wdinfo path when it
+    resolves at parse time (the event's extra carries the path of each run, Params included)."""
+    name = f"mmprep.{spec.dag_id}.wdinfo"
+    if spec.wdinfo_path and spec.wdinfo_path.startswith("/"):
+        return Asset(name=name, uri=f"file://{spec.wdinfo_path}")
+    return Asset(name=name)
+
+
+def _params(spec: DagSpec) -> dict[str, Param]:
+    return {
+        "dataset_repo_id": Param(spec.defaults.get("dataset_repo_id"), type=["null", "string"],
+                                 description="Hugging Face dataset repo (org/name); empty: the YAML's."),
+        "dataset_output_root": Param(spec.defaults.get("dataset_output_root"), type=["null", "string"],
+                                     description="Folder for all outputs; empty: the YAML's."),
+        "stages": Param(list(spec.stages), type="array", items={"type": "string", "enum": list(spec.stages)},
+                        description="Stages to run (others are skipped; their outputs must exist)."),
+        "precache_task_ids": Param(None, type=["null", "integer", "string"],
+                                   description='precache_encodings task ids to run: one id or "50-99"; '
+                                               "empty: all."),
+    }
+
+
+def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -> DAG:
+    spec = read_dag_spec(config_path)
+    cluster = cluster or ClusterDefaults.from_airflow_config()
+    default_args = {"retries": cluster.retries, "retry_delay": timedelta(seconds=cluster.retry_delay_seconds),
+                    "retry_exponential_backoff": True, "max_retry_delay": timedelta(hours=1)}
+    with DAG(dag_id=spec.dag_id, schedule=spec.schedule, catchup=False, params=_params(spec),
+             default_args=default_args, tags=["mmprep"], render_template_as_native_obj=False,
+             doc_md=f"NeMo multimodal data preparation from `{spec.config_path}` (one task per stage, mapped "
+                    "over the plan's task ids).") as dag:
+
+        @task(task_id="plan", retries=0)
+        def plan() -> dict[str, Any]:
+            return plan_run(spec, dict(get_current_context()["params"]))
+
+        @task(retries=0, trigger_rule="none_failed")
+        def stage_tasks(planned: dict[str, Any], stage: str) -> list[dict[str, Any]]:
+            """The plan's list for one stage (Airflow maps only over a task's whole return value)."""
+            if stage == "download_images" and "download_parquet" in spec.stages:
+                return plan_download_images(spec, planned["overrides"], planned["stages"])
+            return planned[stage]
+
+        planned = plan()
+        previous: Any = planned
+        for stage in spec.stages:
+            instances = stage_tasks.override(task_id=f"plan_{stage}")(planned, stage)
+            previous >> instances
+            common: dict[str, Any] = {"task_id": stage, "trigger_rule": "none_failed"}
+            if stage == "generate_wdinfo":
+                common["outlets"] = [wdinfo_asset(spec)]
+            if spec.runners[stage] == "kubernetes":
+                from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+                from .operators.pods import pod_partial_kwargs
+
+                node = KubernetesPodOperator.partial(**common, **pod_partial_kwargs(stage, cluster, spec.image)
+                                                     ).expand_kwargs(instances)
+            else:
+                extra: dict[str, Any] = {}
+                if stage == "download_parquet":
+                    extra["hf_conn_id"] = cluster.hf_conn_id
+                node = OPERATORS[stage].partial(**common, config_path=str(spec.config_path),
+                                                map_index_template=MAP_INDEX_TEMPLATE, **extra
+                                                ).expand_kwargs(instances)
+            instances >> node
+            previous = node
+    return dag
+
+
+def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
+    """Build a DAG for each ``*.yaml`` in ``folder`` that holds a pipeline (a ``run`` block and stage
+    blocks; precache YAMLs and others are skipped) and put it in ``namespace`` (the loader's globals)."""
+    import yaml
+
+    built: dict[str, DAG] = {}
+    for path in sorted(Path(folder).glob("*.y*ml")):
+        try:
+            head = yaml.safe_load(path.read_text()) or {}
+        except Exception as exc:
+            log.error("mmprep: %s is not valid YAML, no DAG built: %s", path, exc)
+            continue
+        if not isinstance(head, dict) or not any(stage in head for stage in OPERATORS):
+            continue
+        dag = build_dag(path)
+        if dag.dag_id in built:
+            raise ValueError(f"{path}: run.name {dag.dag_id!r} is already used by another YAML in {folder}")
+        built[dag.dag_id] = dag
+        namespace[f"mmprep_dag_{len(built)}"] = dag
+    return built
