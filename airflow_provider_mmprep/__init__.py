@@ -14,8 +14,16 @@ __version__ = "0.1.0"
 
 def _option(description: str, default: str | None, type_: str = "string",
             example: str | None = None) -> dict[str, Any]:
+    # Airflow str.format()s defaults with its own variables: braces of JSON defaults must be doubled.
+    escaped = default.replace("{", "{{").replace("}", "}}") if default else default
     return {"description": description, "version_added": None, "type": type_, "example": example,
-            "default": default}
+            "default": escaped}
+
+
+def option_default(name: str) -> str:
+    """The unescaped default of a ``[mmprep]`` option."""
+    default = MMPREP_CONFIG_OPTIONS[name]["default"] or ""
+    return default.replace("{{", "{").replace("}}", "}")
 
 
 #: The ``[mmprep]`` section: cluster-level defaults, so a pipeline YAML says *what* to prepare and the

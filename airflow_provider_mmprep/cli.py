@@ -122,6 +122,71 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_TASK_FAILED if report["problems"] else EXIT_OK
 
 
+def cmd_clear(args: argparse.Namespace) -> int:
+    """Clear chosen map indices of one stage in one DAG run via Airflow's REST API (``airflow tasks clear``
+    has no map-index flag). Task ids are translated to map indices through the run's ``plan_<stage>``
+    XCom, since a run that selected tasks "50-99" maps task 50 at index 0."""
+    import os
+
+    import requests
+
+    base = (args.api_url or os.environ.get("AIRFLOW_API_URL") or "http://localhost:8080").rstrip("/")
+    session = requests.Session()
+    token = args.token or os.environ.get("AIRFLOW_API_TOKEN")
+    username = args.username or os.environ.get("AIRFLOW_API_USERNAME")
+    if not token and username:
+        password = os.environ.get("AIRFLOW_API_PASSWORD", "")
+        reply = session.post(f"{base}/auth/token", json={"username": username, "password": password},
+                             timeout=30)
+        if reply.status_code >= 400:
+            print(f"error: {base}/auth/token refused {username!r}: HTTP {reply.status_code}", file=sys.stderr)
+            return EXIT_USAGE
+        token = reply.json()["access_token"]
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    wanted: set[int] = set()
+    for piece in args.task_ids.split(","):
+        low, _, high = piece.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+            print(f"error: --task-ids: expected ids and ranges like 50-99,120, got {args.task_ids!r}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        wanted.update(range(int(low), int(high or low) + 1))
+    run_path = f"{base}/api/v2/dags/{args.dag_id}/dagRuns/{args.run_id}"
+    reply = session.get(f"{run_path}/taskInstances/plan_{args.stage}/xcomEntries/return_value",
+                        params={"deserialize": "true"}, timeout=30)
+    if reply.status_code >= 400:
+        print(f"error: cannot read the plan of {args.stage} in run {args.run_id!r} of {args.dag_id!r} "
+              f"(HTTP {reply.status_code}): {reply.text[:300]}", file=sys.stderr)
+        return EXIT_USAGE
+    indices = []
+    for index, item in enumerate(reply.json().get("value") or []):
+        if "stage_task_id" in item:
+            task_id = int(item["stage_task_id"])
+        else:  # a pod's arguments: ... --task-id N ...
+            arguments = item.get("arguments", [])
+            task_id = int(arguments[arguments.index("--task-id") + 1])
+        if task_id in wanted:
+            indices.append(index)
+            wanted.discard(task_id)
+    if wanted:
+        print(f"error: task ids {compact_ranges(sorted(wanted))} of {args.stage} did not run in {args.run_id!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    body = {"dry_run": args.dry_run, "only_failed": args.only_failed, "dag_run_id": args.run_id,
+            "task_ids": [[args.stage, i] for i in indices], "include_downstream": not args.no_downstream,
+            "reset_dag_runs": True}
+    reply = session.post(f"{base}/api/v2/dags/{args.dag_id}/clearTaskInstances", json=body, timeout=60)
+    if reply.status_code >= 400:
+        print(f"error: clearTaskInstances failed (HTTP {reply.status_code}): {reply.text[:500]}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    cleared = reply.json().get("task_instances", [])
+    verb = "would clear" if args.dry_run else "cleared"
+    print(f"{verb} {len(cleared)} task instance(s): {args.stage} map indices {compact_ranges(indices)}"
+          f"{' and downstream' if not args.no_downstream else ''}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -156,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
     p_inspect.add_argument("--pickle-samples", type=int, default=1, help=".pickle members read per tar")
     p_inspect.set_defaults(func=cmd_inspect)
+    p_clear = sub.add_parser("clear", help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
+    p_clear.add_argument("dag_id")
+    p_clear.add_argument("run_id")
+    p_clear.add_argument("--stage", required=True, choices=STAGE_NAMES)
+    p_clear.add_argument("--task-ids", required=True, help="stage task ids: 50-99 or 3,7,10-12")
+    p_clear.add_argument("--only-failed", action="store_true", help="clear only failed instances")
+    p_clear.add_argument("--dry-run", action="store_true", help="show what would be cleared")
+    p_clear.add_argument("--no-downstream", action="store_true", help="do not clear later stages")
+    p_clear.add_argument("--api-url", help="Airflow API server (default $AIRFLOW_API_URL or localhost:8080)")
+    p_clear.add_argument("--token", help="API token (default $AIRFLOW_API_TOKEN)")
+    p_clear.add_argument("--username", help="get a token with this user ($AIRFLOW_API_PASSWORD)")
+    p_clear.set_defaults(func=cmd_clear)
     return parser
 
 

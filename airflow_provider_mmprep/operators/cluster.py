@@ -6,13 +6,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import MMPREP_CONFIG_OPTIONS
+from .. import option_default
 
 
 def _get(name: str) -> str:
     from airflow.configuration import conf
 
-    return conf.get("mmprep", name, fallback=MMPREP_CONFIG_OPTIONS[name]["default"]) or ""
+    return conf.get("mmprep", name, fallback=option_default(name)) or ""
 
 
 def _json(name: str, kind: type) -> Any:
