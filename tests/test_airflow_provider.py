@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("airflow")
-pytest.importorskip("airflow.providers.cncf.kubernetes")
+import importlib.util  # noqa: E402
+
+# find_spec, not importorskip: airflow must not be imported before airflow_home() sets AIRFLOW_HOME
+if any(importlib.util.find_spec(m.split(".")[0]) is None for m in ("airflow", "airflow.providers.cncf.kubernetes")):
+    pytest.skip("needs the airflow/kubernetes/precache extras", allow_module_level=True)
 
 from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_home  # noqa: E402
 

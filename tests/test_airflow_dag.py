@@ -1,0 +1,176 @@
+"""The demo DAG run by Airflow (``dag.test()`` on SQLite, every stage ``runner: local``) against a loopback
+image host and Hugging Face–compatible endpoint with tiny encoders; then resume and Params runs that reuse
+its reorganized shards, and the GPU pod's command run locally. One full run is shared by the module."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import importlib.util  # noqa: E402
+
+# find_spec, not importorskip: airflow must not be imported before airflow_home() sets AIRFLOW_HOME
+if any(importlib.util.find_spec(m.split(".")[0]) is None for m in ("airflow", "torch", "diffusers")):
+    pytest.skip("needs the airflow/kubernetes/precache extras", allow_module_level=True)
+
+from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_home  # noqa: E402
+
+airflow_home(migrate=True)
+
+from airflow_provider_mmprep.dag_factory import stage_task_kwargs  # noqa: E402
+from airflow_provider_mmprep.testing.pipeline import local_sources, write_tiny_precache_config  # noqa: E402
+
+DAG_ID = "mmprep_demo"
+IMAGES = 100  # tar_chunk_size 25 in the demo YAML: 4 reorganized tars, one per precache task
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".mmprep" not in p.parts and not p.name.startswith(".")}
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def _task_instances(run_id: str) -> list[Any]:
+    from airflow import settings
+    from airflow.models.taskinstance import TaskInstance
+
+    with settings.Session() as session:
+        tis = session.query(TaskInstance).filter_by(dag_id=DAG_ID, run_id=run_id).all()
+        session.expunge_all()
+    return tis
+
+
+def _dag() -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(str(DAGS_FOLDER))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def _copy_inputs(clean: Path, root: Path) -> Path:
+    """A fresh data root holding the clean run's reorganized shards and encoders (precache's inputs)."""
+    shutil.copytree(clean / "tarfiles_reorganized", root / "tarfiles_reorganized")
+    shutil.copytree(clean / "models", root / "models")
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("demo")
+    os.environ["MMPREP_DEMO_ROOT"] = str(root)
+    write_tiny_precache_config(root / "models")
+    dag = _dag()
+    with local_sources(images=IMAGES, parquet_files=1):
+        run = dag.test()
+    return {"root": root, "run_id": run.run_id, "state": str(run.state), "dag": dag}
+
+
+def test_every_stage_runs_labels_instances_and_writes_wdinfo(clean_run: dict[str, Any]) -> None:
+    assert clean_run["state"].endswith("success")
+    tis = _task_instances(clean_run["run_id"])
+    by_task: dict[str, list[Any]] = {}
+    for ti in tis:
+        by_task.setdefault(ti.task_id, []).append(ti)
+    for stage in ("download_parquet", "download_images", "reorganize_tar", "precache_encodings",
+                  "generate_wdinfo"):
+        assert by_task[stage] and all(str(ti.state).endswith("success") for ti in by_task[stage]), stage
+    # download_parquet split the one file into 2 parts: download_images fanned out over those 2
+    assert sorted(ti.rendered_map_index for ti in by_task["download_images"]) == ["part-00000", "part-00001"]
+    assert sorted(ti.rendered_map_index for ti in by_task["precache_encodings"]) == [
+        f"task {i}/4" for i in range(4)]
+    wdinfo = pickle.loads((clean_run["root"] / "wdinfo.pkl").read_bytes())
+    assert wdinfo["total_key_count"] == IMAGES and wdinfo["chunk_size"] == 25
+    assert len(wdinfo["tar_files"]) == 4
+
+
+def test_wdinfo_asset_event_recorded(clean_run: dict[str, Any]) -> None:
+    from airflow import settings
+    from airflow.models.asset import AssetEvent, AssetModel
+
+    with settings.Session() as session:
+        events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetModel.name == f"mmprep.{DAG_ID}.wdinfo",
+                          AssetEvent.source_run_id == clean_run["run_id"]).all())
+        extras = [dict(e.extra or {}) for e in events]
+    assert len(extras) == 1
+    assert extras[0]["wdinfo_path"] == str(clean_run["root"] / "wdinfo.pkl")
+
+
+def test_resume_after_a_failed_instance_writes_only_its_shards(clean_run: dict[str, Any],
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.operators import stages as operator_module
+    from airflow_provider_mmprep.stages import run_stage_task
+
+    root = _copy_inputs(clean_run["root"], tmp_path / "resume")
+    conf = {"dataset_output_root": str(root), "stages": ["precache_encodings", "generate_wdinfo"]}
+    when = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+    def failing(cfg: Any, name: str, task_id: int, task_count: int) -> dict[str, Any]:
+        if name == "precache_encodings" and task_id == 2:
+            raise RuntimeError("injected failure of precache task 2")
+        return run_stage_task(cfg, name, task_id, task_count)
+
+    monkeypatch.setattr(operator_module, "run_stage_task", failing)
+    failed = clean_run["dag"].test(run_conf=conf, logical_date=when)
+    assert str(failed.state).endswith("failed")
+    states = {(ti.task_id, ti.map_index): str(ti.state) for ti in _task_instances(failed.run_id)}
+    assert states[("precache_encodings", 2)].endswith("failed")
+    assert not (root / "wdinfo.pkl").exists()
+    out = root / "tarfiles_precached"
+    before = _stamps(out)
+
+    monkeypatch.setattr(operator_module, "run_stage_task", run_stage_task)
+    resumed = clean_run["dag"].test(run_conf=conf, logical_date=when)  # same run: its instances rerun
+    assert str(resumed.state).endswith("success")
+    after = _stamps(out)
+    assert {k: v for k, v in after.items() if k in before} == before  # finished shards not rewritten
+    new = sorted(set(after) - set(before))
+    assert new and all(name.startswith("00002.") for name in new), new  # only task 2's shard
+    clean = _files(clean_run["root"] / "tarfiles_precached")
+    assert _files(out) == clean
+    ours = pickle.loads((root / "wdinfo.pkl").read_bytes())
+    reference = pickle.loads((clean_run["root"] / "wdinfo.pkl").read_bytes())
+    assert {k: ours[k] for k in ("tar_files", "chunk_size", "total_key_count")} == \
+        {k: reference[k] for k in ("tar_files", "chunk_size", "total_key_count")}
+
+
+def test_params_task_ids_run_only_those_and_pod_command_matches(clean_run: dict[str, Any],
+                                                                tmp_path: Path) -> None:
+    root = _copy_inputs(clean_run["root"], tmp_path / "params")
+    run = clean_run["dag"].test(run_conf={"dataset_output_root": str(root), "stages": ["precache_encodings"],
+                                          "precache_task_ids": "1-2"})
+    assert str(run.state).endswith("success")
+    labels = sorted(ti.rendered_map_index for ti in _task_instances(run.run_id)
+                    if ti.task_id == "precache_encodings")
+    assert labels == ["task 1/4", "task 2/4"]
+    clean = _files(clean_run["root"] / "tarfiles_precached")
+    written = _files(root / "tarfiles_precached")
+    assert written and set(written) < set(clean)
+    assert {name.split(".")[0] for name in written} == {"00001", "00002"}
+    assert all(clean[name] == data for name, data in written.items())
+
+    # The GPU pod's command (as the DAG renders it for runner: kubernetes), run here on CPU for task 1.
+    pod_root = tmp_path / "pod"
+    arguments = stage_task_kwargs("kubernetes", "precache_encodings", str(DAGS_FOLDER / "demo_multimodal.yaml"),
+                                  [f"dataset_output_root={root}",
+                                   f"precache_encodings.output_dir={pod_root}"], 1, 4)["arguments"]
+    result = subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", *arguments],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    assert result.returncode == 0, result.stderr[-2000:]
+    from_pod = _files(pod_root)
+    assert from_pod and {n.split(".")[0] for n in from_pod} == {"00001"}
+    assert all(written[name] == data for name, data in from_pod.items())
