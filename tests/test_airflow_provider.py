@@ -207,3 +207,15 @@ def test_clear_posts_map_indices_of_the_chosen_task_ids(capsys: pytest.CaptureFi
     assert post[2]["dry_run"] is False and post[2]["only_failed"] is True
     assert post[2]["dag_run_id"] == "manual__1"
     assert "cleared 4 task instance(s)" in capsys.readouterr().out
+
+
+def test_hf_connection_supplies_token_and_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.hooks.hf import HuggingFaceHubHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_HF_MMPREP_TEST", json.dumps(
+        {"conn_type": "mmprep_hf", "password": "hf_secret_token", "host": "http://127.0.0.1", "port": 1234}))
+    assert HuggingFaceHubHook("hf_mmprep_test").get_env() == {"HF_TOKEN": "hf_secret_token",
+                                                               "HF_ENDPOINT": "http://127.0.0.1:1234"}
+    assert HuggingFaceHubHook("hf_not_defined").get_env() == {}  # public datasets need no connection
+    secret = HuggingFaceHubHook.pod_secret("hf-token")
+    assert (secret.secret, secret.key, secret.deploy_target) == ("hf-token", "token", "HF_TOKEN")
