@@ -12,6 +12,7 @@ import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import jinja2
 import pytest
 
 import importlib.util  # noqa: E402
@@ -136,6 +137,8 @@ def test_kpo_pods_render_gpu_selector_tolerations_pvc_and_task_id() -> None:
         assert pod.spec.service_account_name == "mmprep"
         assert any(e.name == "HF_TOKEN" and e.value_from.secret_key_ref.name == "hf-token"
                    for e in container.env)
+        label = jinja2.Template(kwargs["map_index_template"]).render(task=op)
+        assert label == f"task {task_id}/8"
 
 
 def test_task_id_params_and_fan_out_refusal() -> None:
