@@ -171,6 +171,8 @@ class ReorganizeTarConfig(_FanOutBlock):
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".jpg", ".txt"])
     # ours
     strict: bool = False
+    # ours: output tars written at once by one task (0 = CPU count, at most 8); the bytes do not depend on it
+    write_threads: int = Field(default=0, ge=0)
     runner: Runner = "local"
 
 
