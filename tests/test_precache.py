@@ -199,10 +199,27 @@ def test_tasks_split_tars_and_any_task_count_gives_the_same_bytes(tmp_path, mode
 
 
 def test_incomplete_shard_encoded_only_when_asked(tmp_path, models):
-    fx.write_shards(tmp_path / "in", 1, 2, incomplete_last=1)
+    fx.write_shards(tmp_path / "in", 1, 2, incomplete_last=1)  # the short shard renamed .tar.INCOMPLETE
     summary, out = _run(tmp_path, tmp_path / "in", _precache(models), process_incomplete_tars=True)
     assert summary["encoded_tars"] == 2
-    assert read_manifest(out / "00001.tar.INCOMPLETE")["sample_count"] == 1
+    manifest = read_manifest(out / "00001.tar.INCOMPLETE")
+    assert manifest["sample_count"] == 1 and manifest["short"] is True
+
+
+def test_shard_with_an_incomplete_marker_beside_it(tmp_path, models):
+    shards = fx.write_shards(tmp_path / "in", 2, 2)
+    marker = shards[1].with_name(shards[1].name + ".INCOMPLETE")
+    marker.touch()  # how reorganize_tar marks its short last tar
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models))
+    assert summary["input_tars"] == 1 and sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models), name="all", process_incomplete_tars=True)
+    assert summary["encoded_tars"] == 2
+    assert (out / "00001.tar.INCOMPLETE").read_bytes() == b"" and read_manifest(out / "00001.tar")["short"]
+    assert read_manifest(out / "00000.tar")["short"] is False and not (out / "00000.tar.INCOMPLETE").exists()
+    marker.unlink()  # reorganize_tar completed the shard on a later run (same bytes here): marker goes
+    shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 10240)  # changed input: re-encoded
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models), name="all", process_incomplete_tars=True)
+    assert summary["encoded_tars"] == 1 and not (out / "00001.tar.INCOMPLETE").exists()
 
 
 def test_changed_encodings_redo_finished_tars(tmp_path, models):
