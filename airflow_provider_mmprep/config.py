@@ -186,8 +186,8 @@ class PrecacheEncodingsConfig(_FanOutBlock):
     output_dir: Path
     tar_chunk_size: int = Field(default=1000, gt=0)
     precache_config_path: Path
-    # ours: also encode the short last tar reorganize_tar marks ``{j:05d}.tar.INCOMPLETE`` (NeMo globs
-    # ``*.tar`` and so leaves it out; the output keeps the suffix so generate_wdinfo still sees it short)
+    # ours: also encode the short last tar reorganize_tar marks ``.INCOMPLETE`` (left out by default, as
+    # NeMo does; when encoded, its output is marked the same way so generate_wdinfo still sees it short)
     process_incomplete_tars: bool = False
     runner: Runner = "kubernetes"
 

@@ -199,10 +199,27 @@ def test_tasks_split_tars_and_any_task_count_gives_the_same_bytes(tmp_path, mode
 
 
 def test_incomplete_shard_encoded_only_when_asked(tmp_path, models):
-    fx.write_shards(tmp_path / "in", 1, 2, incomplete_last=1)
+    fx.write_shards(tmp_path / "in", 1, 2, incomplete_last=1)  # the short shard renamed .tar.INCOMPLETE
     summary, out = _run(tmp_path, tmp_path / "in", _precache(models), process_incomplete_tars=True)
     assert summary["encoded_tars"] == 2
-    assert read_manifest(out / "00001.tar.INCOMPLETE")["sample_count"] == 1
+    manifest = read_manifest(out / "00001.tar.INCOMPLETE")
+    assert manifest["sample_count"] == 1 and manifest["short"] is True
+
+
+def test_shard_with_an_incomplete_marker_beside_it(tmp_path, models):
+    shards = fx.write_shards(tmp_path / "in", 2, 2)
+    marker = shards[1].with_name(shards[1].name + ".INCOMPLETE")
+    marker.touch()  # how reorganize_tar marks its short last tar
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models))
+    assert summary["input_tars"] == 1 and sorted(p.name for p in out.glob("*.tar")) == ["00000.tar"]
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models), name="all", process_incomplete_tars=True)
+    assert summary["encoded_tars"] == 2
+    assert (out / "00001.tar.INCOMPLETE").read_bytes() == b"" and read_manifest(out / "00001.tar")["short"]
+    assert read_manifest(out / "00000.tar")["short"] is False and not (out / "00000.tar.INCOMPLETE").exists()
+    marker.unlink()  # reorganize_tar completed the shard on a later run (same bytes here): marker goes
+    shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 10240)  # changed input: re-encoded
+    summary, out = _run(tmp_path, tmp_path / "in", _precache(models), name="all", process_incomplete_tars=True)
+    assert summary["encoded_tars"] == 1 and not (out / "00001.tar.INCOMPLETE").exists()
 
 
 def test_changed_encodings_redo_finished_tars(tmp_path, models):
@@ -309,3 +326,39 @@ def test_a_wrong_upstream_manifest_count_loses_or_invents_no_sample(tmp_path, mo
     assert summary["samples"] == 5
     assert list(_pickles(out / "00000.tar")) == [f"{i:09d}" for i in range(5)]
     assert read_manifest(out / "00000.tar")["source_sample_count"] == 5
+
+
+def _children(pid):
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_encoder_processes_exit_when_their_task_is_killed(tmp_path, models):
+    fx.write_shards(tmp_path / "in", 4, 6)  # 12 one-second batches per process: far from done when killed
+    encodings = [{"modality": "image", "extension": "jpg", "key": "slow", "precision": 32,
+                  "encoder_config": {"cls": "airflow_provider_mmprep.testing.precache_fixtures.SleepyEncoder",
+                                     "delay": 1.0}}]
+    precache = _precache(models, batch_size_per_GPU=1, encodings=encodings, device="cpu", worker_processes=2)
+    config = fx.write_precache_configs(tmp_path / "conf", tmp_path / "in", tmp_path / "out", precache)
+    process = subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config),
+                                "--stage", STAGE, "--task-id", "0", "--task-count", "1"], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 120
+    # wait until the encoder processes are encoding (a temporary tar exists)
+    while not any(p.name.endswith(".mmprep-tmp") for p in out.glob(".*")) if out.is_dir() else True:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    encoders = [c for c in _children(process.pid) if "spawn" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(encoders) == 2
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 6
+    while any(Path(f"/proc/{c}").exists() and "Z" not in Path(f"/proc/{c}/stat").read_text().split()[2]
+              for c in encoders):
+        assert time.monotonic() < deadline, "encoder processes outlived their killed task"
+        time.sleep(0.1)

@@ -198,11 +198,28 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
             "pipeline_seconds": round(time.monotonic() - pipeline_started, 3)}
 
 
+def _exit_with_parent() -> None:
+    """A task killed outright (SIGKILL) must not leave encoder processes writing behind it: a watchdog
+    thread ends this process once it has been re-parented."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="mmprep-parent-watchdog", daemon=True).start()
+
+
 def _child_main(index: int, device_name: str, outputs: list[TarOutput], precache: PrecacheConfig,
                 results: Any) -> None:
     """Entry point of a spawned per-device process: results (or the error) go back on ``results``."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s [{device_name}] %(name)s: %(message)s")
+    _exit_with_parent()
     try:
         results.put((index, "ok", encode_tars(outputs, precache, device_name)))
     except BaseException as exc:
@@ -213,18 +230,37 @@ def _child_main(index: int, device_name: str, outputs: list[TarOutput], precache
 def encode_in_processes(assignments: Sequence[tuple[str, list[TarOutput]]],
                         precache: PrecacheConfig) -> list[dict[str, Any]]:
     """One spawned process per (device, tars) pair; waits for all and raises if any failed."""
-    import queue
-
     import torch.multiprocessing as mp
     context = mp.get_context("spawn")  # never fork a process that may hold a CUDA context
     results = context.Queue()
     processes = []
     for index, (device_name, outputs) in enumerate(assignments):
         process = context.Process(target=_child_main, args=(index, device_name, outputs, precache, results),
-                                  name=f"mmprep-precache-{device_name}-{index}")
+                                  name=f"mmprep-precache-{device_name}-{index}")  # not daemonic: it
+        # needs DataLoader worker children of its own
         process.start()
         processes.append(process)
     reports: dict[int, tuple[str, Any]] = {}
+    try:
+        _collect(processes, results, reports)
+    except BaseException:  # interrupted (SIGTERM/Ctrl-C): stop the encoders too
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
+    for process in processes:
+        process.join()
+    errors = [payload for status, payload in reports.values() if status == "error"]
+    errors += [f"{p.name} exited with code {p.exitcode} without reporting"
+               for i, p in enumerate(processes) if i not in reports]
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    return [payload for _, (status, payload) in sorted(reports.items())]
+
+
+def _collect(processes: list[Any], results: Any, reports: dict[int, tuple[str, Any]]) -> None:
+    import queue
+
     while len(reports) < len(processes):
         try:
             index, status, payload = results.get(timeout=1.0)
@@ -237,11 +273,3 @@ def encode_in_processes(assignments: Sequence[tuple[str, list[TarOutput]]],
                     continue
                 except queue.Empty:
                     break
-    for process in processes:
-        process.join()
-    errors = [payload for status, payload in reports.values() if status == "error"]
-    errors += [f"{p.name} exited with code {p.exitcode} without reporting"
-               for i, p in enumerate(processes) if i not in reports]
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    return [payload for _, (status, payload) in sorted(reports.items())]

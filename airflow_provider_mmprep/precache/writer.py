@@ -48,6 +48,7 @@ class TarOutput:
     final: Path
     originals: Sequence[str]  # extensions copied untouched
     manifest_fields: dict[str, Any] = field(default_factory=dict)
+    marker: bool = False  # short: put an empty ``<tar>.INCOMPLETE`` beside it, as reorganize_tar does
 
 
 def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
@@ -199,6 +200,11 @@ class TarWriterThread:
         current.close()
         self._current = None
         output = current.output
+        marker = output.final.with_name(output.final.name + ".INCOMPLETE")
+        if output.marker:  # marker first: a reader never sees the short tar unmarked
+            marker.touch()
+        elif marker.is_file() and marker.stat().st_size == 0:
+            marker.unlink()  # the input was completed since an earlier run
         os.replace(current.tmp, output.final)
         fields = {"source_tar": output.source.name, "source_sample_count": current.written + len(current.skipped),
                   "encodings": current.encodings, "skipped_samples": current.skipped,

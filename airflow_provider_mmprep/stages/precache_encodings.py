@@ -8,9 +8,10 @@ original members copied byte for byte, in input order. A tar is written under a 
 when complete, then given a manifest (counts, encodings with shapes and dtypes, skipped samples, and a
 fingerprint of the settings that shape the output); a rerun skips tars whose manifest matches.
 
-The short last shard reorganize_tar marks ``{j:05d}.tar.INCOMPLETE`` is left alone as NeMo leaves it
-(it globs ``*.tar``), because encoding it now would be redone once more data completes it; set
-``process_incomplete_tars: true`` (ours) to encode it too (its output keeps the suffix).
+The short last shard reorganize_tar marks ``.INCOMPLETE`` (an empty ``{j:05d}.tar.INCOMPLETE`` beside
+it, or the shard renamed so) is left alone, as NeMo leaves it, because encoding it now would be redone
+once more data completes it; with ``process_incomplete_tars: true`` (ours) it is encoded too and its
+output is marked the same way, so generate_wdinfo still does not list it as full.
 
 Inside a task every visible GPU is used, one spawned process per GPU; on CPU the task runs in-process.
 torch, diffusers and transformers (the ``precache`` extra) are imported only when there is work to do.
@@ -39,12 +40,21 @@ INCOMPLETE_SUFFIX = ".INCOMPLETE"
 FORMAT_VERSION = 1
 
 
-def input_tars(block: PrecacheEncodingsConfig) -> list[Path]:
-    """The shards to encode, sorted by name (``*.tar``, plus ``*.tar.INCOMPLETE`` when asked)."""
+def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
+    """The shards to encode, sorted by name, and the names of those that are short.
+
+    A short last shard is marked ``.INCOMPLETE`` in one of two ways: an empty ``{name}.tar.INCOMPLETE``
+    marker beside ``{name}.tar`` (what our reorganize_tar writes) or the shard itself renamed to
+    ``{name}.tar.INCOMPLETE``. Either way it is left out unless ``process_incomplete_tars`` is set.
+    """
     tars = sorted_files(block.input_dir, "*.tar")
-    if block.process_incomplete_tars:
-        tars = sorted(tars + sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}"), key=lambda p: p.name)
-    return tars
+    marked = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    markers = {p.name[: -len(INCOMPLETE_SUFFIX)] for p in marked if p.stat().st_size == 0}
+    renamed = [p for p in marked if p.stat().st_size > 0]
+    short = markers | {p.name for p in renamed}
+    if not block.process_incomplete_tars:
+        return [t for t in tars if t.name not in markers], set()
+    return sorted(tars + renamed, key=lambda p: p.name), short
 
 
 def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:
@@ -118,7 +128,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
         raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
     started = time.monotonic()
-    tars = input_tars(block)
+    tars, short = input_tars(block)
     owned = [tars[i] for i in task_range(len(tars), task_id, task_count)]
     output_dir = Path(block.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -142,8 +152,10 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     extensions = original_extensions(precache)
     outputs = [TarOutput(tar, output_dir / tar.name, extensions,
-                         {"precache_fingerprint": fingerprints[tar],
-                          "encoding_keys": [s.key for s in precache.encodings]}) for tar in pending]
+                         {"precache_fingerprint": fingerprints[tar], "short": tar.name in short,
+                          "encoding_keys": [s.key for s in precache.encodings]},
+                         marker=tar.name in short and not tar.name.endswith(INCOMPLETE_SUFFIX))
+               for tar in pending]
     devices = plan_devices(precache)
     devices = devices[: len(outputs)]
     log.info("%s: task %d/%d: %d tar(s) to encode (%d already done) on %s", STAGE, task_id, task_count,
