@@ -261,8 +261,10 @@ def test_options_unknown_warns_and_bad_values_name_the_key(tmp_path: Path, host:
                                                           caplog: pytest.LogCaptureFixture) -> None:
     urls = sample_data.add_images(host, 1, size=SMALL)
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
-    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", frobnicate=3))
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", frobnicate=3, user_agent_token="acme-crawl"))
     assert "img2dataset_additional_arguments.frobnicate: unknown option" in caplog.text
+    (agent,) = host.user_agents
+    assert agent.startswith("mmprep/") and "acme-crawl" in agent
     with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.resize_mode: expected one of"):
         run(write_config(tmp_path, tmp_path / "in", tmp_path / "out2", resize_mode="stretch"))
     with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.url_col: column 'LINK' not found"):
