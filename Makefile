@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install browser test clean
 
 install: $(STAMP)
 
@@ -16,7 +16,13 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) --editable '.[airflow,kubernetes,precache,dev]'
 	touch $(STAMP)
 
-test: install
+# The report test renders report.html in headless Chromium: Debian's package, installed when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	    || echo "chromium could not be installed: the report render test will be skipped"; }
+
+test: install browser
 	$(PY) -m pytest -q tests
 
 clean:

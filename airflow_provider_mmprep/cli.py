@@ -98,6 +98,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the run report from what the stages left on disk (see :mod:`.report`)."""
+    from .report import write_report  # matplotlib is imported only when a report is asked for
+
+    cfg = _load(args)
+    path = write_report(cfg, args.out, overrides=args.overrides, dag_id=args.dag_id, run_id=args.run_id)
+    print(path)
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Describe a shard folder or a wdinfo.pkl; exit 1 when it finds problems (damage, bad counts)."""
+    from .inspection import format_report, inspect_path
+    from .safepickle import UnsafePickleError
+
+    try:
+        report = inspect_path(args.path, root=args.root, pickle_samples=args.pickle_samples)
+    except (FileNotFoundError, UnsafePickleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_TASK_FAILED if report["problems"] else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmprep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0)
@@ -120,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--task-count", type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
+    p_report = with_config(sub.add_parser("report", help="write report.html: counts, failures, plots, "
+                                                         "resume commands"))
+    p_report.add_argument("--out", help="where to write it (default: report.html beside wdinfo.pkl)")
+    p_report.add_argument("--dag-id", help="DAG id for the 'mmprep clear' lines (default: run.name)")
+    p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
+    p_report.set_defaults(func=cmd_report)
+    p_inspect = sub.add_parser("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
+    p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl")
+    p_inspect.add_argument("--json", action="store_true", help="machine-readable report")
+    p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
+    p_inspect.add_argument("--pickle-samples", type=int, default=1, help=".pickle members read per tar")
+    p_inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -175,6 +175,8 @@ class ReorganizeTarConfig(_FanOutBlock):
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".jpg", ".txt"])
     # ours
     strict: bool = False
+    # ours: output tars written at once by one task (0 = CPU count, at most 8); the bytes do not depend on it
+    write_threads: int = Field(default=0, ge=0)
     runner: Runner = "local"
 
 
@@ -184,7 +186,9 @@ class PrecacheEncodingsConfig(_FanOutBlock):
     output_dir: Path
     tar_chunk_size: int = Field(default=1000, gt=0)
     precache_config_path: Path
-    # ours
+    # ours: also encode the short last tar reorganize_tar marks ``.INCOMPLETE`` (left out by default, as
+    # NeMo does; when encoded, its output is marked the same way so generate_wdinfo still sees it short)
+    process_incomplete_tars: bool = False
     runner: Runner = "kubernetes"
 
 
@@ -214,12 +218,17 @@ STAGE_MODELS: dict[str, type[_Block]] = {
 # Precache YAML (precache_sd.yaml style).
 
 class EncoderConfig(BaseModel):
+    """``encoder_config``: ``cls`` (a dotted class path) and the kwargs it is built with."""
+
     model_config = ConfigDict(extra="allow")
     cls: str = Field(min_length=1)
 
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+ComputeDtype = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class EncodingSpec(_Block):
@@ -229,6 +238,13 @@ class EncodingSpec(_Block):
     precision: Literal[16, 32] = 32
     store_pad_tokens: bool = True
     encoder_config: EncoderConfig
+    # ours: this encoder's compute dtype when it must differ from the file-wide ``compute_dtype``
+    compute_dtype: ComputeDtype | None = None
+
+    @field_validator("extension")
+    @classmethod
+    def _no_dot(cls, value: str) -> str:
+        return value.lstrip(".")
 
 
 class PrecacheConfig(_Block):
@@ -237,6 +253,17 @@ class PrecacheConfig(_Block):
     save_original_in_tar: list[Literal["image", "text"]] = Field(default_factory=list)
     encodings: list[EncodingSpec] = Field(min_length=1)
     lightning: dict[str, Any] = Field(default_factory=dict)
+    # ours (NeMo's transform is the default: smallest side to 512 bicubic antialiased, centre crop 512)
+    image_size: int = Field(default=512, gt=0)
+    image_crop_size: int | None = Field(default=None, gt=0)  # None: image_size
+    #: auto: on CUDA from ``lightning.precision`` (16 → float16, bf16 → bfloat16, 32 → float32), on CPU float32
+    compute_dtype: ComputeDtype = "auto"
+    #: auto: CUDA when available, else CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: encoder processes in one task; None: one per visible GPU (capped by ``lightning.devices``), 1 on CPU
+    worker_processes: int | None = Field(default=None, gt=0)
+    #: module prefixes trusted for ``encoder_config.cls`` beyond the built-in allow-list
+    allowed_encoder_modules: list[str] = Field(default_factory=list)
 
     @field_validator("save_original_in_tar", mode="before")
     @classmethod
@@ -254,7 +281,29 @@ class PrecacheConfig(_Block):
         duplicated = sorted({k for k in keys if keys.count(k) > 1})
         if duplicated:
             raise ValueError(f"encoding keys must be unique, repeated: {', '.join(duplicated)}")
+        if self.image_crop_size is not None and self.image_crop_size > self.image_size:
+            raise ValueError(f"image_crop_size ({self.image_crop_size}) must not exceed image_size "
+                             f"({self.image_size})")
         return self
+
+    @property
+    def crop_size(self) -> int:
+        return self.image_crop_size or self.image_size
+
+    def encoder_problems(self) -> list[str]:
+        """One line per ``encoder_config.cls`` outside the allow-list (checked without importing torch)."""
+        from .encoders import EncoderRefused, check_allowed, check_kwargs
+        problems = []
+        for index, spec in enumerate(self.encodings):
+            try:
+                check_allowed(spec.encoder_config.cls, self.allowed_encoder_modules)
+            except EncoderRefused as exc:
+                problems.append(f"encodings.{index}.encoder_config.cls: {exc}")
+            try:
+                check_kwargs(spec.encoder_config.kwargs)
+            except EncoderRefused as exc:
+                problems.append(f"encodings.{index}.encoder_config.trust_remote_code: {exc}")
+        return problems
 
 
 class PipelineConfig(BaseModel):
@@ -518,6 +567,10 @@ def load_precache_config(path: str | Path, key_prefix: str = "precache") -> Prec
     if not isinstance(data, dict):
         raise ConfigError([f"{key_prefix}: {path} must hold a mapping"])
     try:
-        return PrecacheConfig.model_validate(data)
+        precache = PrecacheConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([f"{path}: " + format_pydantic_error("", err) for err in exc.errors()]) from None
+    refused = precache.encoder_problems()
+    if refused:
+        raise ConfigError([f"{path}: {line}" for line in refused])
+    return precache

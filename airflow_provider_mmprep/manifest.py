@@ -30,12 +30,24 @@ def write_manifest(tar_path: str | Path, sample_count: int, **fields: Any) -> No
     atomic_write_bytes(manifest_path(tar_path), json.dumps(body, sort_keys=True).encode())
 
 
+def _read_small(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_manifest(tar_path: str | Path) -> dict[str, Any] | None:
     """The manifest of one tar, or None if absent or stale (tar size differs from the recorded one)."""
-    tar_path = Path(tar_path)
+    # Plain strings and os calls, no pathlib: generate_wdinfo reads 100,000 of these in about a second.
+    tar_name = os.fspath(tar_path)
     try:
-        body = json.loads(manifest_path(tar_path).read_bytes())
-        size = os.stat(tar_path).st_size
+        body = json.loads(_read_small(tar_name + MANIFEST_SUFFIX))
+        size = os.stat(tar_name).st_size
     except (FileNotFoundError, ValueError):
         return None
     if body.get("tar_size") != size:

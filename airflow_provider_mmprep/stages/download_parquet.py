@@ -108,7 +108,6 @@ def _remote_files(cfg: PipelineConfig, endpoint: str | None, token: str | None) 
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     block = cfg.download_parquet
     output_dir = Path(block.output_dir)
@@ -129,9 +128,9 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             snapshot_download(cfg.dataset_repo_id, repo_type="dataset", revision=block.revision,
                               local_dir=output_dir, allow_patterns=to_fetch, token=token,
                               endpoint=endpoint, max_workers=block.max_workers)
-        except HfHubHTTPError as exc:
-            raise StageError(f"download_parquet: download from {endpoint or 'the Hub'} failed: "
-                             f"{str(exc).splitlines()[0]}") from None
+        except Exception as exc:  # HTTP, protocol and OS errors alike: partial files stay for resume
+            raise StageError(f"download_parquet: download from {endpoint or 'the Hub'} failed "
+                             f"({type(exc).__name__}): {str(exc).splitlines()[0]}; rerun to resume") from None
 
     split_files = 0
     if count > 1:

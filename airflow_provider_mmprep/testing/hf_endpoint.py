@@ -34,6 +34,8 @@ class FakeHub:
 
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
     downloads: dict[str, int] = field(default_factory=dict)  # path -> GET bodies started
+    ranges: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header) per GET
+    authorizations: set[str] = field(default_factory=set)  # Authorization headers seen
     bytes_sent: int = 0
     faults: dict[str, _Fault] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -124,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json([self._tree_entry(p, files[p]) for p in wanted if p in files])
 
     def _route(self) -> None:
+        if auth := self.headers.get("Authorization"):
+            self.hub.authorizations.add(auth)
         url = urlparse(self.path)
         path = url.path
         if match := _REV_RE.match(path):
@@ -177,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         with self.hub.lock:
             self.hub.downloads[file_path] = self.hub.downloads.get(file_path, 0) + 1
+            self.hub.ranges.append((file_path, range_header))
             fault = self.hub.faults.get(file_path)
             if fault and fault.times > 0:
                 fault.times -= 1

@@ -1,0 +1,140 @@
+"""generate_wdinfo: write ``wdinfo.pkl`` the way NeMo's webdataset loader reads it (REFERENCE.md §3).
+
+``tar_files`` lists, sorted and relative to ``input_dir``, only the tars that hold exactly
+``tar_chunk_size`` usable samples: NeMo's sequential sampler assumes every listed tar is full, so a short
+tar (marked ``.INCOMPLETE`` by reorganize_tar, or simply counted short), an oversized or a damaged one is
+left out and reported. ``total_key_count`` is the exact number of samples in the listed tars.
+
+Counts come from the producing stage's manifests (no tar reads); a tar without a fresh manifest is
+indexed from its headers, counting samples that have every extension of ``file_ext_in_tar``.
+Extra keys (ignored by NeMo): ``tar_sample_counts`` for every tar seen, ``not_listed`` (tar → reason),
+``dataset_root`` (absolute ``input_dir``) and ``file_ext_in_tar``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from ..config import PipelineConfig
+from ..fsutil import atomic_write_bytes
+from ..manifest import MANIFEST_SUFFIX, read_manifest
+from ..progress import Progress
+from ..tarindex import UnsafeMemberName, has_extensions, index_tar, normalize_extensions
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+STAGE = "generate_wdinfo"
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
+EXAMPLES = 10
+
+
+def list_tars(root: Path) -> tuple[list[str], set[str]]:
+    """Relative paths of ``*.tar`` under ``root`` (hidden entries skipped), sorted, plus every file's
+    relative path, so markers and manifests are found without one stat per tar."""
+    tars: list[str] = []
+    files: set[str] = set()
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        prefix = os.path.relpath(folder, root).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        for name in names:
+            if name.startswith("."):
+                continue
+            files.add(prefix + name)
+            if name.endswith(".tar"):
+                tars.append(prefix + name)
+    tars.sort()
+    return tars, files
+
+
+def count_from_headers(path: Path, wanted: tuple[str, ...]) -> tuple[int, str | None]:
+    """Usable samples in one tar and, if it cannot be listed as it is, why."""
+    try:
+        index = index_tar(path)
+    except UnsafeMemberName as exc:
+        return 0, str(exc)
+    usable = sum(1 for s in index.samples if has_extensions(s, wanted))
+    if index.problems:
+        return usable, "damaged: " + "; ".join(index.problems)
+    if usable != len(index.samples):
+        return usable, f"{len(index.samples) - usable} sample(s) lack one of {list(wanted)}"
+    return usable, None
+
+
+def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -> tuple[dict[str, Any], dict]:
+    """The wdinfo dict and a stats dict (how counts were obtained)."""
+    wanted = normalize_extensions(file_ext_in_tar)
+    tars, files = list_tars(input_dir)
+    root = os.fspath(input_dir)
+    counts: dict[str, int] = {}
+    not_listed: dict[str, str] = {}
+    from_manifest = from_headers = 0
+    progress = Progress(f"{STAGE}: counting samples", len(tars), unit="tars", logger=log)
+    for rel in tars:
+        path = os.path.join(root, rel)
+        body = read_manifest(path) if rel + MANIFEST_SUFFIX in files else None
+        reason: str | None = None
+        if body is not None:
+            from_manifest += 1
+            count = int(body["sample_count"])
+            if body.get("short"):
+                reason = "marked short by its producer"
+        else:
+            from_headers += 1
+            count, reason = count_from_headers(Path(path), wanted)
+        counts[rel] = count
+        if rel + INCOMPLETE_SUFFIX in files:
+            reason = f"marked {rel}{INCOMPLETE_SUFFIX}"
+        elif reason is None and count != chunk_size:
+            reason = f"holds {count} samples, not {chunk_size}"
+        if reason is not None:
+            not_listed[rel] = reason
+        progress.advance()
+    progress.finish()
+    listed = [rel for rel in tars if rel not in not_listed]
+    wdinfo = {
+        "tar_files": listed,
+        "chunk_size": chunk_size,
+        "total_key_count": len(listed) * chunk_size,
+        # ours; NeMo ignores extra keys
+        "tar_sample_counts": counts,
+        "not_listed": not_listed,
+        "dataset_root": str(input_dir.resolve()),
+        "file_ext_in_tar": list(file_ext_in_tar),
+    }
+    return wdinfo, {"counts_from_manifests": from_manifest, "counts_from_headers": from_headers}
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    block = cfg.stage(STAGE)
+    input_dir = Path(block.input_dir)
+    if not input_dir.is_dir():
+        raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
+    wdinfo, stats = build_wdinfo(input_dir, block.tar_chunk_size, block.file_ext_in_tar)
+    if not wdinfo["tar_sample_counts"]:
+        raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
+    if not wdinfo["tar_files"]:
+        raise StageError(f"{STAGE}.tar_chunk_size: no tar under {input_dir} holds exactly "
+                         f"{block.tar_chunk_size} samples; e.g. "
+                         + "; ".join(f"{k}: {v}" for k, v in list(wdinfo["not_listed"].items())[:3]))
+    atomic_write_bytes(block.output_wdinfo_path, pickle.dumps(wdinfo, protocol=4))
+    not_listed = wdinfo["not_listed"]
+    for rel, reason in list(not_listed.items())[:EXAMPLES]:
+        log.warning("%s: %s not listed: %s", STAGE, rel, reason)
+    log.info("%s: wrote %s: %d tars x %d = %d samples", STAGE, block.output_wdinfo_path,
+             len(wdinfo["tar_files"]), wdinfo["chunk_size"], wdinfo["total_key_count"])
+    return {
+        "wdinfo": str(block.output_wdinfo_path),
+        "full_tars": len(wdinfo["tar_files"]),
+        "chunk_size": wdinfo["chunk_size"],
+        "total_key_count": wdinfo["total_key_count"],
+        "not_listed_count": len(not_listed),
+        "not_listed_samples": sum(wdinfo["tar_sample_counts"][rel] for rel in not_listed),
+        "not_listed": dict(list(not_listed.items())[:EXAMPLES]),
+        **stats,
+    }

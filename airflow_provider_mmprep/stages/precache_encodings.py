@@ -1,0 +1,183 @@
+"""precache_encodings: run frozen encoders over shards into NeMo-readable pickles (REFERENCE.md §2).
+
+Input: the ``*.tar`` shards of ``input_dir`` (flat, as reorganize_tar writes them), sorted by name; task t
+of T owns ``task_range(len(tars), t, T)``. Output: one tar per input tar with the same name in
+``output_dir``, so the task count can change without invalidating finished work. Each sample becomes
+``{key}.pickle`` (``dict[encoding key → numpy array]``) plus, when ``save_original_in_tar`` asks, its
+original members copied byte for byte, in input order. A tar is written under a temporary name, renamed
+when complete, then given a manifest (counts, encodings with shapes and dtypes, skipped samples, and a
+fingerprint of the settings that shape the output); a rerun skips tars whose manifest matches.
+
+The short last shard reorganize_tar marks ``.INCOMPLETE`` (an empty ``{j:05d}.tar.INCOMPLETE`` beside
+it, or the shard renamed so) is left alone, as NeMo leaves it, because encoding it now would be redone
+once more data completes it; with ``process_incomplete_tars: true`` (ours) it is encoded too and its
+output is marked the same way, so generate_wdinfo still does not list it as full.
+
+Inside a task every visible GPU is used, one spawned process per GPU; on CPU the task runs in-process.
+torch, diffusers and transformers (the ``precache`` extra) are imported only when there is work to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
+from ..fsutil import TMP_MARKER, sorted_files, task_range
+from ..manifest import read_manifest
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+STAGE = "precache_encodings"
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
+#: bump when the output format changes so older outputs are redone
+FORMAT_VERSION = 1
+
+
+def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
+    """The shards to encode, sorted by name, and the names of those that are short.
+
+    A short last shard is marked ``.INCOMPLETE`` in one of two ways: an empty ``{name}.tar.INCOMPLETE``
+    marker beside ``{name}.tar`` (what our reorganize_tar writes) or the shard itself renamed to
+    ``{name}.tar.INCOMPLETE``. Either way it is left out unless ``process_incomplete_tars`` is set.
+    """
+    tars = sorted_files(block.input_dir, "*.tar")
+    marked = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    markers = {p.name[: -len(INCOMPLETE_SUFFIX)] for p in marked if p.stat().st_size == 0}
+    renamed = [p for p in marked if p.stat().st_size > 0]
+    short = markers | {p.name for p in renamed}
+    if not block.process_incomplete_tars:
+        return [t for t in tars if t.name not in markers], set()
+    return sorted(tars + renamed, key=lambda p: p.name), short
+
+
+def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:
+    """Hash of what determines a tar's output: encoders and their settings, transform, originals, input."""
+    body = {
+        "format": FORMAT_VERSION,
+        "encodings": [spec.model_dump(mode="json", exclude={"compute_dtype"}) for spec in precache.encodings],
+        "image_size": precache.image_size, "crop_size": precache.crop_size,
+        "save_original_in_tar": precache.save_original_in_tar,
+        "source": {"name": source.name, "size": source.stat().st_size},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_finished(final: Path, fingerprint: str) -> bool:
+    manifest = read_manifest(final)
+    return manifest is not None and manifest.get("precache_fingerprint") == fingerprint
+
+
+def original_extensions(precache: PrecacheConfig) -> list[str]:
+    """Extensions of the members ``save_original_in_tar`` copies, in modality order image then text."""
+    extensions: list[str] = []
+    for modality, default in (("image", "jpg"), ("text", "txt")):
+        if modality in precache.save_original_in_tar:
+            named = [s.extension for s in precache.encodings if s.modality == modality] or [default]
+            extensions += [e for e in dict.fromkeys(named) if e not in extensions]
+    return extensions
+
+
+def _remove_own_temporaries(output_dir: Path, finals: list[Path]) -> None:
+    """Leftovers of a killed run, for this task's tars only (other tasks may be writing beside us)."""
+    for final in finals:
+        for stale in output_dir.glob(f".{final.name}.*{TMP_MARKER}"):
+            log.info("removing leftover of an interrupted run: %s", stale.name)
+            stale.unlink(missing_ok=True)
+
+
+def plan_devices(precache: PrecacheConfig) -> list[str]:
+    """Device per encoder process: every visible GPU (capped by ``lightning.devices`` when it is a
+    number), or CPU; ``worker_processes`` (ours) overrides the count."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if precache.device == "cuda" and not cuda:
+        raise StageError("precache.device: 'cuda' requested but no CUDA device is visible")
+    if precache.device == "cpu" or not cuda:
+        return ["cpu"] * (precache.worker_processes or 1)
+    visible = torch.cuda.device_count()
+    count = visible
+    wanted = precache.lightning.get("devices")
+    if isinstance(wanted, int) and wanted > 0:
+        if wanted > visible:
+            log.info("lightning.devices is %d but %d GPU(s) are visible: using %d", wanted, visible, visible)
+        count = min(wanted, visible)
+    if precache.worker_processes:
+        count = precache.worker_processes
+    return [f"cuda:{i % visible}" for i in range(count)]
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    block: PrecacheEncodingsConfig = cfg.stage(STAGE)
+    precache = cfg.precache
+    if precache is None:
+        try:
+            precache = load_precache_config(block.precache_config_path,
+                                            key_prefix=f"{STAGE}.precache_config_path")
+        except ConfigError as exc:
+            raise StageError("; ".join(exc.problems)) from None
+    if not Path(block.input_dir).is_dir():
+        raise StageError(f"{STAGE}.input_dir: folder not found: {block.input_dir}")
+    if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
+        raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
+    started = time.monotonic()
+    tars, short = input_tars(block)
+    owned = [tars[i] for i in task_range(len(tars), task_id, task_count)]
+    output_dir = Path(block.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    finals = [output_dir / tar.name for tar in owned]
+    _remove_own_temporaries(output_dir, finals)
+    fingerprints = {tar: output_fingerprint(precache, tar) for tar in owned}
+    pending = [tar for tar, final in zip(owned, finals) if not is_finished(final, fingerprints[tar])]
+    summary: dict[str, Any] = {"input_tars": len(tars), "task_tars": len(owned),
+                               "already_done": len(owned) - len(pending), "encoded_tars": 0, "samples": 0,
+                               "skipped_samples": 0}
+    if not pending:
+        log.info("%s: task %d/%d: all %d tar(s) already encoded", STAGE, task_id, task_count, len(owned))
+        return summary
+    try:
+        import torch  # noqa: F401  (the precache extra)
+    except ImportError:
+        raise StageError(f"{STAGE}: needs torch, diffusers and transformers: "
+                         "pip install 'airflow-provider-mmprep[precache]'") from None
+    from ..precache.engine import EncoderOutputError, encode_in_processes, encode_tars
+    from ..precache.writer import TarOutput
+
+    extensions = original_extensions(precache)
+    outputs = [TarOutput(tar, output_dir / tar.name, extensions,
+                         {"precache_fingerprint": fingerprints[tar], "short": tar.name in short,
+                          "encoding_keys": [s.key for s in precache.encodings]},
+                         marker=tar.name in short and not tar.name.endswith(INCOMPLETE_SUFFIX))
+               for tar in pending]
+    devices = plan_devices(precache)
+    devices = devices[: len(outputs)]
+    log.info("%s: task %d/%d: %d tar(s) to encode (%d already done) on %s", STAGE, task_id, task_count,
+             len(outputs), summary["already_done"], ", ".join(devices))
+    try:
+        if len(devices) == 1:
+            results = [encode_tars(outputs, precache, devices[0])]
+        else:  # static round-robin: shards are equal-sized, so the devices finish together
+            results = encode_in_processes([(d, outputs[i::len(devices)]) for i, d in enumerate(devices)],
+                                          precache)
+    except EncoderOutputError as exc:
+        raise StageError(f"{block.precache_config_path}: {exc}") from None
+    except tarfile.TarError as exc:
+        raise StageError(f"{STAGE}.input_dir: unreadable shard: {exc} (finished tars are kept)") from None
+    except RuntimeError as exc:
+        if "writer failed" not in str(exc) and len(devices) == 1:
+            raise
+        raise StageError(f"{STAGE}: {exc} (finished tars are kept; rerun the task to resume)") from None
+    seconds = time.monotonic() - started
+    samples = sum(r["samples"] for r in results)
+    summary.update(encoded_tars=sum(len(r["tars"]) for r in results), samples=samples,
+                   skipped_samples=sum(r["skipped"] for r in results), devices=devices,
+                   seconds=round(seconds, 3), samples_per_s=round(samples / seconds, 2) if seconds else None,
+                   pipeline_seconds=max(r["pipeline_seconds"] for r in results))
+    return summary

@@ -1,0 +1,318 @@
+"""reorganize_tar: re-pack uneven download shards into tars of exactly ``tar_chunk_size`` samples.
+
+One global plan, built from tar headers only, orders every usable sample of every input tar (tars sorted
+by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
+``[j*C, (j+1)*C)`` of that order and is named ``{j:05d}.tar`` in one flat ``output_dir``; the last one
+may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMPLETE`` file beside it
+(NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
+:func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes.
+
+Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
+output is written under a temporary name, renamed, and then described by a manifest holding a digest of
+its plan; a rerun skips outputs whose manifest matches and rewrites the rest.
+
+A usable sample has every extension of ``file_ext_in_tar``; only those members are copied (as NeMo
+does). Samples missing one are counted and reported; duplicate keys are reported (and kept: shards of
+different parts legitimately restart their key numbering); damaged tars contribute their readable
+samples, are reported, and fail the task only with ``strict: true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import fsutil
+from ..config import PipelineConfig
+from ..manifest import MANIFEST_SUFFIX, read_manifest, write_manifest
+from ..progress import Progress
+from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
+                        normalize_extensions, prefetch, select_members)
+from ..tarwriter import RangeTarWriter
+from . import StageError
+
+log = logging.getLogger(__name__)
+
+STAGE = "reorganize_tar"
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
+EXAMPLES = 10  # how many examples of each problem a summary lists
+PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexing
+
+
+@dataclass
+class PlannedSample:
+    tar: int  # index into ReorganizePlan.inputs
+    key: str
+    members: list[Member]
+
+
+@dataclass
+class ReorganizePlan:
+    input_dir: Path
+    inputs: list[Path]
+    chunk_size: int
+    samples: list[PlannedSample] = field(default_factory=list)
+    missing_members: int = 0
+    missing_examples: list[str] = field(default_factory=list)
+    duplicate_keys: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # input (relative) -> problems
+    skipped_members: int = 0
+    members_not_copied: int = 0  # members of usable samples whose extension is not in file_ext_in_tar
+
+    @property
+    def output_count(self) -> int:
+        return -(-len(self.samples) // self.chunk_size)
+
+    @property
+    def short_count(self) -> int:
+        return len(self.samples) % self.chunk_size
+
+    def rel(self, tar: int) -> str:
+        return self.inputs[tar].relative_to(self.input_dir).as_posix()
+
+    def chunk(self, j: int) -> list[PlannedSample]:
+        return self.samples[j * self.chunk_size:(j + 1) * self.chunk_size]
+
+    def digest(self, j: int) -> str:
+        """Fingerprint of what output ``j`` must contain: a rerun over changed inputs never skips it."""
+        h = hashlib.sha256()
+        for sample in self.chunk(j):
+            h.update(self.rel(sample.tar).encode())
+            for m in sample.members:
+                h.update(f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n".encode())
+        return h.hexdigest()
+
+
+def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
+               on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
+               exclude: Path | None = None) -> ReorganizePlan:
+    """Index every input tar's headers and order their usable samples; raises StageError on unsafe names.
+
+    ``on_tar_indexed(plan)`` runs after each input tar is added, so a caller can start writing chunks that
+    are already complete while later tars are still being indexed.
+    """
+    wanted = normalize_extensions(file_ext_in_tar)
+    inputs = find_tars(input_dir)
+    if exclude is not None and exclude.resolve().is_relative_to(input_dir.resolve()):
+        skip = exclude.resolve()  # output_dir inside input_dir: never read our own outputs back
+        inputs = [p for p in inputs if not p.resolve().is_relative_to(skip)]
+    plan = ReorganizePlan(input_dir, inputs, chunk_size)
+    seen_keys: set[str] = set()
+    progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
+    for path in plan.inputs[:PREFETCH_AHEAD]:
+        prefetch(path)
+    for tar_no, path in enumerate(plan.inputs):
+        if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
+            prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
+        try:
+            index = index_tar(path)
+        except UnsafeMemberName as exc:
+            raise StageError(f"{STAGE}.input_dir: {exc}") from None
+        rel = plan.rel(tar_no)
+        if index.problems:
+            plan.damaged[rel] = index.problems
+        plan.skipped_members += index.skipped_members
+        for sample in index.samples:
+            if not has_extensions(sample, wanted):
+                plan.missing_members += 1
+                if len(plan.missing_examples) < EXAMPLES:
+                    plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
+                continue
+            if sample.key in seen_keys:
+                plan.duplicate_keys += 1
+                if len(plan.duplicate_examples) < EXAMPLES:
+                    plan.duplicate_examples.append(f"{rel}:{sample.key}")
+            seen_keys.add(sample.key)
+            members = select_members(sample, wanted)
+            plan.members_not_copied += len(sample.members) - len(members)
+            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+        progress.advance()
+        if on_tar_indexed is not None:
+            on_tar_indexed(plan)
+    progress.finish()
+    return plan
+
+
+def output_path(output_dir: Path, j: int) -> Path:
+    return output_dir / f"{j:05d}.tar"
+
+
+def _is_complete(tar: Path, digest: str, short: bool) -> bool:
+    body = read_manifest(tar)
+    marker_ok = tar.with_name(tar.name + INCOMPLETE_SUFFIX).exists() == short
+    return body is not None and body.get("plan_digest") == digest and marker_ok
+
+
+def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
+    """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
+    are adjacent in their input merge into one range (one copy call)."""
+    runs: list[list[int]] = []
+    for sample in samples:
+        for m in sample.members:
+            if runs and runs[-1][0] == sample.tar and runs[-1][2] == m.header_offset:
+                runs[-1][2] = m.end
+            else:
+                runs.append([sample.tar, m.header_offset, m.end])
+    return [(tar, start, end - start) for tar, start, end in runs]
+
+
+def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
+    """Write output tar ``j`` atomically; returns bytes written."""
+    sources: dict[int, int] = {}
+    try:
+        with fsutil.atomic_path(final) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                writer = RangeTarWriter(fd)
+                for tar, start, length in record_runs(plan.chunk(j)):
+                    src = sources.get(tar)
+                    if src is None:
+                        src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
+                    writer.add_records(src, start, length)
+                writer.close()
+            finally:
+                os.close(fd)
+    finally:
+        for src in sources.values():
+            os.close(src)
+    return writer.position
+
+
+def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
+    """Make output ``j`` complete: ``("skipped", 0, 0)`` if it already is, else ``("written", samples, bytes)``."""
+    final = output_path(output_dir, j)
+    digest = plan.digest(j)
+    if _is_complete(final, digest, short):
+        return "skipped", 0, 0
+    marker = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    if short:  # marker first: a reader never sees the short tar without it
+        marker.touch()
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+    size = write_output(plan, j, final)
+    count = len(plan.chunk(j))
+    write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
+                   extensions=sorted({m.ext for s in plan.chunk(j) for m in s.members}))
+    return "written", count, size
+
+
+def remove_own_temporaries(output_dir: Path, names: set[str]) -> None:
+    """Delete crashed writers' temporaries (tar or manifest) of the outputs in ``names`` only."""
+    for entry in os.scandir(output_dir):
+        if entry.name.startswith(".") and entry.name.endswith(fsutil.TMP_MARKER):
+            final = entry.name[1:-len(fsutil.TMP_MARKER)].rsplit(".", 1)[0]  # ".{final}.{pid}{TMP_MARKER}"
+            if final.removesuffix(MANIFEST_SUFFIX) in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+def write_threads(configured: int) -> int:
+    """Threads that write output tars at once: the copy runs in the kernel without the GIL, so on a
+    page-cache-warm node one thread per core goes that much faster; 0 means the CPU count (at most 8)."""
+    return configured if configured > 0 else min(os.cpu_count() or 1, 8)
+
+
+def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    block = cfg.stage(STAGE)
+    input_dir, output_dir = Path(block.input_dir), Path(block.output_dir)
+    if not input_dir.is_dir():
+        raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
+    if not block.file_ext_in_tar:
+        raise StageError(f"{STAGE}.file_ext_in_tar: list at least one extension, e.g. [.jpg, .txt]")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if task_count == 1:  # sole writer of the folder: every temporary in it is a crashed run's
+        fsutil.remove_stale_temporaries(output_dir)
+    pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
+    futures: dict[int, Future[tuple[str, int, int]]] = {}
+
+    def submit_full_chunks(plan: ReorganizePlan) -> None:
+        # With one task every output is ours, so full chunks can be written while indexing goes on
+        # (the copy runs in the kernel, the indexing in Python: they overlap). Not with strict, which
+        # must see every input before writing anything.
+        for j in range(len(futures), len(plan.samples) // plan.chunk_size):
+            futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
+
+    try:
+        stream = task_count == 1 and not block.strict
+        plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
+                          submit_full_chunks if stream else None, exclude=output_dir)
+        if not plan.inputs:
+            raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
+        for rel, problems in plan.damaged.items():
+            log.warning("%s: damaged input %s: %s (its readable samples are used)", STAGE, rel,
+                        "; ".join(problems))
+        if not plan.samples:
+            raise StageError(f"{STAGE}.file_ext_in_tar: no sample in the {len(plan.inputs)} tar(s) under "
+                             f"{input_dir} has all of {block.file_ext_in_tar}"
+                             + (f"; e.g. {plan.missing_examples[0]}" if plan.missing_examples else ""))
+        if plan.damaged and block.strict:
+            raise StageError(f"{STAGE}.strict: {len(plan.damaged)} damaged input tar(s): " + "; ".join(
+                f"{rel}: {p[0]}" for rel, p in list(plan.damaged.items())[:EXAMPLES]))
+        if plan.missing_members:
+            log.warning("%s: %d sample(s) lack an extension of file_ext_in_tar %s and are left out, e.g. %s",
+                        STAGE, plan.missing_members, block.file_ext_in_tar, plan.missing_examples[:3])
+        if plan.duplicate_keys:
+            log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
+                        STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
+        mine = fsutil.task_range(plan.output_count, task_id, task_count)
+        if task_count > 1:  # other tasks write beside us right now: remove only our own leftovers
+            remove_own_temporaries(output_dir, {output_path(output_dir, j).name for j in mine})
+        last = plan.output_count - 1
+        for j in mine:
+            if j not in futures:
+                futures[j] = pool.submit(produce_output, plan, output_dir, j, j == last and plan.short_count > 0)
+        written = skipped = samples_written = bytes_written = 0
+        progress = Progress(f"{STAGE}: task {task_id} writing tars", len(mine), unit="tars", logger=log)
+        for j in mine:
+            outcome, count, size = futures[j].result()
+            if outcome == "skipped":
+                skipped += 1
+            else:
+                written += 1
+                samples_written += count
+                bytes_written += size
+            progress.advance(bytes=bytes_written)
+        progress.finish()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    summary: dict[str, Any] = {
+        "input_tars": len(plan.inputs),
+        "usable_samples": len(plan.samples),
+        "output_tars": plan.output_count,
+        "chunk_size": plan.chunk_size,
+        "task_outputs": (f"{output_path(output_dir, mine[0]).name}..{output_path(output_dir, mine[-1]).name}"
+                         if mine else "none"),
+        "written": written,
+        "skipped_complete": skipped,
+        "samples_written": samples_written,
+        "bytes_written": bytes_written,
+        "missing_members": plan.missing_members,
+        "missing_examples": plan.missing_examples,
+        "duplicate_keys": plan.duplicate_keys,
+        "duplicate_examples": plan.duplicate_examples,
+        "damaged_inputs": plan.damaged,
+        "skipped_members": plan.skipped_members,
+        "members_not_copied": plan.members_not_copied,
+    }
+    if plan.short_count:
+        summary["short_tar"] = {"name": output_path(output_dir, last).name, "samples": plan.short_count}
+        if last in mine:
+            log.warning("%s: last tar %s holds %d of %d samples; marked %s%s", STAGE,
+                        output_path(output_dir, last).name, plan.short_count, plan.chunk_size,
+                        output_path(output_dir, last).name, INCOMPLETE_SUFFIX)
+    stale = [p.name for p in fsutil.sorted_files(output_dir, "*.tar")
+             if p.stem.isdigit() and int(p.stem) >= plan.output_count]
+    if stale:
+        summary["stale_outputs"] = stale
+        log.warning("%s: %s holds tars beyond this plan's %d outputs (from an earlier run?): %s",
+                    STAGE, output_dir, plan.output_count, stale[:EXAMPLES])
+    return summary

@@ -1,0 +1,116 @@
+"""Shared fixtures: isolated HF cache/home, a NeMo-style config writer, parquet builders, a loopback hub."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from airflow_provider_mmprep.testing.hf_endpoint import HubServer
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never touch the user's Hugging Face cache or token; never reach the real Hub."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: a leak fails fast
+
+
+def make_table(rows: int, offset: int = 0) -> pa.Table:
+    """(URL, TEXT) rows like LAION's parquet, plus a numeric column so type fidelity is checked too."""
+    ids = list(range(offset, offset + rows))
+    return pa.table({
+        "URL": [f"http://127.0.0.1:1/img/{i}.jpg" for i in ids],
+        "TEXT": [f"caption number {i} with unicode é ✓" for i in ids],
+        "similarity": pa.array([i / 7 for i in ids], pa.float64()),
+    })
+
+
+def parquet_bytes(table: pa.Table, row_group_size: int = 1000) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def use_hub(hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    return hub
+
+
+NEMO_CONFIG = textwrap.dedent("""\
+    run:
+      name: download_multimodal
+      results_dir: ${base_results_dir}/${.name}
+      time_limit: "04:00:00"
+      dependency: "singleton"
+    dataset_repo_id: ???
+    dataset_output_root: ???
+    download_parquet:
+      enable: True
+      output_dir: ${..dataset_output_root}/parquet
+      parquet_subpartitions: 1
+      parquet_pattern: "*.parquet"
+    download_images:
+      enable: True
+      parquet_pattern: ${..download_parquet.parquet_pattern}
+      input_dir: ${..download_parquet.output_dir}
+      output_dir: ${..dataset_output_root}/tarfiles_raw
+      num_parquets_downloaded: ${..download_parquet.parquet_subpartitions}
+      download_num_processes: -1
+      download_num_threads: 64
+      img2dataset_additional_arguments:
+        encode_quality: 95
+        resize_mode: no
+    reorganize_tar:
+      enable: True
+      input_dir: ${..download_images.output_dir}
+      output_dir: ${..dataset_output_root}/tarfiles_reorganized
+      node_array_size: 1
+      tar_chunk_size: 1000
+      file_ext_in_tar: [.jpg, .txt]
+    precache_encodings:
+      enable: True
+      input_dir: ${..reorganize_tar.output_dir}
+      output_dir: ${..dataset_output_root}/tarfiles_precached
+      tar_chunk_size: ${..reorganize_tar.tar_chunk_size}
+      node_array_size: 4
+      precache_config_path: ${launcher_scripts_path}/conf/data_preparation/multimodal/precache_sd.yaml
+    generate_wdinfo:
+      enable: True
+      input_dir: ${..precache_encodings.output_dir}
+      tar_chunk_size: ${..precache_encodings.tar_chunk_size}
+      file_ext_in_tar: [.pickle]
+      output_wdinfo_path: ${..dataset_output_root}/wdinfo.pkl
+    """)
+
+
+@pytest.fixture
+def nemo_config(tmp_path: Path) -> Callable[..., Path]:
+    """Write NeMo's download_multimodal.yaml (optionally edited by text replacement) and return its path."""
+
+    def write(replace: dict[str, str] | None = None, name: str = "download_multimodal.yaml") -> Path:
+        text = NEMO_CONFIG
+        for old, new in (replace or {}).items():
+            assert old in text, old
+            text = text.replace(old, new)
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,294 @@
+"""reorganize_tar on real tars: global order, exact chunks, task-count independence, damage, crash and rerun."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, PipelineConfig, load_config
+from airflow_provider_mmprep.manifest import read_manifest
+from airflow_provider_mmprep.stages import StageError
+from airflow_provider_mmprep.stages.reorganize_tar import run_task
+from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
+
+NEMO_YAML = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(raw: Path, out: Path, chunk: int, *extra: str) -> PipelineConfig:
+    return load_config(NEMO_YAML, ["dataset_repo_id=org/data", f"dataset_output_root={out.parent}",
+                                   f"reorganize_tar.input_dir={raw}", f"reorganize_tar.output_dir={out}",
+                                   f"reorganize_tar.tar_chunk_size={chunk}", *extra], load_precache=False)
+
+
+def run_all(cfg: PipelineConfig, task_count: int) -> list[dict]:
+    return [run_task(cfg, task_id, task_count) for task_id in range(task_count)]
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir()) if not p.name.endswith(".manifest.json")}
+
+
+def sample(key: str, *exts: str, tag: str = "") -> tuple[str, dict[str, bytes]]:
+    return key, {ext: f"{tag}{key}.{ext}".encode() * 3 for ext in exts}
+
+
+@pytest.fixture
+def uneven(tmp_path: Path) -> Path:
+    """Two parts, uneven shards, one sample without .txt, keys repeated across parts, an empty shard."""
+    raw = tmp_path / "raw"
+    write_tar(raw / "part-a" / "00000.tar", [sample("000000000", "jpg", "txt", "json"),
+                                             sample("000000001", "jpg", "json"),  # no caption
+                                             sample("000000002", "txt", "jpg", "json")])
+    write_tar(raw / "part-a" / "00001.tar", [sample(f"00001000{i}", "jpg", "txt", "json") for i in range(5)])
+    write_tar(raw / "part-a" / "00002.tar", [])
+    write_tar(raw / "part-b" / "00000.tar", [sample("000000000", "jpg", "txt", tag="b"),
+                                             sample("000000002", "jpg", "txt", tag="b")])
+    (raw / "part-a" / "00000.parquet").write_bytes(b"PAR1 not a tar")  # download sidecars are ignored
+    (raw / "part-a" / "00000_stats.json").write_text("{}")
+    return raw
+
+
+def test_uneven_inputs_become_exact_chunks_in_global_order(uneven: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_task(make_cfg(uneven, out, 3), 0, 1)
+
+    expected_keys = ["000000000", "000000002", *[f"00001000{i}" for i in range(5)], "000000000", "000000002"]
+    assert summary["usable_samples"] == 9 and summary["output_tars"] == 3
+    assert summary["missing_members"] == 1 and "part-a/00000.tar:000000001" in summary["missing_examples"][0]
+    assert summary["duplicate_keys"] == 2
+    assert summary["duplicate_examples"] == ["part-b/00000.tar:000000000", "part-b/00000.tar:000000002"]
+    assert "short_tar" not in summary  # 9 = 3 x 3
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+
+    names = [name for tar in sorted(out.glob("*.tar")) for name, _ in tar_members(tar)]
+    keys = [n.split(".")[0] for n in names[::2]]
+    assert keys == expected_keys
+    # only file_ext_in_tar members are copied, adjacent, in stored order; data byte-identical
+    first = tar_members(out / "00000.tar")
+    assert first == [("000000000.jpg", b"000000000.jpg" * 3), ("000000000.txt", b"000000000.txt" * 3),
+                     ("000000002.txt", b"000000002.txt" * 3), ("000000002.jpg", b"000000002.jpg" * 3),
+                     ("000010000.jpg", b"000010000.jpg" * 3), ("000010000.txt", b"000010000.txt" * 3)]
+    assert tar_members(out / "00002.tar")[-1] == ("000000002.txt", b"b000000002.txt" * 3)
+    for tar in out.glob("*.tar"):
+        assert read_manifest(tar)["sample_count"] == 3
+
+
+def test_short_last_tar_is_marked_and_webdataset_reads_every_sample(tmp_path: Path) -> None:
+    CHUNK = 8
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=2, shards_per_part=3, samples_per_shard=(4, 17), seed=3)
+    out = tmp_path / "out"
+    summary = run_task(make_cfg(raw, out, CHUNK, "reorganize_tar.file_ext_in_tar=[.jpg,.txt,.json]"), 0, 1)
+    total = summary["usable_samples"]
+    assert total % CHUNK, "fixture must not divide evenly"
+    last = f"{total // CHUNK:05d}.tar"
+    assert summary["short_tar"] == {"name": last, "samples": total % CHUNK}
+    assert (out / f"{last}.INCOMPLETE").exists() and read_manifest(out / last)["short"] is True
+    assert not any((out / f"{j:05d}.tar.INCOMPLETE").exists() for j in range(total // CHUNK))
+
+    source = {}
+    for tar in sorted(raw.rglob("*.tar")):
+        for name, data in tar_members(tar):
+            source.setdefault(name, []).append(data)
+    shards = [str(p) for p in sorted(out.glob("*.tar"))]
+    seen = 0
+    for tar in shards:
+        in_tar = list(wds.WebDataset(tar, shardshuffle=False))
+        assert len(in_tar) == (CHUNK if not tar.endswith(last) else total % CHUNK)
+        for item in in_tar:
+            assert set(item) >= {"jpg", "txt", "json", "__key__"}
+            assert item["jpg"] in source[item["__key__"] + ".jpg"]
+            seen += 1
+    assert seen == total == sum(len(v) for k, v in source.items() if k.endswith(".jpg"))
+
+
+def test_task_counts_1_2_7_give_identical_bytes(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=2, shards_per_part=4, samples_per_shard=(3, 11), seed=5)
+    results = {}
+    for tasks in (1, 2, 7):
+        out = tmp_path / f"out{tasks}"
+        summaries = run_all(make_cfg(raw, out, 5), tasks)
+        assert sum(s["samples_written"] for s in summaries) == summaries[0]["usable_samples"]
+        results[tasks] = digests(out)
+    assert len(results[1]) > 7  # more outputs than the largest task count, incl. the marker
+    assert results[1] == results[2] == results[7]
+
+
+def test_rerun_skips_complete_outputs_and_rewrites_changed_ones(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(5, 9), seed=1)
+    out = tmp_path / "out"
+    cfg = make_cfg(raw, out, 4)
+    first = run_task(cfg, 0, 1)
+    before = digests(out)
+    again = run_task(cfg, 0, 1)
+    assert again["written"] == 0 and again["skipped_complete"] == first["written"]
+    assert digests(out) == before
+    # replace the last input shard: outputs fed by it are rewritten, earlier ones are kept
+    last = sorted(raw.rglob("*.tar"))[-1]
+    write_tar(last, [sample(f"9{i:08d}", "jpg", "txt") for i in range(6)])
+    changed = run_task(cfg, 0, 1)
+    assert 0 < changed["written"] < changed["output_tars"]
+    assert [n for n, _ in tar_members(out / sorted(p.name for p in out.glob("*.tar"))[-1])][-1].startswith("9")
+
+
+def truncate(path: Path, keep: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(keep)
+
+
+def test_truncated_and_corrupt_inputs_use_readable_samples_and_report(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    good = write_tar(raw / "00000.tar", [sample(f"00000000{i}", "jpg", "txt") for i in range(4)])
+    cut = write_tar(raw / "00001.tar", [sample(f"00000100{i}", "jpg", "txt") for i in range(4)])
+    bad = write_tar(raw / "00002.tar", [sample(f"00000200{i}", "jpg", "txt") for i in range(4)])
+    with tarfile.open(cut) as tar:
+        third_txt = [m for m in tar.getmembers() if m.name == "000001002.txt"][0]
+    truncate(cut, third_txt.offset_data + 3)  # inside the 3rd sample's caption
+    with tarfile.open(bad) as tar:
+        header_at = [m for m in tar.getmembers() if m.name == "000002001.jpg"][0].offset
+    with open(bad, "r+b") as handle:  # garbage over the 2nd sample's header
+        handle.seek(header_at)
+        handle.write(b"\xff" * 512)
+    out = tmp_path / "out"
+    summary = run_task(make_cfg(raw, out, 3), 0, 1)
+    assert set(summary["damaged_inputs"]) == {"00001.tar", "00002.tar"}
+    assert "truncated" in summary["damaged_inputs"]["00001.tar"][0]
+    assert "corrupt" in summary["damaged_inputs"]["00002.tar"][0]
+    # 4 from the good tar, 2 whole + 1 partial (dropped: no .txt) from the cut one, 1 from the corrupt one
+    assert summary["usable_samples"] == 7 and summary["missing_members"] == 1
+    keys = [n for tar in sorted(out.glob("*.tar")) for n, _ in tar_members(tar)][::2]
+    assert [k.split(".")[0] for k in keys] == [f"00000000{i}" for i in range(4)] + [
+        "000001000", "000001001", "000002000"]
+    assert good.exists()
+
+    strict_out = tmp_path / "strict"
+    with pytest.raises(StageError, match=r"reorganize_tar\.strict: 2 damaged input tar\(s\): 00001.tar"):
+        run_task(make_cfg(raw, strict_out, 3, "reorganize_tar.strict=true"), 0, 1)
+    assert not list(strict_out.glob("*.tar")) if strict_out.exists() else True
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_and_unicode_names_keep_their_extended_headers(tmp_path: Path, fmt: int) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    keys = ["d" * 150 + "/k0", "é✓/k1", "k2"]
+    with tarfile.open(raw / "00000.tar", "w", format=fmt, encoding="utf-8") as tar:
+        for key in keys:
+            for ext in ("jpg", "txt", "json"):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                data = f"{key}.{ext}".encode() * 50
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 2), 0, 1)
+    members = [m for tar in sorted(out.glob("*.tar")) for m in tar_members(tar)]
+    assert members == [(f"{k}.{e}", f"{k}.{e}".encode() * 50) for k in keys for e in ("jpg", "txt")]
+
+
+@pytest.mark.parametrize("name", ["../escape.jpg", "/etc/passwd.jpg", "a/../../b.jpg"])
+def test_unsafe_member_names_are_refused(tmp_path: Path, name: str) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    with tarfile.open(raw / "00000.tar", "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(StageError, match=r"reorganize_tar\.input_dir: .*00000\.tar: member .* absolute or contains"):
+        run_task(make_cfg(raw, tmp_path / "out", 2), 0, 1)
+
+
+def test_no_usable_sample_names_file_ext_in_tar(uneven: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"reorganize_tar\.file_ext_in_tar: no sample .* has all of \['\.png'\]"):
+        run_task(make_cfg(uneven, tmp_path / "out", 2, "reorganize_tar.file_ext_in_tar=[.png]"), 0, 1)
+
+
+def test_missing_input_folder_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"reorganize_tar\.input_dir: folder .* does not exist"):
+        run_task(make_cfg(tmp_path / "nope", tmp_path / "out", 2), 0, 1)
+
+
+KILLER = textwrap.dedent("""\
+    import os, signal, sys
+    from airflow_provider_mmprep.config import load_config
+    from airflow_provider_mmprep.stages import reorganize_tar
+    from airflow_provider_mmprep import tarwriter
+    cfg = load_config(sys.argv[1], sys.argv[3:], load_precache=False)
+    calls = 0
+    real = tarwriter.RangeTarWriter.add_records
+    def add_records(self, *args):
+        global calls
+        calls += 1
+        if calls == int(sys.argv[2]):  # die in the middle of an output tar, like a preempted pod
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *args)
+    tarwriter.RangeTarWriter.add_records = add_records
+    reorganize_tar.run_task(cfg, 0, 1)
+""")
+
+
+def test_kill_mid_task_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=2, shards_per_part=2, samples_per_shard=(6, 12), seed=9)
+    reference = tmp_path / "reference"
+    run_task(make_cfg(raw, reference, 4), 0, 1)
+
+    out = tmp_path / "out"
+    overrides = ["dataset_repo_id=org/data", f"dataset_output_root={tmp_path}", f"reorganize_tar.input_dir={raw}",
+                 f"reorganize_tar.output_dir={out}", "reorganize_tar.tar_chunk_size=4",
+                 "reorganize_tar.write_threads=1"]
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # one copy per sample (.jpg and .txt adjacent, .json left out), 4 per tar: call 10 is in the 3rd tar
+    proc = subprocess.run([sys.executable, str(script), str(NEMO_YAML), "10", *overrides], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(".mmprep-tmp" in n for n in leftovers)
+
+    rerun = run_task(make_cfg(raw, out, 4), 0, 1)
+    assert rerun["skipped_complete"] == 2 and rerun["written"] == rerun["output_tars"] - 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert digests(out) == digests(reference)
+
+
+def test_a_task_removes_only_its_own_leftover_temporaries(tmp_path: Path) -> None:
+    """Tasks share output_dir while they run: one must not delete another's work in progress."""
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=2, samples_per_shard=(8, 8), seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    ours, theirs = out / ".00000.tar.999999.mmprep-tmp", out / ".00003.tar.999998.mmprep-tmp"
+    our_manifest = out / ".00001.tar.manifest.json.999999.mmprep-tmp"
+    for leftover in (ours, theirs, our_manifest):
+        leftover.write_bytes(b"partial")
+    summary = run_task(make_cfg(raw, out, 4), 0, 2)  # 4 outputs: task 0 owns 00000 and 00001
+    assert summary["task_outputs"] == "00000.tar..00001.tar"
+    assert not ours.exists() and not our_manifest.exists() and theirs.exists()
+
+
+def test_output_dir_inside_input_dir_is_not_read_back(uneven: Path) -> None:
+    out = uneven / "reorganized"
+    first = run_task(make_cfg(uneven, out, 3), 0, 1)
+    again = run_task(make_cfg(uneven, out, 3), 0, 1)
+    assert again["input_tars"] == first["input_tars"] == 4 and again["skipped_complete"] == 3
