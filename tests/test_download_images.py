@@ -54,13 +54,13 @@ def host() -> Iterator[ImageHost]:
 
 def write_config(tmp_path: Path, input_dir: Path, output_dir: Path, *, processes: int = 1, threads: int = 8,
                  allow_private: bool = True, retry_failed: bool = False, pattern: str = "*.parquet",
-                 **arguments: Any) -> Path:
+                 block: dict[str, Any] | None = None, **arguments: Any) -> Path:
     arguments.setdefault("timeout", 1.5)
     config = {"run": {"name": "t"}, "download_images": {
         "enable": True, "input_dir": str(input_dir), "output_dir": str(output_dir), "parquet_pattern": pattern,
         "download_num_processes": processes, "download_num_threads": threads,
         "allow_private_addresses": allow_private, "retry_failed": retry_failed,
-        "img2dataset_additional_arguments": arguments}}
+        "img2dataset_additional_arguments": arguments, **(block or {})}}
     path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.yaml"
     path.write_text(json.dumps(config))
     return path
@@ -307,3 +307,13 @@ def test_input_is_read_in_batches_not_whole(tmp_path: Path) -> None:
     whole_large = pq.read_table(tmp_path / "200000.parquet").nbytes
     assert large <= small * 1.25 + 1_000_000, (small, large)
     assert large < whole_large / 3, (large, whole_large)
+
+
+def test_size_cap_and_per_image_limits_from_the_block(tmp_path: Path, host: ImageHost) -> None:
+    big = host.add("/img/big.jpg", sample_data.make_jpeg(1, (400, 300)))
+    small = host.add("/img/small.jpg", sample_data.make_jpeg(2, (40, 30)))
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", [big, small])
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", block={"max_image_bytes": 5_000}))
+    rows = read_rows(tmp_path / "out" / "p")
+    assert rows[0]["status"] == "failed_to_download" and "max_image_bytes" in rows[0]["error_message"]
+    assert rows[1]["status"] == "success"
