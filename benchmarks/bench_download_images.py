@@ -32,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 from contextlib import contextmanager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +116,8 @@ class PeakRss:
             if linux:
                 total = sum(self._rss(pid) for pid in self._tree(self.pid))
             else:  # pragma: no cover - other systems: psutil (scans every process, costlier)
+                import psutil
+
                 try:
                     root = psutil.Process(self.pid)
                     total = sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
