@@ -185,7 +185,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
         reference = write_config(tmp_path, tmp_path / "in", tmp_path / "ref", threads=2,
                                  number_sample_per_shard=8)
         run(reference)
-        killed = write_config(tmp_path, tmp_path / "in", tmp_path / "killed", threads=2,
+        killed = write_config(tmp_path, tmp_path / "in", tmp_path / "killed", threads=2, processes=2,
                               number_sample_per_shard=8)
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "-q", "run", str(killed),
@@ -194,8 +194,16 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
         deadline = time.monotonic() + 60
         while not (part / "00001_stats.json").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert workers, "the killed run had no worker processes"
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)], \
+            "worker processes outlived the killed task"
         assert not (part / "00005_stats.json").exists(), "the run finished before it could be killed"
         summary = run(killed)
         assert summary["skipped_shards"] >= 2
@@ -204,6 +212,20 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
     for name in names:
         if name.endswith(".tar"):
             assert (tmp_path / "ref" / "p" / name).read_bytes() == (part / name).read_bytes(), name
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def test_retry_failed_reattempts_only_transient_failures_into_new_shards(tmp_path: Path,
