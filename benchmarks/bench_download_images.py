@@ -32,7 +32,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 from contextlib import contextmanager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,22 +87,42 @@ class PeakRss:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            total = 0
+    @staticmethod
+    def _tree(pid: int) -> list[int]:
+        """The pid and its descendants, from /proc/<pid>/task/*/children (cheap: no scan of every process)."""
+        found, todo = [], [pid]
+        while todo:
+            current = todo.pop()
+            found.append(current)
             try:
-                procs = [root] + root.children(recursive=True)
-            except psutil.NoSuchProcess:
-                break
-            for proc in procs:
+                for task in os.listdir(f"/proc/{current}/task"):
+                    with open(f"/proc/{current}/task/{task}/children") as handle:
+                        todo.extend(int(child) for child in handle.read().split())
+            except OSError:
+                continue
+        return found
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def _run(self) -> None:
+        linux = os.path.exists(f"/proc/{self.pid}/task")
+        while not self._stop.is_set():
+            if linux:
+                total = sum(self._rss(pid) for pid in self._tree(self.pid))
+            else:  # pragma: no cover - other systems: psutil (scans every process, costlier)
+                import psutil
+
                 try:
-                    total += proc.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
+                    root = psutil.Process(self.pid)
+                    total = sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
+                except psutil.Error:
+                    total = 0
             self.peak = max(self.peak, total)
             time.sleep(self.interval)
 

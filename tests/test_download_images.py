@@ -54,13 +54,13 @@ def host() -> Iterator[ImageHost]:
 
 def write_config(tmp_path: Path, input_dir: Path, output_dir: Path, *, processes: int = 1, threads: int = 8,
                  allow_private: bool = True, retry_failed: bool = False, pattern: str = "*.parquet",
-                 **arguments: Any) -> Path:
+                 block: dict[str, Any] | None = None, **arguments: Any) -> Path:
     arguments.setdefault("timeout", 1.5)
     config = {"run": {"name": "t"}, "download_images": {
         "enable": True, "input_dir": str(input_dir), "output_dir": str(output_dir), "parquet_pattern": pattern,
         "download_num_processes": processes, "download_num_threads": threads,
         "allow_private_addresses": allow_private, "retry_failed": retry_failed,
-        "img2dataset_additional_arguments": arguments}}
+        "img2dataset_additional_arguments": arguments, **(block or {})}}
     path = tmp_path / f"config_{len(list(tmp_path.glob('config_*')))}.yaml"
     path.write_text(json.dumps(config))
     return path
@@ -185,7 +185,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
         reference = write_config(tmp_path, tmp_path / "in", tmp_path / "ref", threads=2,
                                  number_sample_per_shard=8)
         run(reference)
-        killed = write_config(tmp_path, tmp_path / "in", tmp_path / "killed", threads=2,
+        killed = write_config(tmp_path, tmp_path / "in", tmp_path / "killed", threads=2, processes=2,
                               number_sample_per_shard=8)
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "-q", "run", str(killed),
@@ -194,8 +194,16 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
         deadline = time.monotonic() + 60
         while not (part / "00001_stats.json").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        assert workers, "the killed run had no worker processes"
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in workers) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "Z" not in _state(pid)], \
+            "worker processes outlived the killed task"
         assert not (part / "00005_stats.json").exists(), "the run finished before it could be killed"
         summary = run(killed)
         assert summary["skipped_shards"] >= 2
@@ -204,6 +212,20 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
     for name in names:
         if name.endswith(".tar"):
             assert (tmp_path / "ref" / "p" / name).read_bytes() == (part / name).read_bytes(), name
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
 
 
 def test_retry_failed_reattempts_only_transient_failures_into_new_shards(tmp_path: Path,
@@ -261,8 +283,10 @@ def test_options_unknown_warns_and_bad_values_name_the_key(tmp_path: Path, host:
                                                           caplog: pytest.LogCaptureFixture) -> None:
     urls = sample_data.add_images(host, 1, size=SMALL)
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
-    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", frobnicate=3))
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", frobnicate=3, user_agent_token="acme-crawl"))
     assert "img2dataset_additional_arguments.frobnicate: unknown option" in caplog.text
+    (agent,) = host.user_agents
+    assert agent.startswith("mmprep/") and "acme-crawl" in agent
     with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.resize_mode: expected one of"):
         run(write_config(tmp_path, tmp_path / "in", tmp_path / "out2", resize_mode="stretch"))
     with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.url_col: column 'LINK' not found"):
@@ -305,3 +329,13 @@ def test_input_is_read_in_batches_not_whole(tmp_path: Path) -> None:
     whole_large = pq.read_table(tmp_path / "200000.parquet").nbytes
     assert large <= small * 1.25 + 1_000_000, (small, large)
     assert large < whole_large / 3, (large, whole_large)
+
+
+def test_size_cap_and_per_image_limits_from_the_block(tmp_path: Path, host: ImageHost) -> None:
+    big = host.add("/img/big.jpg", sample_data.make_jpeg(1, (400, 300)))
+    small = host.add("/img/small.jpg", sample_data.make_jpeg(2, (40, 30)))
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", [big, small])
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", block={"max_image_bytes": 5_000}))
+    rows = read_rows(tmp_path / "out" / "p")
+    assert rows[0]["status"] == "failed_to_download" and "max_image_bytes" in rows[0]["error_message"]
+    assert rows[1]["status"] == "success"

@@ -124,37 +124,63 @@ async def _download_all(job: ShardJob, rows: range, options: DownloadOptions, wr
     indices = iter(rows)  # shared by the workers: each takes the next row, so rows finish ~in order
     executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
 
+    # A fetch slot is freed as soon as its body has arrived; checking/resizing happens beside the fetches,
+    # with at most ``threads`` bodies waiting for it (backpressure, bounded memory).
+    waiting_bodies = asyncio.Semaphore(max(1, options.threads))
+    processing: set[asyncio.Task] = set()
+    errors: list[BaseException] = []  # e.g. a full disk while writing the tar: the shard must fail
+
+    def processed(task: asyncio.Task) -> None:
+        processing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+
+    def finish(index: int, outcome: Outcome, data: bytes | None) -> None:
+        outcomes[index] = outcome
+        writer.accept(index, outcome, data)
+        if on_done is not None:
+            on_done(outcome.status == SUCCESS)
+
+    async def process(index: int, body: bytes) -> None:
+        data = None
+        try:
+            image = await loop.run_in_executor(executor, process_image, body, options)
+        except ImageRejected as exc:
+            outcome = Outcome(FAILED_RESIZE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
+            outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
+        else:
+            data = image.data
+            outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
+                              image.original_height, image.hash)
+        finally:
+            waiting_bodies.release()
+        finish(index, outcome, data)
+
     async def worker(fetcher: Fetcher) -> None:
         for index in indices:
             url = job.urls[index]
-            data = None
             if not url:
-                outcome = Outcome(FAILED_DOWNLOAD, "empty URL")
+                finish(index, Outcome(FAILED_DOWNLOAD, "empty URL"), None)
+                continue
+            result = await fetcher.fetch(url)
+            if result.body is None:
+                finish(index, Outcome(FAILED_DOWNLOAD, result.error, result.transient), None)
+            elif not result.body:
+                finish(index, Outcome(FAILED_DOWNLOAD, "empty body"), None)
             else:
-                result = await fetcher.fetch(url)
-                if result.body is None:
-                    outcome = Outcome(FAILED_DOWNLOAD, result.error, result.transient)
-                elif not result.body:
-                    outcome = Outcome(FAILED_DOWNLOAD, "empty body")
-                else:
-                    try:
-                        image = await loop.run_in_executor(executor, process_image, result.body, options)
-                    except ImageRejected as exc:
-                        outcome = Outcome(FAILED_RESIZE, str(exc))
-                    except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
-                        outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
-                    else:
-                        data = image.data
-                        outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
-                                          image.original_height, image.hash)
-            outcomes[index] = outcome
-            writer.accept(index, outcome, data)
-            if on_done is not None:
-                on_done(outcome.status == SUCCESS)
+                await waiting_bodies.acquire()
+                task = asyncio.ensure_future(process(index, result.body))
+                processing.add(task)
+                task.add_done_callback(processed)
 
     try:
         async with Fetcher(options) as fetcher:
             await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(rows))))))
+            while processing:
+                await asyncio.wait(list(processing))
+        if errors:
+            raise errors[0]
     finally:
         executor.shutdown(wait=True)
     return [outcomes[i] for i in rows]

@@ -46,6 +46,20 @@ _ok_counter: Any = None
 def _init_worker(done: Any, ok: Any) -> None:
     global _done_counter, _ok_counter
     _done_counter, _ok_counter = done, ok
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when the task process dies (even by SIGKILL), instead of leaving an orphan that
+    keeps downloading into files the rerun has already discarded."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _count_in_worker(success: bool) -> None:

@@ -11,6 +11,7 @@ Usage::
         bad = host.url("/fault/500")                # always answers 500
         ...
     host.hits["/img/1.jpg"]                         # how many requests each path received
+    host.user_agents                                # Counter of User-Agent values received
 
 Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs distinct):
 
@@ -90,6 +91,7 @@ class ImageHost:
         self.latency = latency
         self.host, self.port = host, port
         self.hits: Counter[str] = Counter()
+        self.user_agents: Counter[str] = Counter()  # User-Agent header values received
         self._rng = random.Random(seed)
         self._default_image = default_image
         self._bomb: bytes | None = None
@@ -198,6 +200,9 @@ class ImageHost:
                 if len(parts) < 2:
                     return
                 method, target = parts[0], parts[1]
+                for line in head.split(b"\r\n")[1:]:
+                    if line[:11].lower() == b"user-agent:":
+                        self.user_agents[line[11:].strip().decode("latin-1")] += 1
                 keep_alive = b"connection: close" not in head.lower()
                 if not await self._respond(method, target, writer, keep_alive):
                     return
