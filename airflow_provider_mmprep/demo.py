@@ -24,7 +24,8 @@ REPO_DAGS = Path(__file__).resolve().parents[1] / "dags"
 
 def prepare_airflow_env(home: Path, dags_folder: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Point Airflow at a private home/SQLite DB and the DAG folder; must run before ``import airflow``."""
-    env = {"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    env = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
            "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder), "AIRFLOW__MMPREP__CONFIG_DIR": str(dags_folder),
            "AIRFLOW__CORE__UNIT_TEST_MODE": "False", "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
            **(extra or {})}

@@ -85,14 +85,19 @@ def test_dagbag_imports_every_yaml_fast() -> None:
           f"then {warm / yamls:.3f} s per YAML (target < 0.3)")
 
 
-def test_disabled_stage_is_absent(tmp_path: Path) -> None:
+def test_disabled_stage_absent_schedule_from_yaml_retries_with_backoff(tmp_path: Path) -> None:
     from airflow_provider_mmprep.dag_builder import build_dag
 
     text = (DAGS_FOLDER / "demo_multimodal.yaml").read_text()
     path = tmp_path / "pipe.yaml"
-    path.write_text(text.replace("reorganize_tar:\n  enable: True", "reorganize_tar:\n  enable: False"))
+    path.write_text(text.replace("reorganize_tar:\n  enable: True", "reorganize_tar:\n  enable: False")
+                    .replace("name: mmprep_demo\n  schedule: null", "name: nightly\n  schedule: '@daily'"))
     dag = build_dag(path, _cluster())
+    assert dag.dag_id == "nightly" and dag.schedule == "@daily"
     assert "reorganize_tar" not in dag.task_ids and "precache_encodings" in dag.task_ids
+    precache = dag.get_task("precache_encodings")
+    assert precache.partial_kwargs["retries"] == _cluster().retries == 2
+    assert precache.partial_kwargs["retry_exponential_backoff"]
 
 
 def _cluster() -> ClusterDefaults:
