@@ -101,7 +101,10 @@ def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
             continue
         if not isinstance(head, dict) or not any(stage in head for stage in OPERATORS):
             continue
-        dag = build_dag(path)
+        try:
+            dag = build_dag(path)
+        except Exception as exc:  # name the file: one loader serves every YAML of the folder
+            raise ValueError(f"{path}: {exc}") from exc
         if dag.dag_id in built:
             raise ValueError(f"{path}: run.name {dag.dag_id!r} is already used by another YAML in {folder}")
         built[dag.dag_id] = dag

@@ -77,11 +77,8 @@ class DownloadParquetOperator(MmprepStageOperator):
     def task_env(self) -> dict[str, str]:
         from ..hooks.hf import HuggingFaceHubHook
 
-        env = HuggingFaceHubHook(self.hf_conn_id or HuggingFaceHubHook.default_conn_name).get_env()
-        # an endpoint already set for this process (tests, mirrors) wins over the connection's default
-        if "HF_ENDPOINT" in os.environ:
-            env.pop("HF_ENDPOINT", None)
-        return env
+        # an existing connection is explicit configuration: it wins over ambient HF_* variables
+        return HuggingFaceHubHook(self.hf_conn_id or HuggingFaceHubHook.default_conn_name).get_env()
 
 
 class DownloadImagesOperator(MmprepStageOperator):
