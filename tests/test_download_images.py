@@ -192,7 +192,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
                                  "--stage", "download_images", "--task-id", "0", "--task-count", "1"], env=env)
         part = tmp_path / "killed" / "p"
         deadline = time.monotonic() + 60
-        while not (part / "00001_stats.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        while len(list(part.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
