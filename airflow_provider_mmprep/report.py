@@ -214,8 +214,14 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
             except ValueError:
                 facts.incomplete[task_id] = f"{stats_file.name} is not valid JSON"
                 continue
+            retry_round = bool(stats.get("retry_round"))
             for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
                 totals[key] += int(stats.get(key, 0))
+            if retry_round:
+                # a retry shard re-tries URLs already counted as (transient) download failures: they are
+                # not new URLs, and each leaves failed_to_download for whatever status it has now
+                totals["count"] -= int(stats.get("count", 0))
+                totals["failed_to_download"] -= int(stats.get("count", 0))
             if stats.get("start_time") is not None and stats.get("end_time") is not None:
                 shards.append((float(stats["start_time"]), float(stats["end_time"]),
                                int(stats.get("successes", 0)), int(stats.get("count", 0))))
@@ -229,7 +235,9 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
             if int(stats.get("failed_to_download", 0)) > 0:  # resize failures would fail again
                 dl.retryable_tasks.add(task_id)
             status_dict = stats.get("status_dict")
-            if isinstance(status_dict, dict) and status_dict:
+            if retry_round:
+                pass  # failure reasons stay those of the first attempts (not counted twice)
+            elif isinstance(status_dict, dict) and status_dict:
                 _count_status_dict(status_dict, stats, dl)
             else:  # no status_dict: read the two status columns of the shard's parquet
                 _collect_statuses(folder / f"{shard}.parquet", task_id, dl)

@@ -192,7 +192,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted_run(tmp_path: Path) -> 
                                  "--stage", "download_images", "--task-id", "0", "--task-count", "1"], env=env)
         part = tmp_path / "killed" / "p"
         deadline = time.monotonic() + 60
-        while not (part / "00001_stats.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        while len(list(part.glob("*_stats.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.01)
         workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
@@ -339,3 +339,20 @@ def test_size_cap_and_per_image_limits_from_the_block(tmp_path: Path, host: Imag
     rows = read_rows(tmp_path / "out" / "p")
     assert rows[0]["status"] == "failed_to_download" and "max_image_bytes" in rows[0]["error_message"]
     assert rows[1]["status"] == "success"
+
+
+def test_keys_are_unique_across_parts(tmp_path: Path, host: ImageHost) -> None:
+    """Every part restarts img2dataset's shard numbering; the part index in the key keeps the dataset's
+    keys unique once reorganize_tar merges the parts (two equal adjacent keys would merge two samples)."""
+    urls = sample_data.add_images(host, 6, size=SMALL)
+    for index in range(2):
+        sample_data.write_url_parquet(tmp_path / "in" / f"p{index}.parquet", urls[index * 3:(index + 1) * 3])
+    config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=2)
+    keys = []
+    for task_id in range(2):
+        run(config, task_id=task_id, task_count=2)
+        rows = read_rows(tmp_path / "out" / f"p{task_id}")
+        assert {r["key"][:5] for r in rows} == {f"{task_id:05d}"}
+        keys += [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == 6
+    assert all(len(k) == 14 and k.isdigit() for k in keys)

@@ -340,3 +340,18 @@ def test_report_renders_in_headless_chromium(run_root, tmp_path: Path) -> None:
     assert image.size == (1200, 3600)
     # not a blank page: many distinct colours (text, tables, the plots' bars and lines)
     assert len(image.getcolors(maxcolors=1 << 20) or []) > 200
+
+
+def test_retry_shards_do_not_count_urls_twice(run_root) -> None:
+    """A retry_failed round re-tries URLs already counted as download failures: 'URLs tried' stays the
+    number of input URLs, and each recovered URL moves from failed_to_download to images downloaded."""
+    _, _, cfg = run_root
+    part = Path(cfg.download_images.output_dir) / "part0"
+    (part / "00009_stats.json").write_text(json.dumps({
+        "count": 3, "successes": 2, "failed_to_download": 1, "failed_to_resize": 0, "retry_round": True,
+        "duration": 1.0, "start_time": 2000.0, "end_time": 2001.0,
+        "status_dict": {"success": 2, "HTTP Error 404: Not Found": 1}}))
+    _write_tar(part / "00009.tar", [])
+    text = _text(build_report_html(cfg))
+    assert "URLs tried 40" in text and "images downloaded 30 (75.0%)" in text
+    assert "failed to download 6" in text and "failed to resize 4" in text

@@ -77,6 +77,9 @@ class DownloadOptions:
     max_image_pixels: int = 89_478_485
     max_redirects: int = 5
     max_connections_per_host: int = 32
+    # Prepended to every key: the part's index, so keys stay unique across the parts of a dataset (each
+    # part restarts img2dataset's shard numbering, and reorganize_tar merges all parts into one order).
+    key_prefix: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property

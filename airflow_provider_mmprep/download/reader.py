@@ -44,8 +44,8 @@ def key_digits(number_sample_per_shard: int) -> int:
     return max(0, math.ceil(math.log10(number_sample_per_shard))) if number_sample_per_shard > 1 else 0
 
 
-def make_key(shard_id: int, index: int, number_sample_per_shard: int) -> str:
-    return str(shard_id * 10 ** key_digits(number_sample_per_shard) + index).zfill(9)
+def make_key(shard_id: int, index: int, number_sample_per_shard: int, prefix: str = "") -> str:
+    return prefix + str(shard_id * 10 ** key_digits(number_sample_per_shard) + index).zfill(9)
 
 
 def _input_error(message: str) -> Exception:
@@ -160,7 +160,7 @@ def iter_shard_jobs(path: Path, options: DownloadOptions, skip: set[int] | None 
         urls = _as_text(table.column(options.url_col).to_pylist())
         captions = _as_text(table.column(options.caption_col).to_pylist()) if options.caption_col else None
         extra = table.select(list(options.save_additional_columns)) if options.save_additional_columns else None
-        keys = [make_key(shard, i, per_shard) for i in range(table.num_rows)]
+        keys = [make_key(shard, i, per_shard, options.key_prefix) for i in range(table.num_rows)]
         return ShardJob(shard, keys, urls, captions, extra, first_row=shard * per_shard)
 
     for batch in iter_batches(path, options):

@@ -14,6 +14,7 @@ original keys — as additional shards numbered after the existing ones.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -240,7 +241,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         log.warning("download_images: running task %d of %d, but %d part(s) are present now", task_id, task_count,
                     len(parts))
     part = parts[task_id]
-    options = options_from_config(cfg)
+    options = dataclasses.replace(options_from_config(cfg), key_prefix=f"{task_id:05d}")
     out_dir = Path(block.output_dir) / part_name(block.input_dir, part)
     out_dir.mkdir(parents=True, exist_ok=True)
     removed = remove_stale_temporaries(out_dir)
