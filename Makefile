@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test clean
+.PHONY: install browser test demo clean
 
 install: $(STAMP)
 
@@ -25,5 +25,9 @@ browser:
 test: install browser
 	$(PY) -m pytest -q tests
 
+# The main job: the whole Airflow DAG on a bundled sample (loopback sources, CPU, tiny encoders).
+demo: install
+	$(PY) -m airflow_provider_mmprep.demo --out demo-output
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info demo-output
