@@ -30,26 +30,38 @@ def write_manifest(tar_path: str | Path, sample_count: int, **fields: Any) -> No
     atomic_write_bytes(manifest_path(tar_path), json.dumps(body, sort_keys=True).encode())
 
 
-def _read_small(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+def load_current_manifest(manifest_file: str, tar_size: int) -> tuple[dict[str, Any], float] | None:
+    """The manifest body and its mtime when it describes a tar of ``tar_size`` bytes; None when it is
+    absent, unreadable, lacks ``sample_count``, or is stale (written for another version of the tar).
+
+    Plain strings and os calls, no pathlib: generate_wdinfo and the report read 100,000s of these.
+    """
     try:
+        fd = os.open(manifest_file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        mtime = os.fstat(fd).st_mtime
         chunks = []
         while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
-        return b"".join(chunks)
     finally:
         os.close(fd)
+    try:
+        body = json.loads(b"".join(chunks))
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("tar_size") != tar_size or "sample_count" not in body:
+        return None
+    return body, mtime
 
 
 def read_manifest(tar_path: str | Path) -> dict[str, Any] | None:
-    """The manifest of one tar, or None if absent or stale (tar size differs from the recorded one)."""
-    # Plain strings and os calls, no pathlib: generate_wdinfo reads 100,000 of these in about a second.
+    """The manifest of one tar, or None if absent or stale (see :func:`load_current_manifest`)."""
     tar_name = os.fspath(tar_path)
     try:
-        body = json.loads(_read_small(tar_name + MANIFEST_SUFFIX))
         size = os.stat(tar_name).st_size
-    except (FileNotFoundError, ValueError):
+    except FileNotFoundError:
         return None
-    if body.get("tar_size") != size:
-        return None
-    return body
+    loaded = load_current_manifest(tar_name + MANIFEST_SUFFIX, size)
+    return loaded[0] if loaded else None

@@ -21,13 +21,43 @@ RECORD = tarfile.RECORDSIZE  # tarfile pads archives to 10 KiB records, so do we
 _FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 
 
+def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Append ``length`` bytes at ``offset`` of ``src_fd`` to ``dst_fd`` (at its current position).
+
+    In the kernel where the file system allows it (``copy_file_range``, then ``sendfile``), else through a
+    buffer; raises if the source ends early (it changed while we copied).
+    """
+    method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+    done = 0
+    while done < length:
+        count = length - done
+        try:
+            if method == "copy_file_range":
+                moved = os.copy_file_range(src_fd, dst_fd, count, offset + done)
+            elif method == "sendfile":
+                moved = os.sendfile(dst_fd, src_fd, offset + done, count)
+            else:
+                chunk = os.pread(src_fd, min(count, 1 << 20), offset + done)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(dst_fd, view):]
+                moved = len(chunk)
+        except OSError as exc:
+            if exc.errno in _FALLBACK_ERRNOS and method != "pread":
+                method = "sendfile" if method == "copy_file_range" else "pread"
+                continue
+            raise
+        if moved == 0:
+            raise OSError(errno.EIO, f"source ended {length - done} bytes early (file changed?)")
+        done += moved
+
+
 class RangeTarWriter:
     """Append byte ranges of open tar files to ``out_fd``; :meth:`close` writes the end-of-archive."""
 
     def __init__(self, out_fd: int):
         self.fd = out_fd
         self.position = 0
-        self._method = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -40,29 +70,8 @@ class RangeTarWriter:
         """Copy ``length`` bytes at ``start`` of ``src_fd``: whole member records, block aligned."""
         if start % BLOCK or length % BLOCK:
             raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
-        done = 0
-        while done < length:
-            count = length - done
-            try:
-                if self._method == "copy_file_range":
-                    moved = os.copy_file_range(src_fd, self.fd, count, start + done)
-                elif self._method == "sendfile":
-                    moved = os.sendfile(self.fd, src_fd, start + done, count)
-                else:
-                    chunk = os.pread(src_fd, min(count, 1 << 20), start + done)
-                    moved = len(chunk)
-                    if moved:
-                        self._write(chunk)
-                        self.position -= moved  # counted once, below
-            except OSError as exc:
-                if exc.errno in _FALLBACK_ERRNOS and self._method != "pread":
-                    self._method = "sendfile" if self._method == "copy_file_range" else "pread"
-                    continue
-                raise
-            if moved == 0:
-                raise OSError(errno.EIO, f"source ended {length - done} bytes early (file changed?)")
-            done += moved
-            self.position += moved
+        copy_range(src_fd, self.fd, start, length)
+        self.position += length
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks) and pad to a whole record, like tarfile."""

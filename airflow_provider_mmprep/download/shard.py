@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
 from ..manifest import write_manifest
+from ..tarwriter import copy_range
 from .fetcher import Fetcher
 from .options import DownloadOptions
 from .reader import ShardJob
@@ -250,17 +251,8 @@ class _TarWriter:
             self.add_raw(piece.fileno(), 0, size)
 
     def add_raw(self, source_fd: int, offset: int, length: int) -> None:
-        copied = 0
-        while copied < length:
-            try:
-                count = os.copy_file_range(source_fd, self._fd, length - copied, offset + copied)
-            except (AttributeError, OSError):
-                count = 0
-            if count <= 0:  # unsupported here: plain read/write
-                self._file.write(os.pread(source_fd, length - copied, offset + copied))
-                self._file.flush()
-                return
-            copied += count
+        self._file.flush()  # the kernel copy writes at the file descriptor's position
+        copy_range(source_fd, self._fd, offset, length)
 
 
 def _json_value(value: Any) -> Any:
