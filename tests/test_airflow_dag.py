@@ -21,7 +21,7 @@ import importlib.util  # noqa: E402
 if any(importlib.util.find_spec(m.split(".")[0]) is None for m in ("airflow", "torch", "diffusers")):
     pytest.skip("needs the airflow/kubernetes/precache extras", allow_module_level=True)
 
-from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_home  # noqa: E402
+from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_home, clear_and_rerun  # noqa: E402
 
 airflow_home(migrate=True)
 
@@ -134,8 +134,13 @@ def test_resume_after_a_failed_instance_writes_only_its_shards(clean_run: dict[s
     before = _stamps(out)
 
     monkeypatch.setattr(operator_module, "run_stage_task", run_stage_task)
-    resumed = clean_run["dag"].test(run_conf=conf, logical_date=when)  # same run: its instances rerun
-    assert str(resumed.state).endswith("success")
+    # what `mmprep clear ... --stage precache_encodings --task-ids 2` asks the REST API for: that map index
+    # and (include_downstream) the failed tasks after it, in the same run
+    final_state = clear_and_rerun(clean_run["dag"], failed.run_id,
+                                  [("precache_encodings", 2), "plan_generate_wdinfo", "generate_wdinfo"])
+    assert final_state.endswith("success")
+    tries = {(ti.task_id, ti.map_index): ti.try_number for ti in _task_instances(failed.run_id)}
+    assert [tries[("precache_encodings", i)] for i in range(4)] == [1, 1, 2, 1]  # only index 2 reran
     after = _stamps(out)
     assert {k: v for k, v in after.items() if k in before} == before  # finished shards not rewritten
     new = sorted(set(after) - set(before))
