@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, get_current_context, task
+from airflow.sdk import DAG, Asset, Param, get_current_context, task, teardown
 
 from .dag_factory import DagSpec, plan_download_images, plan_run, read_dag_spec
 from .operators.cluster import ClusterDefaults
@@ -84,6 +84,23 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
                                                 ).expand_kwargs(instances)
             instances >> node
             previous = node
+
+        @teardown
+        def report() -> str | None:
+            """report.html beside wdinfo.pkl. A teardown runs after the stages whether they failed or not
+            (that is when its resume commands matter) and does not decide the run's state."""
+            from .config import load_config
+            from .report import write_report
+
+            context = get_current_context()
+            planned = context["ti"].xcom_pull(task_ids="plan")
+            if not planned:  # the plan itself failed: its error is the report
+                return None
+            cfg = load_config(spec.config_path, planned["overrides"], load_precache=False)
+            return str(write_report(cfg, overrides=planned["overrides"], dag_id=spec.dag_id,
+                                    run_id=context["run_id"]))
+
+        previous >> report()
     return dag
 
 

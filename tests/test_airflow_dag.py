@@ -94,6 +94,10 @@ def test_every_stage_runs_labels_instances_and_writes_wdinfo(clean_run: dict[str
     wdinfo = pickle.loads((clean_run["root"] / "wdinfo.pkl").read_bytes())
     assert wdinfo["total_key_count"] == IMAGES and wdinfo["chunk_size"] == 25
     assert len(wdinfo["tar_files"]) == 4
+    # the final teardown task writes the run report beside wdinfo.pkl
+    assert str(by_task["report"][0].state).endswith("success")
+    page = (clean_run["root"] / "report.html").read_text()
+    assert clean_run["run_id"] in page and "No failed or missing tasks found." in page
 
 
 def test_wdinfo_asset_event_recorded(clean_run: dict[str, Any]) -> None:
@@ -130,6 +134,10 @@ def test_resume_after_a_failed_instance_writes_only_its_shards(clean_run: dict[s
     states = {(ti.task_id, ti.map_index): str(ti.state) for ti in _task_instances(failed.run_id)}
     assert states[("precache_encodings", 2)].endswith("failed")
     assert not (root / "wdinfo.pkl").exists()
+    # the report still ran (a teardown: it did not turn the failed run into a success) and says what to redo
+    assert states[("report", -1)].endswith("success")
+    page = (root / "report.html").read_text()
+    assert "--stage precache_encodings --task-id 2 --task-count 4" in page
     out = root / "tarfiles_precached"
     before = _stamps(out)
 
