@@ -6,7 +6,7 @@ import contextlib
 import fnmatch
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 TMP_MARKER = ".mmprep-tmp"
 
@@ -40,17 +40,26 @@ def atomic_write_bytes(final: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete leftovers of crashed writers in ``folder`` (not recursive); returns how many."""
-    removed = 0
+def remove_stale_temporaries(folder: str | Path, outputs: Iterable[str] | None = None) -> int:
+    """Delete leftovers of crashed writers in ``folder`` (not recursive); returns how many.
+
+    With ``outputs`` (final file names), only the temporaries of those outputs and of their sidecars
+    (``<output>.manifest.json`` …) go: other tasks may be writing beside us into the same folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    owned = None if outputs is None else set(outputs)
+    removed = 0
     for entry in os.scandir(folder):
-        if entry.name.endswith(TMP_MARKER) and entry.is_file():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
+        if not (entry.name.startswith(".") and entry.name.endswith(TMP_MARKER) and entry.is_file()):
+            continue
+        final = entry.name[1:-len(TMP_MARKER)].rsplit(".", 1)[0]  # ".{final}.{pid}{TMP_MARKER}"
+        if owned is not None and final not in owned and not any(final.startswith(o + ".") for o in owned):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
     return removed
 
 

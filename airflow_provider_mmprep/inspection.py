@@ -15,11 +15,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .manifest import read_manifest
+from .manifest import INCOMPLETE_SUFFIX, read_manifest
 from .safepickle import UnsafePickleError, describe_arrays, safe_loads, safe_loads_plain
 from .tarindex import TarIndex, UnsafeMemberName, find_tars, index_tar
 
-INCOMPLETE_SUFFIX = ".INCOMPLETE"
 EXAMPLES = 10
 
 

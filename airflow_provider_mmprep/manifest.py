@@ -15,6 +15,8 @@ from typing import Any
 from .fsutil import atomic_write_bytes
 
 MANIFEST_SUFFIX = ".manifest.json"
+#: NeMo's mark of a short tar: an empty ``<tar>.INCOMPLETE`` beside it (or the tar renamed so).
+INCOMPLETE_SUFFIX = ".INCOMPLETE"
 
 
 def manifest_path(tar_path: str | Path) -> Path:

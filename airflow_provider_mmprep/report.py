@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import shlex
 import time
 from collections import Counter
@@ -34,8 +33,9 @@ import pyarrow.parquet as pq
 
 from .config import STAGE_NAMES, PipelineConfig
 from .fsutil import atomic_write_bytes, task_range
-from .manifest import MANIFEST_SUFFIX, load_current_manifest
+from .manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, load_current_manifest
 from .plan import compact_ranges, list_parquet_parts, part_name
+from .safepickle import safe_loads_plain
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ FAILED_STATES = frozenset({"failed", "upstream_failed", "removed"})
 MAX_TASK_LINES = 12
 TOP_ERRORS = 12
 #: Suffix NeMo (and our reorganize_tar) gives a short last tar so loaders do not take it for a full one.
-INCOMPLETE_SUFFIX = ".INCOMPLETE"
 TAR_SUFFIXES = (".tar", ".tar" + INCOMPLETE_SUFFIX)
 #: Per-task `mmprep run` lines shown per stage; the `mmprep clear` line always covers every failed task.
 MAX_RUN_LINES = 50
@@ -327,13 +326,6 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
                 facts.incomplete[task_id] = "no output tar records this task"
 
 
-class _NoClassesUnpickler(pickle.Unpickler):
-    """wdinfo.pkl is plain dicts, lists, strings and ints: refuse every class so a tampered file can't run code."""
-
-    def find_class(self, module: str, name: str) -> Any:  # noqa: D102
-        raise pickle.UnpicklingError(f"wdinfo.pkl refers to {module}.{name}; only plain data is expected")
-
-
 def _collect_wdinfo(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Any] | None:
     block = cfg.generate_wdinfo
     path = Path(block.output_wdinfo_path)
@@ -343,8 +335,7 @@ def _collect_wdinfo(cfg: PipelineConfig, facts: StageFacts) -> dict[str, Any] | 
         facts.incomplete[0] = "no wdinfo.pkl"
         return None
     try:
-        with path.open("rb") as fh:
-            info = _NoClassesUnpickler(fh).load()
+        info = safe_loads_plain(path.read_bytes())  # plain data only: a tampered file can't run code
     except Exception as exc:
         facts.notes.append(f"{path} cannot be read: {exc}")
         facts.incomplete[0] = "unreadable wdinfo.pkl"

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..fsutil import temp_path_for
-from ..manifest import write_manifest
+from ..manifest import INCOMPLETE_SUFFIX, write_manifest
 from .data import KeptSample, Member
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ class TarWriterThread:
         current.close()
         self._current = None
         output = current.output
-        marker = output.final.with_name(output.final.name + ".INCOMPLETE")
+        marker = output.final.with_name(output.final.name + INCOMPLETE_SUFFIX)
         if output.marker:  # marker first: a reader never sees the short tar unmarked
             marker.touch()
         elif marker.is_file() and marker.stat().st_size == 0:

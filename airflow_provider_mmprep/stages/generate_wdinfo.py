@@ -21,7 +21,7 @@ from typing import Any
 
 from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
-from ..manifest import MANIFEST_SUFFIX, read_manifest
+from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest
 from ..progress import Progress
 from ..tarindex import UnsafeMemberName, has_extensions, index_tar, normalize_extensions
 from . import StageError
@@ -29,7 +29,6 @@ from . import StageError
 log = logging.getLogger(__name__)
 
 STAGE = "generate_wdinfo"
-INCOMPLETE_SUFFIX = ".INCOMPLETE"
 EXAMPLES = 10
 
 

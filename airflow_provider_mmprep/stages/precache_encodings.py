@@ -28,14 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
-from ..fsutil import TMP_MARKER, sorted_files, task_range
-from ..manifest import read_manifest
+from ..fsutil import remove_stale_temporaries, sorted_files, task_range
+from ..manifest import INCOMPLETE_SUFFIX, read_manifest
 from . import StageError
 
 log = logging.getLogger(__name__)
 
 STAGE = "precache_encodings"
-INCOMPLETE_SUFFIX = ".INCOMPLETE"
 #: bump when the output format changes so older outputs are redone
 FORMAT_VERSION = 1
 
@@ -84,14 +83,6 @@ def original_extensions(precache: PrecacheConfig) -> list[str]:
     return extensions
 
 
-def _remove_own_temporaries(output_dir: Path, finals: list[Path]) -> None:
-    """Leftovers of a killed run, for this task's tars only (other tasks may be writing beside us)."""
-    for final in finals:
-        for stale in output_dir.glob(f".{final.name}.*{TMP_MARKER}"):
-            log.info("removing leftover of an interrupted run: %s", stale.name)
-            stale.unlink(missing_ok=True)
-
-
 def plan_devices(precache: PrecacheConfig) -> list[str]:
     """Device per encoder process: every visible GPU (capped by ``lightning.devices`` when it is a
     number), or CPU; ``worker_processes`` (ours) overrides the count."""
@@ -133,7 +124,9 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     output_dir = Path(block.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     finals = [output_dir / tar.name for tar in owned]
-    _remove_own_temporaries(output_dir, finals)
+    removed = remove_stale_temporaries(output_dir, [final.name for final in finals])  # only our tars'
+    if removed:
+        log.info("removed %d leftover(s) of an interrupted run in %s", removed, output_dir)
     fingerprints = {tar: output_fingerprint(precache, tar) for tar in owned}
     pending = [tar for tar, final in zip(owned, finals) if not is_finished(final, fingerprints[tar])]
     summary: dict[str, Any] = {"input_tars": len(tars), "task_tars": len(owned),

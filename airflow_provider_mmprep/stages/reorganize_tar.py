@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import MANIFEST_SUFFIX, read_manifest, write_manifest
+from ..manifest import INCOMPLETE_SUFFIX, read_manifest, write_manifest
 from ..progress import Progress
 from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
                         normalize_extensions, prefetch, select_members)
@@ -40,7 +40,6 @@ from . import StageError
 log = logging.getLogger(__name__)
 
 STAGE = "reorganize_tar"
-INCOMPLETE_SUFFIX = ".INCOMPLETE"
 EXAMPLES = 10  # how many examples of each problem a summary lists
 PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexing
 
@@ -204,16 +203,6 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     return "written", count, size
 
 
-def remove_own_temporaries(output_dir: Path, names: set[str]) -> None:
-    """Delete crashed writers' temporaries (tar or manifest) of the outputs in ``names`` only."""
-    for entry in os.scandir(output_dir):
-        if entry.name.startswith(".") and entry.name.endswith(fsutil.TMP_MARKER):
-            final = entry.name[1:-len(fsutil.TMP_MARKER)].rsplit(".", 1)[0]  # ".{final}.{pid}{TMP_MARKER}"
-            if final.removesuffix(MANIFEST_SUFFIX) in names:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-
-
 def write_threads(configured: int) -> int:
     """Threads that write output tars at once: the copy runs in the kernel without the GIL, so on a
     page-cache-warm node one thread per core goes that much faster; 0 means the CPU count (at most 8)."""
@@ -264,7 +253,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
         if task_count > 1:  # other tasks write beside us right now: remove only our own leftovers
-            remove_own_temporaries(output_dir, {output_path(output_dir, j).name for j in mine})
+            fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
         last = plan.output_count - 1
         for j in mine:
             if j not in futures:
