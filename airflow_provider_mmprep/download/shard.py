@@ -207,8 +207,11 @@ class _TarWriter:
     """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
     kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
 
-    def __init__(self, path: Path):
-        self._file = open(path, "wb")
+    def __init__(self, path: Path, append: bool = False):
+        # appending opens read-write at the end, not O_APPEND: copy_file_range refuses O_APPEND targets
+        self._file = open(path, "r+b" if append else "wb")
+        if append:
+            self._file.seek(0, os.SEEK_END)
         self._fd = self._file.fileno()
 
     @staticmethod
@@ -322,9 +325,11 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
     extension = options.extension
     try:
         with atomic_path(paths["tar"]) as tmp_tar:
-            tar = _TarWriter(tmp_tar)
+            # the first piece becomes the tar (a rename, not a copy: a shard's bytes are written once)
+            os.replace(pieces[0], tmp_tar)
+            tar = _TarWriter(tmp_tar, append=True)
             try:
-                for piece in pieces:
+                for piece in pieces[1:]:
                     tar.append_file(piece)
             finally:
                 tar.close()
