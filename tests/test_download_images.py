@@ -356,3 +356,17 @@ def test_keys_are_unique_across_parts(tmp_path: Path, host: ImageHost) -> None:
         keys += [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) == 6
     assert all(len(k) == 14 and k.isdigit() for k in keys)
+
+
+def test_host_timeline_shows_how_many_requests_the_downloader_kept_in_flight(tmp_path: Path) -> None:
+    """The benchmark reads the downloader's concurrency off this timeline; it must reflect real overlap."""
+    with ImageHost(latency=(0.05, 0.05), seed=0, record_timeline=True) as host:
+        urls = sample_data.add_images(host, 40, size=SMALL)
+        sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+        run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", threads=8))
+        timeline = list(host.timeline or [])
+    assert len(timeline) == 40
+    assert all(answered - received >= 0.045 for received, answered in timeline)  # timers may fire ~1 ms early
+    busy = sum(answered - received for received, answered in timeline)
+    window = max(a for _, a in timeline) - min(r for r, _ in timeline)
+    assert 4 < busy / window <= 8.5  # about 8 in flight: the thread count, never more

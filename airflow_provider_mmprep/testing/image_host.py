@@ -12,6 +12,7 @@ Usage::
         ...
     host.hits["/img/1.jpg"]                         # how many requests each path received
     host.user_agents                                # Counter of User-Agent values received
+    host.timeline                                   # with record_timeline=True: (received, answered) times
 
 Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs distinct):
 
@@ -34,6 +35,8 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ============================  ======================================================================
 
 Latency ``(low, high)`` delays every reply by a uniform random time from a generator seeded with ``seed``.
+``record_timeline`` keeps the wall-clock time each request arrived and its reply was sent, so a benchmark can
+tell how many requests a client kept in flight and what the latencies allow at best.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -84,7 +88,8 @@ class ImageHost:
     """Serve registered bodies and fault routes on ``http://127.0.0.1:<port>``; see the module doc."""
 
     def __init__(self, resources: dict[str, bytes] | None = None, latency: tuple[float, float] = (0.0, 0.0),
-                 seed: int = 0, host: str = "127.0.0.1", port: int = 0, default_image: bytes | None = None):
+                 seed: int = 0, host: str = "127.0.0.1", port: int = 0, default_image: bytes | None = None,
+                 record_timeline: bool = False):
         self.resources: dict[str, Resource] = {}
         for path, body in (resources or {}).items():
             self.add(path, body)
@@ -92,6 +97,7 @@ class ImageHost:
         self.host, self.port = host, port
         self.hits: Counter[str] = Counter()
         self.user_agents: Counter[str] = Counter()  # User-Agent header values received
+        self.timeline: list[tuple[float, float]] | None = [] if record_timeline else None
         self._rng = random.Random(seed)
         self._default_image = default_image
         self._bomb: bytes | None = None
@@ -204,7 +210,11 @@ class ImageHost:
                     if line[:11].lower() == b"user-agent:":
                         self.user_agents[line[11:].strip().decode("latin-1")] += 1
                 keep_alive = b"connection: close" not in head.lower()
-                if not await self._respond(method, target, writer, keep_alive):
+                received = time.time()
+                connection_usable = await self._respond(method, target, writer, keep_alive)
+                if self.timeline is not None:
+                    self.timeline.append((received, time.time()))
+                if not connection_usable:
                     return
                 if not keep_alive:
                     return
