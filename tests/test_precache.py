@@ -362,3 +362,26 @@ def test_encoder_processes_exit_when_their_task_is_killed(tmp_path, models):
               for c in encoders):
         assert time.monotonic() < deadline, "encoder processes outlived their killed task"
         time.sleep(0.1)
+
+
+def test_a_failed_writer_surfaces_in_the_encoding_loop_instead_of_blocking_it(tmp_path: Path) -> None:
+    """The writer dies on its first tar (its folder is gone); the producer must get the error, not hang on a
+    full queue, and nothing may be left behind."""
+    from airflow_provider_mmprep.precache.writer import EncodedBatch, TarOutput, TarWriterThread
+
+    source = tmp_path / "in.tar"
+    source.write_bytes(b"")
+    output = TarOutput(source, tmp_path / "missing" / "out.tar", originals=())
+    writer = TarWriterThread([output], on_tar_done=lambda info: None, depth=1)
+
+    def batch(last: bool) -> EncodedBatch:
+        return EncodedBatch(0, last, kept=[], bad=[], arrays={}, masks={})
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="precache writer failed"):
+        for _ in range(10):  # more batches than the queue holds
+            writer.put(batch(False))
+    with pytest.raises(RuntimeError, match="precache writer failed"):
+        writer.close()
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "missing").exists()

@@ -113,13 +113,7 @@ class TarWriterThread:
         self._thread.start()
 
     def put(self, batch: EncodedBatch) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self.queue.put(batch, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._offer(batch, self._healthy)
 
     def close(self) -> None:
         """Drain, stop, and re-raise the writer's error (if any) in the caller."""
@@ -129,12 +123,21 @@ class TarWriterThread:
         self._raise_if_failed()
 
     def put_end(self) -> None:
-        while self._thread.is_alive():
+        self._offer(None, self._thread.is_alive)
+
+    def _offer(self, item: EncodedBatch | None, keep_trying: Callable[[], bool]) -> None:
+        """Block until the writer takes ``item``, asking ``keep_trying`` every 0.5 s while the queue is full
+        (a dead writer never drains it)."""
+        while keep_trying():
             try:
-                self.queue.put(None, timeout=0.5)
+                self.queue.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
+
+    def _healthy(self) -> bool:
+        self._raise_if_failed()
+        return True
 
     def abort(self) -> None:
         """Stop without finishing the open tar (its temporary file is removed)."""
