@@ -2,6 +2,8 @@
 
 A manifest is a small JSON sidecar ``<tar name>.manifest.json`` written atomically *after* its tar, holding
 at least ``sample_count``; producers may add fields (extensions, encodings and shapes, short-tar flag…).
+``every_sample_has`` is a promise: each of the ``sample_count`` samples has a member of every extension
+listed, so a consumer that needs only those can count usable samples without reading the tar.
 A manifest whose tar is missing, or older than its tar, is ignored by readers.
 """
 

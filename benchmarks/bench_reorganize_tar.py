@@ -8,6 +8,9 @@ sample counts; several parts) in a temporary folder, then alternates, ``--repeat
 warm-up read first) and once cold (our input files evicted with ``posix_fadvise(DONTNEED)`` before each
 run). Prints throughputs (input MB/s), CPU seconds and the ratio per round, then the medians.
 
+With ``--tasks N`` (default 4), also runs N tasks one after another, cold, as N pods would: once over
+inputs carrying download_images' manifests and once without them.
+
 Also measures generate_wdinfo over a folder of 100,000 tiny tars with manifests (the "under 2 s" goal).
 
     /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--mb 320] [--repeat 5] [--keep]
@@ -30,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_config  # noqa: E402
+from airflow_provider_mmprep.manifest import MANIFEST_SUFFIX, write_manifest  # noqa: E402
 from airflow_provider_mmprep.stages import generate_wdinfo, reorganize_tar  # noqa: E402
 from airflow_provider_mmprep.testing.shards import download_style_samples, write_tar  # noqa: E402
 
@@ -120,10 +124,53 @@ def compare(label: str, cfg, tars: list[Path], total: int, work: Path, out_dir: 
     return ratio
 
 
+def time_tasks(cfg, tars: list[Path], out_dir: Path, tasks: int) -> float:
+    """Wall seconds of ``tasks`` reorganize_tar tasks run one after another, inputs evicted before each: on a
+    cluster every task starts on its own node with a cold cache."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    elapsed = 0.0
+    for task_id in range(tasks):
+        evict(tars)
+        started = time.perf_counter()
+        reorganize_tar.run_task(cfg, task_id, tasks)
+        elapsed += time.perf_counter() - started
+    return elapsed
+
+
+def compare_tasks(cfg, tars: list[Path], total: int, work: Path, out_dir: Path, tasks: int, repeat: int) -> None:
+    """``tasks`` tasks over inputs that carry download_images' manifests (each task reads only the inputs
+    feeding its outputs) and over the same inputs without them (each task reads every input's headers),
+    against one cold ``cat``."""
+    manifests = [t.with_name(t.name + MANIFEST_SUFFIX) for t in tars]
+    for tar, manifest in zip(tars, manifests):  # what download_images writes beside each shard
+        count = sum(1 for m in tar_member_names(tar) if m.endswith(".jpg"))
+        write_manifest(tar, count, extensions=["jpg", "json", "txt"], every_sample_has=["jpg", "json", "txt"])
+    cat, with_m, without_m = [], [], []
+    for _ in range(repeat):
+        cat.append(time_cat(tars, work / "cat.out", cold=True)[0])
+        with_m.append(time_tasks(cfg, tars, out_dir, tasks))
+        for manifest in manifests:
+            manifest.rename(manifest.with_name("." + manifest.name))
+        without_m.append(time_tasks(cfg, tars, out_dir, tasks))
+        for manifest in manifests:
+            manifest.with_name("." + manifest.name).rename(manifest)
+    cat_wall, with_wall, without_wall = (statistics.median(x) for x in (cat, with_m, without_m))
+    print(f"cold, {tasks} tasks in turn (median of {repeat}): cat {total / 1e6 / cat_wall:.0f} MB/s; with manifests "
+          f"{with_wall:.2f}s in all = {cat_wall / with_wall:.2f}x cat; without manifests {without_wall:.2f}s = "
+          f"{cat_wall / without_wall:.2f}x cat (every task reads every input's headers)")
+    for manifest in manifests:
+        manifest.unlink()
+
+
+def tar_member_names(path: Path) -> list[str]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
 def bench_wdinfo(work: Path, tar_count: int) -> None:
     """generate_wdinfo over ``tar_count`` tiny tars that all have manifests."""
-    from airflow_provider_mmprep.manifest import write_manifest
-
     folder = work / "wdinfo_input"
     folder.mkdir()
     template = work / "template.tar"
@@ -160,6 +207,8 @@ def main() -> int:
     parser.add_argument("--ext", default=".jpg,.txt,.json",
                         help="file_ext_in_tar (default all members, so both sides copy the same bytes)")
     parser.add_argument("--threads", type=int, default=0, help="reorganize_tar.write_threads (0 = auto)")
+    parser.add_argument("--tasks", type=int, default=4,
+                        help="also run this many tasks in turn, cold, with and without input manifests (0: skip)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
 
@@ -183,6 +232,8 @@ def main() -> int:
             compare("warm", cfg, tars, total, work, out_dir, args.repeat, cold=False)
         if args.mode in ("cold", "both"):
             compare("cold", cfg, tars, total, work, out_dir, args.repeat, cold=True)
+        if args.tasks > 1:
+            compare_tasks(cfg, tars, total, work, out_dir, args.tasks, max(1, args.repeat // 2))
         written = sum(p.stat().st_size for p in out_dir.glob("*.tar"))
         print(f"output: {len(list(out_dir.glob('*.tar')))} tars, {written / 1e6:.0f} MB; "
               f"load average after: {os.getloadavg()[0]:.2f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import os
 import signal
@@ -292,3 +293,51 @@ def test_output_dir_inside_input_dir_is_not_read_back(uneven: Path) -> None:
     first = run_task(make_cfg(uneven, out, 3), 0, 1)
     again = run_task(make_cfg(uneven, out, 3), 0, 1)
     assert again["input_tars"] == first["input_tars"] == 4 and again["skipped_complete"] == 3
+
+
+def test_with_download_manifests_each_task_reads_only_the_inputs_feeding_its_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=3, shards_per_part=4, samples_per_shard=(3, 11), seed=7,
+                                manifests=True)
+    run_all(make_cfg(raw, tmp_path / "reference", 5, "reorganize_tar.strict=true"), 2)  # strict: full plan
+    reference = digests(tmp_path / "reference")
+
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+    read: list[Path] = []
+    real_index_tar = stage.index_tar
+    monkeypatch.setattr(stage, "index_tar", lambda path: read.append(Path(path)) or real_index_tar(path))
+    for tasks in (2, 7):
+        read.clear()
+        out = tmp_path / f"out{tasks}"
+        summaries = run_all(make_cfg(raw, out, 5), tasks)
+        assert digests(out) == reference
+        assert sum(s["samples_written"] for s in summaries) == summaries[0]["usable_samples"]
+        # every input read about once in all: at most one extra read per boundary between tasks
+        assert len(read) <= len(tars) + tasks - 1
+        assert sum(s["indexed_input_tars"] for s in summaries) == len(read)
+        assert set(read) == set(tars)
+
+
+def test_inputs_without_a_usable_manifest_are_counted_from_their_headers(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=2, shards_per_part=4, samples_per_shard=(3, 11), seed=8,
+                                manifests=True)
+    run_all(make_cfg(raw, tmp_path / "reference", 4), 1)
+    (tars[1].parent / (tars[1].name + ".manifest.json")).unlink()  # no manifest
+    tars[5].with_name(tars[5].name + ".manifest.json").write_text(  # stale: written for another tar size
+        json.dumps({"sample_count": 999, "tar_size": 1, "every_sample_has": ["jpg", "json", "txt"]}))
+    summaries = run_all(make_cfg(raw, tmp_path / "out", 4), 3)
+    assert digests(tmp_path / "out") == digests(tmp_path / "reference")
+    assert all(s["indexed_input_tars"] >= 2 for s in summaries)  # every task counts the two unlisted ones
+
+
+def test_a_manifest_its_tar_contradicts_fails_the_task_that_reads_it(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=4, samples_per_shard=(5, 5), seed=9,
+                                manifests=True)
+    manifest = tars[0].with_name(tars[0].name + ".manifest.json")
+    body = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**body, "sample_count": 6}))  # current (same tar size) but wrong
+    with pytest.raises(StageError, match=r"part-000/00000.tar has 5 usable sample\(s\) but its manifest says 6"):
+        run_task(make_cfg(raw, tmp_path / "out", 5), 0, 2)

@@ -369,9 +369,9 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
         label = outcome.error or outcome.status
         status_dict[label] = status_dict.get(label, 0) + 1
     end = time.time()
-    write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=sorted(
-        [extension, "json"] + (["txt"] if job.captions is not None else [])), retry_round=job.retry,
-        source="download_images")
+    extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
+    write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
+                   every_sample_has=extensions, retry_round=job.retry, source="download_images")
     stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
              "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
              "duration": end - start, "start_time": start, "end_time": end,

@@ -5,7 +5,9 @@ by path relative to ``input_dir``, samples in stored order). Output tar ``j`` ho
 ``[j*C, (j+1)*C)`` of that order and is named ``{j:05d}.tar`` in one flat ``output_dir``; the last one
 may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMPLETE`` file beside it
 (NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
-:func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes.
+:func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes. With several tasks, each places
+the inputs by their manifests' sample counts and reads the headers of only the inputs feeding its own
+outputs (:func:`build_task_plan`), so T tasks do not read every header T times.
 
 Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
@@ -30,9 +32,9 @@ from typing import Any, Callable
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import INCOMPLETE_SUFFIX, read_manifest, write_manifest
+from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, write_manifest
 from ..progress import Progress
-from ..tarindex import (Member, UnsafeMemberName, find_tars, has_extensions, index_tar,
+from ..tarindex import (Member, TarIndex, UnsafeMemberName, find_tars, has_extensions, index_tar,
                         normalize_extensions, prefetch, select_members)
 from ..tarwriter import RangeTarWriter
 from . import StageError
@@ -64,20 +66,33 @@ class ReorganizePlan:
     damaged: dict[str, list[str]] = field(default_factory=dict)  # input (relative) -> problems
     skipped_members: int = 0
     members_not_copied: int = 0  # members of usable samples whose extension is not in file_ext_in_tar
+    # A task's plan may hold only a window of the global order: ``samples`` then starts at global position
+    # ``first_sample`` and ``total_samples`` counts every usable sample of every input.
+    first_sample: int = 0
+    total_samples: int | None = None
+    indexed_tars: int = 0  # inputs whose headers were read
+
+    @property
+    def total(self) -> int:
+        return len(self.samples) if self.total_samples is None else self.total_samples
 
     @property
     def output_count(self) -> int:
-        return -(-len(self.samples) // self.chunk_size)
+        return -(-self.total // self.chunk_size)
 
     @property
     def short_count(self) -> int:
-        return len(self.samples) % self.chunk_size
+        return self.total % self.chunk_size
 
     def rel(self, tar: int) -> str:
         return self.inputs[tar].relative_to(self.input_dir).as_posix()
 
     def chunk(self, j: int) -> list[PlannedSample]:
-        return self.samples[j * self.chunk_size:(j + 1) * self.chunk_size]
+        start = j * self.chunk_size - self.first_sample
+        stop = min((j + 1) * self.chunk_size, self.total) - self.first_sample
+        if start < 0 or stop > len(self.samples):
+            raise ValueError(f"output {j} is outside this plan's window of the global order")
+        return self.samples[start:stop]
 
     def digest(self, j: int) -> str:
         """Fingerprint of what output ``j`` must contain: a rerun over changed inputs never skips it."""
@@ -89,6 +104,50 @@ class ReorganizePlan:
         return h.hexdigest()
 
 
+def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
+    inputs = find_tars(input_dir)
+    if exclude is not None and exclude.resolve().is_relative_to(input_dir.resolve()):
+        skip = exclude.resolve()  # output_dir inside input_dir: never read our own outputs back
+        inputs = [p for p in inputs if not p.resolve().is_relative_to(skip)]
+    return inputs
+
+
+def _index(path: Path) -> TarIndex:
+    try:
+        return index_tar(path)
+    except UnsafeMemberName as exc:
+        raise StageError(f"{STAGE}.input_dir: {exc}") from None
+
+
+def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
+             seen_keys: set[str], keep: bool = True) -> int:
+    """Report one indexed input's problems and, with ``keep``, append its usable samples to the plan;
+    returns how many usable samples it has."""
+    rel = plan.rel(tar_no)
+    plan.indexed_tars += 1
+    if index.problems:
+        plan.damaged[rel] = index.problems
+    plan.skipped_members += index.skipped_members
+    usable = 0
+    for sample in index.samples:
+        if not has_extensions(sample, wanted):
+            plan.missing_members += 1
+            if len(plan.missing_examples) < EXAMPLES:
+                plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
+            continue
+        if sample.key in seen_keys:
+            plan.duplicate_keys += 1
+            if len(plan.duplicate_examples) < EXAMPLES:
+                plan.duplicate_examples.append(f"{rel}:{sample.key}")
+        seen_keys.add(sample.key)
+        members = select_members(sample, wanted)
+        plan.members_not_copied += len(sample.members) - len(members)
+        if keep:
+            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+        usable += 1
+    return usable
+
+
 def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
                on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
                exclude: Path | None = None) -> ReorganizePlan:
@@ -98,11 +157,7 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     are already complete while later tars are still being indexed.
     """
     wanted = normalize_extensions(file_ext_in_tar)
-    inputs = find_tars(input_dir)
-    if exclude is not None and exclude.resolve().is_relative_to(input_dir.resolve()):
-        skip = exclude.resolve()  # output_dir inside input_dir: never read our own outputs back
-        inputs = [p for p in inputs if not p.resolve().is_relative_to(skip)]
-    plan = ReorganizePlan(input_dir, inputs, chunk_size)
+    plan = ReorganizePlan(input_dir, _inputs(input_dir, exclude), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
     for path in plan.inputs[:PREFETCH_AHEAD]:
@@ -110,32 +165,69 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     for tar_no, path in enumerate(plan.inputs):
         if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
             prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
-        try:
-            index = index_tar(path)
-        except UnsafeMemberName as exc:
-            raise StageError(f"{STAGE}.input_dir: {exc}") from None
-        rel = plan.rel(tar_no)
-        if index.problems:
-            plan.damaged[rel] = index.problems
-        plan.skipped_members += index.skipped_members
-        for sample in index.samples:
-            if not has_extensions(sample, wanted):
-                plan.missing_members += 1
-                if len(plan.missing_examples) < EXAMPLES:
-                    plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
-                continue
-            if sample.key in seen_keys:
-                plan.duplicate_keys += 1
-                if len(plan.duplicate_examples) < EXAMPLES:
-                    plan.duplicate_examples.append(f"{rel}:{sample.key}")
-            seen_keys.add(sample.key)
-            members = select_members(sample, wanted)
-            plan.members_not_copied += len(sample.members) - len(members)
-            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+        _add_tar(plan, tar_no, _index(path), wanted, seen_keys)
         progress.advance()
         if on_tar_indexed is not None:
             on_tar_indexed(plan)
     progress.finish()
+    return plan
+
+
+def counted_by_manifest(path: Path, wanted: tuple[str, ...]) -> int | None:
+    """The input's usable sample count from its producer's manifest, or None when the tar must be read.
+
+    Only a current manifest that lists ``every_sample_has`` (download_images and reorganize_tar write it)
+    covering every wanted extension says how many samples are usable without reading a header.
+    """
+    body = read_manifest(path)
+    if body is None:
+        return None
+    every = body.get("every_sample_has")
+    if not isinstance(every, list) or not set(wanted) <= {str(e).lower() for e in every}:
+        return None
+    return int(body["sample_count"])
+
+
+def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
+                    task_count: int, exclude: Path | None = None) -> ReorganizePlan:
+    """The window of the global plan that task ``task_id`` of ``task_count`` writes.
+
+    Inputs whose manifests give their usable counts are placed in the global order without being read;
+    only the inputs feeding this task's outputs (and those without such a manifest) have their headers
+    read. So T tasks read every header about once in all, not T times, and the outputs are byte-identical
+    to a single task's. Problems (missing members, duplicate keys, damage) are reported for the inputs
+    this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
+    placed their samples by it.
+    """
+    wanted = normalize_extensions(file_ext_in_tar)
+    inputs = _inputs(input_dir, exclude)
+    plan = ReorganizePlan(input_dir, inputs, chunk_size)
+    manifest_counts = [counted_by_manifest(path, wanted) for path in inputs]
+    unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
+    counts: list[int] = []
+    for tar_no, count in enumerate(manifest_counts):
+        if count is None:
+            unlisted[tar_no] = _index(inputs[tar_no])
+            count = sum(1 for sample in unlisted[tar_no].samples if has_extensions(sample, wanted))
+        counts.append(count)
+    starts = [0]
+    for count in counts:
+        starts.append(starts[-1] + count)
+    plan.total_samples = starts[-1]
+    mine = fsutil.task_range(plan.output_count, task_id, task_count)
+    low, high = mine.start * chunk_size, min(mine.stop * chunk_size, plan.total_samples)
+    feeding = {t for t in range(len(inputs)) if starts[t] < high and starts[t + 1] > low}
+    plan.first_sample = starts[min(feeding)] if feeding else low
+    seen_keys: set[str] = set()
+    for tar_no in sorted(feeding | unlisted.keys()):  # global order, so the window stays contiguous
+        index = unlisted.pop(tar_no, None) or _index(inputs[tar_no])
+        usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+        if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
+            raise StageError(
+                f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
+                f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
+                f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
+                f"{STAGE} task")
     return plan
 
 
@@ -198,8 +290,9 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
             marker.unlink()
     size = write_output(plan, j, final)
     count = len(plan.chunk(j))
+    extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
     write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
-                   extensions=sorted({m.ext for s in plan.chunk(j) for m in s.members}))
+                   extensions=extensions, every_sample_has=extensions)  # only usable samples are copied
     return "written", count, size
 
 
@@ -230,15 +323,19 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
 
     try:
-        stream = task_count == 1 and not block.strict
-        plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
-                          submit_full_chunks if stream else None, exclude=output_dir)
+        if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
+            plan = build_task_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
+                                   exclude=output_dir)
+        else:
+            stream = task_count == 1 and not block.strict
+            plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
+                              submit_full_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
         for rel, problems in plan.damaged.items():
             log.warning("%s: damaged input %s: %s (its readable samples are used)", STAGE, rel,
                         "; ".join(problems))
-        if not plan.samples:
+        if not plan.total:
             raise StageError(f"{STAGE}.file_ext_in_tar: no sample in the {len(plan.inputs)} tar(s) under "
                              f"{input_dir} has all of {block.file_ext_in_tar}"
                              + (f"; e.g. {plan.missing_examples[0]}" if plan.missing_examples else ""))
@@ -275,7 +372,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     summary: dict[str, Any] = {
         "input_tars": len(plan.inputs),
-        "usable_samples": len(plan.samples),
+        "usable_samples": plan.total,
+        "indexed_input_tars": plan.indexed_tars,  # the others were placed by their manifests' counts
         "output_tars": plan.output_count,
         "chunk_size": plan.chunk_size,
         "task_outputs": (f"{output_path(output_dir, mine[0]).name}..{output_path(output_dir, mine[-1]).name}"

@@ -13,6 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from ..manifest import write_manifest
+
 SampleSpec = tuple[str, Mapping[str, bytes]]  # (key, {extension without dot: data})
 
 
@@ -45,13 +47,19 @@ def download_style_samples(shard: int, count: int, rng: random.Random, image_byt
 
 
 def make_download_output(root: str | Path, parts: int, shards_per_part: int, samples_per_shard: tuple[int, int],
-                         image_bytes: tuple[int, int] = (2_000, 6_000), seed: int = 0) -> list[Path]:
-    """download_images-like tree ``root/<part>/{shard:05d}.tar`` with uneven sample counts; returns tars."""
+                         image_bytes: tuple[int, int] = (2_000, 6_000), seed: int = 0,
+                         manifests: bool = False) -> list[Path]:
+    """download_images-like tree ``root/<part>/{shard:05d}.tar`` with uneven sample counts; returns tars.
+    With ``manifests``, each tar gets the manifest download_images writes beside it."""
     rng = random.Random(seed)
     tars = []
     for part in range(parts):
         for shard in range(shards_per_part):
             count = rng.randint(*samples_per_shard)
-            tars.append(write_tar(Path(root) / f"part-{part:03d}" / f"{shard:05d}.tar",
-                                  download_style_samples(shard, count, rng, image_bytes)))
+            tar = write_tar(Path(root) / f"part-{part:03d}" / f"{shard:05d}.tar",
+                            download_style_samples(shard, count, rng, image_bytes))
+            if manifests:
+                write_manifest(tar, count, shard=shard, extensions=["jpg", "json", "txt"],
+                               every_sample_has=["jpg", "json", "txt"], source="download_images")
+            tars.append(tar)
     return tars
