@@ -28,6 +28,10 @@ class UnsafeMemberName(ValueError):
     """A member path that is absolute or contains ``..``: refused wherever it is found."""
 
 
+class DamagedTar(ValueError):
+    """Raised by consumers that need a whole tar (precache) when :attr:`TarIndex.problems` is not empty."""
+
+
 @dataclass(frozen=True, slots=True)
 class Member:
     name: str  # path inside the tar, as stored
@@ -35,6 +39,7 @@ class Member:
     offset: int  # byte offset of the data in the tar file
     size: int
     header_offset: int  # where the member's header chain (pax / GNU long-name blocks, header) starts
+    mtime: int = 0  # seconds, as stored (pax ``mtime`` truncated); precache gives its outputs the same
 
     @property
     def end(self) -> int:
@@ -129,9 +134,10 @@ def _decode(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[str, int, int, int, bool]]:
-    """Yield ``(name, header chain offset, data offset, size, regular)`` for members whose header and data
-    lie in the file.
+def _members(path: Path, file_size: int,
+             problems: list[str]) -> Iterator[tuple[str, int, int, int, bool, int]]:
+    """Yield ``(name, header chain offset, data offset, size, regular, mtime)`` for members whose header and
+    data lie in the file.
 
     A direct header parser (ustar, GNU long names, pax ``path``/``size``) instead of :mod:`tarfile`:
     tarfile decodes every field of every header, which cost half of ``cat``'s time on a 325 MB shard set
@@ -194,6 +200,10 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
                 name = pax["path"]
             if "size" in pax:
                 size = int(pax["size"])
+            try:
+                mtime = int(float(pax["mtime"])) if "mtime" in pax else _octal(block[136:148])
+            except ValueError:
+                mtime = 0  # a damaged time field loses nothing a consumer needs
             sparse = kind == b"S" or any(k.startswith("GNU.sparse") for k in pax)
             header_at = offset if chain_start is None else chain_start
             long_name, pax, chain_start = None, {}, None
@@ -206,7 +216,7 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[tuple[
                 problems.append(f"member {name!r} truncated: needs bytes up to {data_at + size}, "
                                 f"file has {file_size}")
                 return
-            yield name, header_at, data_at, size, regular
+            yield name, header_at, data_at, size, regular, mtime
             offset = data_at + -(-size // BLOCK) * BLOCK
     finally:
         os.close(fd)
@@ -239,7 +249,7 @@ def index_tar(path: str | Path) -> TarIndex:
     index = TarIndex(path=path, file_size=file_size)
     current: Sample | None = None
     seen_ext: set[str] = set()
-    for name, header_offset, data_offset, size, regular in _members(path, file_size, index.problems):
+    for name, header_offset, data_offset, size, regular, mtime in _members(path, file_size, index.problems):
         check_member_name(name, path)
         if not regular or _is_metadata(name):
             index.skipped_members += 1
@@ -255,7 +265,7 @@ def index_tar(path: str | Path) -> TarIndex:
             index.samples.append(current)
             seen_ext = set()
         seen_ext.add(lowered)
-        current.members.append(Member(name, ext, data_offset, size, header_offset))
+        current.members.append(Member(name, ext, data_offset, size, header_offset, mtime))
     return index
 
 

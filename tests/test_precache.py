@@ -385,3 +385,26 @@ def test_a_failed_writer_surfaces_in_the_encoding_loop_instead_of_blocking_it(tm
         writer.close()
     assert time.monotonic() - started < 10
     assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_truncated_input_tar_fails_the_task_and_names_it(tmp_path, models, workers):
+    shards = fx.write_shards(tmp_path / "in", 2, 4)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])  # cut mid-member; no manifest, so its headers are read
+    with pytest.raises(StageError, match=r"unreadable shard: 00001.tar is damaged: member '.*' truncated"):
+        _run(tmp_path, tmp_path / "in", _precache(models, dataloader_num_workers=workers))
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    if workers == 0:  # in-process reading goes tar by tar: the first was finished before the second was read
+        assert left == ["00000.tar", "00000.tar.manifest.json"]
+    assert set(left) <= {"00000.tar", "00000.tar.manifest.json"}  # never a partial output
+
+
+def test_a_member_name_climbing_out_is_refused(tmp_path, models):
+    fx.write_shards(tmp_path / "in", 1, 2)
+    with tarfile.open(tmp_path / "in" / "00000.tar", "a") as tar:
+        info = tarfile.TarInfo("../escape.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(StageError, match=r"member '\.\./escape\.jpg' is absolute or contains '\.\.'"):
+        _run(tmp_path, tmp_path / "in", _precache(models))

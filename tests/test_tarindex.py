@@ -27,6 +27,7 @@ def test_members_match_tarfile(tmp_path: Path, fmt: int) -> None:
             info = tarfile.TarInfo(name)
             data = bytes([i]) * (i * 700 + 1)
             info.size = len(data)
+            info.mtime = 1_700_000_000 + i * 3601 + (0.5 if fmt == tarfile.PAX_FORMAT else 0)
             tar.addfile(info, io.BytesIO(data))
         link = tarfile.TarInfo("link.jpg")
         link.type = tarfile.SYMTYPE
@@ -36,10 +37,10 @@ def test_members_match_tarfile(tmp_path: Path, fmt: int) -> None:
         meta.size = 2
         tar.addfile(meta, io.BytesIO(b"{}"))
     with tarfile.open(path) as tar:
-        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers()
+        expected = [(m.name, m.offset_data, m.size, int(m.mtime)) for m in tar.getmembers()
                     if m.isreg() and split_key(m.name) and m.name != "__meta__"]
     index = index_tar(path)
-    got = [(m.name, m.offset, m.size) for s in index.samples for m in s.members]
+    got = [(m.name, m.offset, m.size, m.mtime) for s in index.samples for m in s.members]
     assert got == expected and not index.problems
     assert index.skipped_members == 3  # folder, symlink, metadata
     assert [s.key for s in index.samples][:2] == ["000000001", "dir/sub/0002"]

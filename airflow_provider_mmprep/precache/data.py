@@ -10,8 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -19,50 +18,28 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import tarindex
 from ..manifest import read_manifest
+from ..tarindex import Member, Sample
 
 log = logging.getLogger(__name__)
 
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
-@dataclass(frozen=True)
-class Member:
-    name: str
-    offset: int  # of the data in the tar file
-    size: int
-    mtime: int
-
-
-@dataclass
-class Sample:
-    """One WebDataset sample: adjacent members sharing a key (REFERENCE.md §5)."""
-
-    key: str
-    members: dict[str, Member] = field(default_factory=dict)  # extension → member, in tar order
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """WebDataset's rule: key = path up to the first dot of the basename, extension = the rest."""
-    folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext if dot else ""
-
-
 def index_tar(path: str | Path) -> list[Sample]:
-    """Samples of an uncompressed tar in order, from its headers only."""
-    samples: list[Sample] = []
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, ext = split_name(info.name)
-            if key.rpartition("/")[2].startswith("__") or not ext:
-                continue  # metadata members
-            if not samples or samples[-1].key != key:
-                samples.append(Sample(key))
-            samples[-1].members[ext] = Member(info.name, info.offset_data, info.size, int(info.mtime))
-    return samples
+    """Samples of an uncompressed tar in order, from its headers only (:func:`tarindex.index_tar`: the same
+    grouping, unsafe-name refusal and damage detection as reorganize_tar and inspect). A damaged input
+    raises instead of silently losing its tail: precache must encode every sample it was given."""
+    index = tarindex.index_tar(path)
+    if index.problems:
+        raise tarindex.DamagedTar(f"{Path(path).name} is damaged: {'; '.join(index.problems)}; redo the reorganize_tar "
+                           "output (or download shard) it came from")
+    return index.samples
+
+
+def members_by_extension(sample: Sample) -> dict[str, Member]:
+    return {member.ext: member for member in sample.members}
 
 
 def resize_and_crop(image: Image.Image, size: int, crop: int) -> Image.Image:
@@ -190,23 +167,23 @@ class BatchDataset(torch.utils.data.Dataset):
         texts: dict[str, list[str]] = {ext: [] for ext in text_exts}
         for sample in samples:
             decoded_images, decoded_texts = {}, {}
+            members = members_by_extension(sample)
             try:
                 for ext in image_exts + text_exts:
-                    if ext not in sample.members:
+                    if ext not in members:
                         raise LookupError(f"no .{ext} member")
                 for ext in image_exts:
-                    decoded_images[ext] = decode_image(self._read(handle, sample.members[ext]),
+                    decoded_images[ext] = decode_image(self._read(handle, members[ext]),
                                                        self.image_size, self.crop_size)
                 for ext in text_exts:
-                    decoded_texts[ext] = self._read(handle, sample.members[ext]).decode("utf-8")
+                    decoded_texts[ext] = self._read(handle, members[ext]).decode("utf-8")
             except Exception as exc:  # PIL raises many kinds; any of them means: skip this sample
                 reason = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")  # deterministic manifests
                 log.warning("%s: sample %s skipped: %s", self.tars[job.tar_index].name, sample.key, reason)
                 bad.append((sample.key, reason))
                 continue
-            kept.append(KeptSample(sample.key, next(iter(sample.members.values())).mtime,
-                                   tuple((ext, sample.members[ext]) for ext in self.originals
-                                         if ext in sample.members)))
+            kept.append(KeptSample(sample.key, sample.members[0].mtime,
+                                   tuple((ext, members[ext]) for ext in self.originals if ext in members)))
             for ext, array in decoded_images.items():
                 images[ext].append(array)
             for ext, text in decoded_texts.items():

@@ -30,6 +30,7 @@ from typing import Any
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
 from ..fsutil import remove_stale_temporaries, sorted_files, task_range
 from ..manifest import INCOMPLETE_SUFFIX, read_manifest
+from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                                           precache)
     except EncoderOutputError as exc:
         raise StageError(f"{block.precache_config_path}: {exc}") from None
-    except tarfile.TarError as exc:
-        raise StageError(f"{STAGE}.input_dir: unreadable shard: {exc} (finished tars are kept)") from None
+    except (tarfile.TarError, DamagedTar, UnsafeMemberName) as exc:
+        # a DataLoader worker's error arrives with the worker's traceback in its text: keep the last line
+        reason = str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
+        raise StageError(f"{STAGE}.input_dir: unreadable shard: {reason} (finished tars are kept)") from None
     except RuntimeError as exc:
         if "writer failed" not in str(exc) and len(devices) == 1:
             raise
