@@ -263,12 +263,12 @@ def main() -> None:
             report[mode_name] = {"speed_ratio": speed, "rss_ratio": memory, "ceiling_ips": ceiling,
                                  "ceiling_ratio": ceiling / med["img2dataset"]["ips"], **med}
             print(f"{mode_name}: mmprep {med['mmprep']['ips']:.0f} img/s vs img2dataset "
-                  f"{med['img2dataset']['ips']:.0f} img/s -> speed ratio {speed:.2f}x (target {TARGETS[mode_name]:g}x); "
-                  f"peak RSS {med['mmprep']['rss'] / 2**20:.0f} MB vs {med['img2dataset']['rss'] / 2**20:.0f} MB -> "
+                  f"{med['img2dataset']['ips']:.0f} img/s -> speed ratio {speed:.2f}x "
+                  f"(target {TARGETS[mode_name]:g}x); peak RSS {med['mmprep']['rss'] / 2**20:.0f} MB vs {med['img2dataset']['rss'] / 2**20:.0f} MB -> "
                   f"ratio {memory:.2f}", flush=True)
             print(f"  latency-bound ceiling with {parallelism} requests always in flight and no start-up: "
-                  f"{ceiling:.0f} img/s (mean reply {1000 * mean_reply:.0f} ms) = {ceiling / med['img2dataset']['ips']:.2f}x "
-                  f"img2dataset; the target needs {needed:.0f} img/s = {needed / ceiling:.0%} of that ceiling; "
+                  f"{ceiling:.0f} img/s (mean reply {1000 * mean_reply:.0f} ms) = "
+                  f"{ceiling / med['img2dataset']['ips']:.2f}x img2dataset; the target needs {needed:.0f} img/s = {needed / ceiling:.0%} of that ceiling; "
                   f"mmprep reaches {med['mmprep']['ips'] / ceiling:.0%}", flush=True)
     print(json.dumps(report, indent=1))
     if not args.keep:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_config  # noqa: E402
 from airflow_provider_mmprep.manifest import MANIFEST_SUFFIX, write_manifest  # noqa: E402
 from airflow_provider_mmprep.stages import generate_wdinfo, reorganize_tar  # noqa: E402
+from airflow_provider_mmprep.tarindex import index_tar  # noqa: E402
 from airflow_provider_mmprep.testing.shards import download_style_samples, write_tar  # noqa: E402
 
 NEMO_YAML = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
@@ -143,7 +144,7 @@ def compare_tasks(cfg, tars: list[Path], total: int, work: Path, out_dir: Path, 
     against one cold ``cat``."""
     manifests = [t.with_name(t.name + MANIFEST_SUFFIX) for t in tars]
     for tar, manifest in zip(tars, manifests):  # what download_images writes beside each shard
-        count = sum(1 for m in tar_member_names(tar) if m.endswith(".jpg"))
+        count = len(index_tar(tar).samples)
         write_manifest(tar, count, extensions=["jpg", "json", "txt"], every_sample_has=["jpg", "json", "txt"])
     cat, with_m, without_m = [], [], []
     for _ in range(repeat):
@@ -160,13 +161,6 @@ def compare_tasks(cfg, tars: list[Path], total: int, work: Path, out_dir: Path, 
           f"{cat_wall / without_wall:.2f}x cat (every task reads every input's headers)")
     for manifest in manifests:
         manifest.unlink()
-
-
-def tar_member_names(path: Path) -> list[str]:
-    import tarfile
-
-    with tarfile.open(path) as tar:
-        return tar.getnames()
 
 
 def bench_wdinfo(work: Path, tar_count: int) -> None:

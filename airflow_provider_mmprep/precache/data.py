@@ -33,12 +33,13 @@ def index_tar(path: str | Path) -> list[Sample]:
     raises instead of silently losing its tail: precache must encode every sample it was given."""
     index = tarindex.index_tar(path)
     if index.problems:
-        raise tarindex.DamagedTar(f"{Path(path).name} is damaged: {'; '.join(index.problems)}; redo the reorganize_tar "
-                           "output (or download shard) it came from")
+        raise tarindex.DamagedTar(f"{Path(path).name} is damaged: {'; '.join(index.problems)}; redo the "
+                                  "reorganize_tar output (or download shard) it came from")
     return index.samples
 
 
 def members_by_extension(sample: Sample) -> dict[str, Member]:
+    """A sample's members by extension (unique: a repeated extension starts a new sample)."""
     return {member.ext: member for member in sample.members}
 
 
