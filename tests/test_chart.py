@@ -12,6 +12,7 @@ here) and that a ReadWriteMany storage class exists.
 from __future__ import annotations
 
 import configparser
+import importlib.metadata
 import json
 import os
 import re
@@ -258,3 +259,84 @@ def test_mmprep_env_keys_are_provider_config_options(helm_env: dict[str, str]) -
     names = set(env) | {e["name"] for e in airflow["env"] if e["name"].startswith("AIRFLOW__MMPREP__")}
     unknown = sorted(n for n in names if n[len("AIRFLOW__MMPREP__"):].lower() not in options)
     assert not unknown, f"not options of the provider's [mmprep] section: {unknown}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Values for the official Apache Airflow chart
+# --------------------------------------------------------------------------------------------------------
+
+AIRFLOW_VALUES = _load(CHART / "examples" / "airflow-values.yaml")
+#: The official chart's values that airflow-values.yaml sets, with their types in that chart's
+#: values.schema.json (apache/airflow, chart/values.schema.json, Helm chart 1.22.x). No package registry
+#: reachable here ships the chart, so the test cannot load its schema; these entries were read from it and
+#: must be re-read when the targeted chart version changes (docs/deploy.md §3). Paths whose value is a
+#: Kubernetes structure (volumes, env, resources, extraEnvFrom) are validated against the Kubernetes schemas.
+OFFICIAL_CHART = "1.22"
+OFFICIAL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "images.airflow.repository": str, "images.airflow.tag": str, "images.airflow.pullPolicy": str,
+    "airflowVersion": str, "executor": str, "extraEnvFrom": str, "env": list, "volumes": list,
+    "volumeMounts": list, "triggerer.enabled": bool, "workers.celery.replicas": int,
+    "workers.celery.resources": dict,
+}
+
+
+def _set_paths(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every value path a values file sets, down to the first path the official chart defines."""
+    paths = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in OFFICIAL_KEYS:
+            paths.update(_set_paths(value, f"{path}."))
+        else:
+            paths[path] = value
+    return paths
+
+
+def test_official_chart_values_use_keys_the_chart_defines() -> None:
+    paths = _set_paths(AIRFLOW_VALUES)
+    unknown = sorted(set(paths) - set(OFFICIAL_KEYS))
+    assert not unknown, f"not values of the official Airflow chart {OFFICIAL_CHART}: {unknown}"
+    wrong = {p: type(v).__name__ for p, v in paths.items() if not isinstance(v, OFFICIAL_KEYS[p])}
+    assert not wrong, f"types the official chart's schema refuses: {wrong}"
+    assert AIRFLOW_VALUES["executor"] in ("CeleryExecutor", "KubernetesExecutor", "CeleryKubernetesExecutor",
+                                          "LocalExecutor")
+    assert AIRFLOW_VALUES["images"]["airflow"]["pullPolicy"] in ("Always", "IfNotPresent", "Never")
+    assert f"Airflow Helm chart {OFFICIAL_CHART}" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize("kube", [OLDEST, NEWEST])
+def test_official_chart_values_are_valid_kubernetes_where_the_chart_copies_them(kube: str) -> None:
+    """The chart copies volumes, volumeMounts, env, extraEnvFrom and the worker resources into its pods:
+    a worker pod built from them must validate strictly."""
+    from airflow_provider_mmprep.testing.k8s_checks import pod_problems
+
+    container = {"name": "worker", "image": "{repository}:{tag}".format(**AIRFLOW_VALUES["images"]["airflow"]),
+                 "env": AIRFLOW_VALUES["env"], "envFrom": yaml.safe_load(AIRFLOW_VALUES["extraEnvFrom"]),
+                 "volumeMounts": AIRFLOW_VALUES["volumeMounts"],
+                 "resources": AIRFLOW_VALUES["workers"]["celery"]["resources"]}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-worker-0", "namespace": NAMESPACE},
+           "spec": {"containers": [container], "volumes": AIRFLOW_VALUES["volumes"]}}
+    validate_strict(pod, kube)
+    assert not pod_problems(pod), pod_problems(pod)
+
+
+def test_official_chart_values_refer_to_this_charts_objects(helm_env: dict[str, str]) -> None:
+    assert AIRFLOW_VALUES["airflowVersion"] == importlib.metadata.version("apache-airflow")
+    objects = render(helm_env)
+    env_from = yaml.safe_load(AIRFLOW_VALUES["extraEnvFrom"])  # the official chart takes a YAML string here
+    assert env_from == [{"configMapRef": {"name": DEFAULTS["airflowEnvConfigMapName"]}}]
+    configmap(objects, env_from[0]["configMapRef"]["name"])  # rendered by this chart
+    assert all(e["name"].startswith("AIRFLOW__") for e in AIRFLOW_VALUES["env"])
+    volumes = {v["name"]: v for v in AIRFLOW_VALUES["volumes"]}
+    mounts = {m["name"]: m for m in AIRFLOW_VALUES["volumeMounts"]}
+    assert set(volumes) == set(mounts)
+    claims = {v["persistentVolumeClaim"]["claimName"]: n for n, v in volumes.items() if "persistentVolumeClaim" in v}
+    maps = {v["configMap"]["name"]: n for n, v in volumes.items() if "configMap" in v}
+    pvc = by_kind(objects)["PersistentVolumeClaim"][0]["metadata"]["name"]
+    assert mounts[claims[pvc]]["mountPath"] == DEFAULTS["persistence"]["mountPath"]
+    configmap(objects, next(iter(maps)))
+    assert mounts[maps[DEFAULTS["configMapName"]]]["mountPath"] == DEFAULTS["configMountPath"]
+    # every service account bound by this chart's RoleBinding is one the official chart creates for release
+    # "airflow" (<release>-scheduler/-worker/-triggerer)
+    assert {s["name"] for s in by_kind(objects)["RoleBinding"][0]["subjects"]} <= \
+        {"airflow-scheduler", "airflow-worker", "airflow-triggerer"}
