@@ -35,7 +35,8 @@ from airflow_provider_mmprep.dag_builder import build_dag  # noqa: E402
 from airflow_provider_mmprep.dag_factory import read_dag_spec, stage_task_kwargs  # noqa: E402
 from airflow_provider_mmprep.operators.cluster import ClusterDefaults  # noqa: E402
 from airflow_provider_mmprep.operators.pods import GPU_STAGES, pod_partial_kwargs  # noqa: E402
-from airflow_provider_mmprep.testing.k8s_checks import (pod_problems, resource_problems,  # noqa: E402
+from airflow_provider_mmprep.testing.k8s_checks import (SchemaViolation, pod_problems,  # noqa: E402
+                                                         resource_problems,
                                                          supported_kube_minors, toleration_problems,
                                                          validate_strict)
 
@@ -150,7 +151,7 @@ def test_a_misspelled_pod_field_fails_with_the_validators_message(
     container = broken["spec"]["containers"][0]
     container["resurces"] = container.pop("resources")
     kubernetes_validate.validate(broken, KUBE_MINORS[1], strict=False)
-    with pytest.raises(kubernetes_validate.ValidationError, match="'resurces' was unexpected"):
+    with pytest.raises(SchemaViolation, match=r"at spec/containers/0: .*'resurces' was unexpected"):
         validate_strict(broken, KUBE_MINORS[1])
 
 

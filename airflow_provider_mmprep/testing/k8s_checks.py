@@ -33,12 +33,22 @@ def supported_kube_minors(chart_dir: Path) -> tuple[str, str]:
     return f"1.{match.group(1)}", f"1.{int(match.group(2)) - 1}"
 
 
+class SchemaViolation(AssertionError):
+    """An object the Kubernetes API schemas refuse: kubernetes-validate's message and where it applies."""
+
+
 def validate_strict(obj: dict[str, Any], minor: str) -> None:
-    """Raise ``kubernetes_validate.ValidationError`` (the tool's own message) unless ``obj`` is valid for
+    """Raise :class:`SchemaViolation` with kubernetes-validate's own message unless ``obj`` is valid for
     Kubernetes ``minor`` with unknown fields rejected. Refuses a minor the validator has no schemas for."""
     import kubernetes_validate
 
-    schema_version = kubernetes_validate.validate(obj, minor, strict=True)
+    try:
+        schema_version = kubernetes_validate.validate(obj, minor, strict=True)
+    except kubernetes_validate.ValidationError as error:  # its str() dumps the whole schema: keep the message
+        where = "/".join(map(str, error.absolute_path)) or "(top level)"
+        name = (obj.get("metadata") or {}).get("name")
+        raise SchemaViolation(f"{obj.get('kind')}/{name} is not valid Kubernetes {minor} "
+                              f"(kubernetes-validate, strict) at {where}: {error.message}") from None
     assert schema_version == minor, f"kubernetes-validate has no {minor} schemas (used {schema_version})"
 
 
