@@ -101,8 +101,7 @@ def rendered_pods(pipeline: Path, cluster: ClusterDefaults) -> dict[str, dict[st
     for stage in POD_STAGES:
         kwargs = pod_partial_kwargs(stage, cluster, spec.image)
         mapped = dag.get_task(stage)
-        assert mapped.operator_class is KubernetesPodOperator or \
-            getattr(mapped.operator_class, "__name__", None) == "KubernetesPodOperator"
+        assert mapped.operator_class is KubernetesPodOperator
         assert all(mapped.partial_kwargs[key] == value for key, value in kwargs.items()
                    if key in mapped.partial_kwargs)
         arguments = stage_task_kwargs("kubernetes", stage, str(pipeline), ["dataset_repo_id=org/data"], 3, 8)
