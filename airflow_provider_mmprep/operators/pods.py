@@ -19,6 +19,19 @@ POD_MAP_INDEX_TEMPLATE = (
     "{% endif %}")
 
 
+def toleration(raw: dict[str, Any]) -> Any:
+    """A ``V1Toleration`` from ``[mmprep] tolerations`` JSON, written in Kubernetes' own field names
+    (``tolerationSeconds``, as the chart's values and ``kubectl`` use them)."""
+    from kubernetes.client import models as k8s
+
+    attribute = {json_name: name for name, json_name in k8s.V1Toleration.attribute_map.items()}
+    unknown = sorted(set(raw) - set(attribute))
+    if unknown:
+        raise ValueError(f"[mmprep] tolerations: unknown field(s) {unknown} in {raw!r} "
+                         f"(fields: {sorted(attribute)})")
+    return k8s.V1Toleration(**{attribute[key]: value for key, value in raw.items()})
+
+
 def pod_partial_kwargs(stage: str, cluster: ClusterDefaults, image: str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``KubernetesPodOperator.partial`` (besides task_id and retries)."""
     from kubernetes.client import models as k8s
@@ -51,7 +64,7 @@ def pod_partial_kwargs(stage: str, cluster: ClusterDefaults, image: str | None =
         "cmds": ["mmprep"],
         "container_resources": k8s.V1ResourceRequirements(limits=limits or None, requests=requests or None),
         "node_selector": dict(cluster.node_selector) if gpu else {},
-        "tolerations": [k8s.V1Toleration(**t) for t in cluster.tolerations] if gpu else [],
+        "tolerations": [toleration(t) for t in cluster.tolerations] if gpu else [],
         "volumes": volumes,
         "volume_mounts": mounts,
         "labels": {"app.kubernetes.io/name": "mmprep", "mmprep/stage": stage},
