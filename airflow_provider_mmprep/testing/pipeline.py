@@ -53,12 +53,15 @@ def write_tiny_precache_config(models_dir: Path, image_size: int = 64, batch_siz
 
 @contextlib.contextmanager
 def local_sources(images: int = 200, parquet_files: int = 1, image_size: tuple[int, int] = (96, 72),
-                  repo_id: str = DEMO_REPO_ID, set_env: bool = True) -> Iterator[LocalSources]:
+                  repo_id: str = DEMO_REPO_ID, set_env: bool = True, failing: int = 0) -> Iterator[LocalSources]:
     """Start the image host and the hub endpoint; the dataset repo holds ``parquet_files`` URL parquets
-    (``URL``, ``TEXT``) over ``images`` procedural JPEGs. With ``set_env``, ``HF_ENDPOINT`` points at the
+    (``URL``, ``TEXT``) over ``images`` procedural JPEGs. ``failing`` more URLs answer 404, spread evenly
+    among the others (as dead links are in LAION). With ``set_env``, ``HF_ENDPOINT`` points at the
     endpoint while the context is open."""
     with ImageHost() as host:
         urls = add_images(host, images, size=image_size, distinct=min(images, 64))
+        for number in range(failing):
+            urls.insert((number + 1) * len(urls) // (failing + 1), host.url(f"/missing/{number}.jpg"))
         files = {}
         per_file = -(-len(urls) // parquet_files)
         with tempfile.TemporaryDirectory() as scratch:

@@ -1,0 +1,217 @@
+"""The DAGs on real Airflow services (PostgreSQL, api-server, scheduler, dag-processor, triggerer,
+LocalExecutor), driven only through public interfaces: the REST API v2, the ``airflow`` and ``mmprep`` CLIs
+and a headless browser on the UI. Scenario numbers follow issue 12. The services start once for the session
+(``conftest.py``); runs triggered here write under their own temporary output roots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_mmprep.safepickle import safe_loads_plain
+from airflow_provider_mmprep.testing.airflow_ui import AirflowUI, ui_available
+from airflow_provider_mmprep.testing.live_airflow import PASSWORD, USERNAME, LiveAirflow
+from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config
+
+from conftest import CONSUMER_DAG, DEAD_LINKS, DEMO_DAG, IMAGES, RESUME_DAG, SCHEDULED_DAG
+
+STAGES = ["download_parquet", "download_images", "reorganize_tar", "precache_encodings", "generate_wdinfo"]
+ARTIFACTS = Path(os.environ.get("MMPREP_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".mmprep" not in p.parts and not p.name.startswith(".")}
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def _states(live: LiveAirflow, dag_id: str, run_id: str) -> dict[tuple[str, int], str | None]:
+    return {key: ti["state"] for key, ti in live.task_instances(dag_id, run_id).items()}
+
+
+def _tries(live: LiveAirflow, dag_id: str, run_id: str) -> dict[tuple[str, int], int]:
+    return {key: ti["try_number"] for key, ti in live.task_instances(dag_id, run_id).items()}
+
+
+def _wdinfo(root: Path) -> dict[str, Any]:
+    return safe_loads_plain((root / "wdinfo.pkl").read_bytes())
+
+
+# ---- 1. UI trigger with Params ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def ui_run(live: LiveAirflow, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The demo DAG triggered from the UI's Params form (every stage, a fresh output root); the consumer
+    of its wdinfo Asset is unpaused first (scenario 6)."""
+    reason = ui_available()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("ui-run")
+    write_tiny_precache_config(root / "models")
+    live.unpause(CONSUMER_DAG)
+    with AirflowUI(live.base_url, USERNAME, PASSWORD) as ui:
+        ui.login()
+        run_id = ui.trigger(DEMO_DAG, {"dataset_output_root": str(root), "stages": STAGES})
+        state = live.wait_run(DEMO_DAG, run_id)
+        ui.open_run_grid(DEMO_DAG, run_id)
+        grid = ui.screenshot(ARTIFACTS / "live-ui-run-grid.png")
+        ui.driver.get(f"{live.base_url}/dags/{DEMO_DAG}/runs/{run_id}/tasks/precache_encodings/mapped")
+        ui.element("table")
+        time.sleep(1)
+        mapped = ui.screenshot(ARTIFACTS / "live-ui-precache-mapped.png")
+    return {"root": root, "run_id": run_id, "state": state, "screenshots": [grid, mapped]}
+
+
+def test_1_ui_trigger_with_params_runs_every_stage(live: LiveAirflow, ui_run: dict[str, Any]) -> None:
+    root, run_id = ui_run["root"], ui_run["run_id"]
+    assert ui_run["state"] == "success", _states(live, DEMO_DAG, run_id)
+    run = live.api("GET", f"/dags/{DEMO_DAG}/dagRuns/{run_id}")
+    assert run["conf"]["dataset_output_root"] == str(root) and run["conf"]["stages"] == STAGES
+    tis = live.task_instances(DEMO_DAG, run_id)
+    assert all(ti["state"] == "success" for ti in tis.values()), {k: t["state"] for k, t in tis.items()}
+    labels = {task: sorted(ti["rendered_map_index"] for (t, _), ti in tis.items() if t == task)
+              for task in ("download_images", "precache_encodings")}
+    assert labels["download_images"] == ["part-00000", "part-00001"]
+    assert labels["precache_encodings"] == [f"task {i}/4" for i in range(4)]
+    wdinfo = _wdinfo(root)
+    # 103 images in tars of 25: four full tars listed, the short fifth left out (NeMo's sampler needs full)
+    assert (wdinfo["chunk_size"], len(wdinfo["tar_files"]), wdinfo["total_key_count"]) == (25, 4, 100)
+    assert len(list((root / "tarfiles_precached").glob("*.tar"))) == 4
+    page = (root / "report.html").read_text()
+    assert run_id in page and f"{DEAD_LINKS}" in page
+    assert all(path.stat().st_size > 10_000 for path in ui_run["screenshots"])
+
+
+# ---- 3. Scheduled runs -----------------------------------------------------------------------------------
+def test_3_scheduled_runs_succeed_and_the_second_redoes_nothing(live: LiveAirflow, tmp_path: Path) -> None:
+    root = Path(live.env["MMPREP_SCHEDULED_ROOT"])
+    live.unpause(SCHEDULED_DAG)
+    try:
+        first = _wait_scheduled_run(live, after=set())
+        assert live.wait_run(SCHEDULED_DAG, first) == "success", _states(live, SCHEDULED_DAG, first)
+        before = _stamps(root)
+        data = _files(root)
+        info = _wdinfo(root)
+        # 103 images, download_num_processes: -1, tars of 30: three full tars listed, the short fourth not
+        assert (info["chunk_size"], len(info["tar_files"]), info["total_key_count"]) == (30, 3, 90)
+        second = _wait_scheduled_run(live, after={first})
+        assert live.wait_run(SCHEDULED_DAG, second) == "success", _states(live, SCHEDULED_DAG, second)
+    finally:
+        live.pause(SCHEDULED_DAG)
+    after = _stamps(root)
+    changed = sorted(k for k in before if after.get(k) != before[k] and not k.endswith("report.html"))
+    assert not changed, changed  # every stage skipped its complete outputs
+    assert {k: v for k, v in _files(root).items() if k != "report.html"} == \
+        {k: v for k, v in data.items() if k != "report.html"}
+    runs = live.runs(SCHEDULED_DAG)
+    assert {r["run_type"] for r in runs if r["dag_run_id"] in (first, second)} == {"scheduled"}
+
+
+def _wait_scheduled_run(live: LiveAirflow, after: set[str], timeout: float = 150) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fresh = [r["dag_run_id"] for r in live.runs(SCHEDULED_DAG)
+                 if r["run_type"] == "scheduled" and r["dag_run_id"] not in after]
+        if fresh:
+            return sorted(fresh)[0]
+        time.sleep(1)
+    raise AssertionError(f"the scheduler created no run of {SCHEDULED_DAG} in {timeout} s\n{live.log_tails()}")
+
+
+# ---- 4. Resume by clear, three ways ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def failed_runs(live: LiveAirflow, ui_run: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, dict[str, Any]]:
+    """Three runs of the resume DAG over copies of the UI run's reorganized shards, each with the input tar
+    of precache task 2 damaged (cut in half): precache task 2 fails, the rest succeeds. Triggered together,
+    then the inputs are repaired; each test resumes one of them its own way."""
+    clean = ui_run["root"]
+    runs: dict[str, dict[str, Any]] = {}
+    live.unpause(RESUME_DAG)
+    for way in ("a", "b", "c"):
+        root = tmp_path_factory.mktemp(f"resume-{way}")
+        shutil.copytree(clean / "tarfiles_reorganized", root / "tarfiles_reorganized")
+        shutil.copytree(clean / "models", root / "models")
+        damaged = root / "tarfiles_reorganized" / "00002.tar"
+        damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+        run_id = live.trigger(RESUME_DAG, {"dataset_output_root": str(root),
+                                           "stages": ["precache_encodings", "generate_wdinfo"]})
+        runs[way] = {"root": root, "run_id": run_id}
+    for way, run in runs.items():
+        run["state"] = live.wait_run(RESUME_DAG, run["run_id"])
+        run["tries"] = _tries(live, RESUME_DAG, run["run_id"])
+        run["states"] = _states(live, RESUME_DAG, run["run_id"])
+        run["report"] = (run["root"] / "report.html").read_text() if (run["root"] / "report.html").is_file() \
+            else ""
+        run["wdinfo_before"] = (run["root"] / "wdinfo.pkl").exists()
+        run["stamps"] = _stamps(run["root"] / "tarfiles_precached")
+        shutil.copy2(clean / "tarfiles_reorganized" / "00002.tar", run["root"] / "tarfiles_reorganized")
+    return runs
+
+
+def _check_failed_then_resumed(live: LiveAirflow, run: dict[str, Any], clean_root: Path) -> None:
+    """The run failed on precache task 2 only; after the clear it succeeded, only index 2 and what is
+    downstream of it ran again, finished shards were not touched, and the outputs equal the clean run's."""
+    assert run["state"] == "failed"
+    states = run["states"]
+    assert [states[("precache_encodings", i)] for i in range(4)] == ["success", "success", "failed", "success"]
+    assert not run["wdinfo_before"]
+    assert "--stage precache_encodings --task-id 2 --task-count 4" in run["report"]
+    assert f"mmprep clear {RESUME_DAG} {run['run_id']} --stage precache_encodings --task-ids 2" in run["report"]
+
+    assert live.wait_run(RESUME_DAG, run["run_id"]) == "success", _states(live, RESUME_DAG, run["run_id"])
+    tries = _tries(live, RESUME_DAG, run["run_id"])
+    before = run["tries"]
+    reran = sorted(key for key in tries if tries[key] != before.get(key))
+    assert reran == [("generate_wdinfo", 0), ("plan_generate_wdinfo", -1), ("precache_encodings", 2),
+                     ("report", -1)], reran
+    out = run["root"] / "tarfiles_precached"
+    after = _stamps(out)
+    assert {k: v for k, v in after.items() if k in run["stamps"]} == run["stamps"]
+    new = sorted(set(after) - set(run["stamps"]))
+    assert new and all(name.startswith("00002.") for name in new), new
+    assert _files(out) == _files(clean_root / "tarfiles_precached")
+    ours, reference = _wdinfo(run["root"]), _wdinfo(clean_root)
+    assert {k: ours[k] for k in ("tar_files", "chunk_size", "total_key_count")} == \
+        {k: reference[k] for k in ("tar_files", "chunk_size", "total_key_count")}
+    assert "No failed or missing tasks found." in (run["root"] / "report.html").read_text()
+
+
+def test_4a_resume_by_mmprep_clear(live: LiveAirflow, ui_run: dict[str, Any],
+                                   failed_runs: dict[str, dict[str, Any]]) -> None:
+    run = failed_runs["a"]
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow_provider_mmprep.cli", "clear", RESUME_DAG, run["run_id"],
+         "--stage", "precache_encodings", "--task-ids", "2", "--api-url", live.base_url, "--username", USERNAME],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "AIRFLOW_API_PASSWORD": PASSWORD, "PYTHONPATH": str(Path.cwd())})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "precache_encodings map indices 2" in result.stdout
+    _check_failed_then_resumed(live, run, ui_run["root"])
+
+
+# (c) before (b): `airflow tasks clear --only-failed DAG` clears every failed run of the DAG, (c)'s too
+def test_4c_resume_by_clearing_the_mapped_instance_in_the_ui(live: LiveAirflow, ui_run: dict[str, Any],
+                                                             failed_runs: dict[str, dict[str, Any]]) -> None:
+    run = failed_runs["c"]
+    with AirflowUI(live.base_url, USERNAME, PASSWORD) as ui:
+        ui.login()
+        ui.clear_mapped_instance(RESUME_DAG, run["run_id"], "precache_encodings", 2)
+    _check_failed_then_resumed(live, run, ui_run["root"])
+
+
+def test_4b_resume_by_airflow_tasks_clear(live: LiveAirflow, ui_run: dict[str, Any],
+                                          failed_runs: dict[str, dict[str, Any]]) -> None:
+    run = failed_runs["b"]
+    live.airflow("tasks", "clear", "-t", "precache_encodings", "--only-failed", "-y", RESUME_DAG)
+    _check_failed_then_resumed(live, run, ui_run["root"])
