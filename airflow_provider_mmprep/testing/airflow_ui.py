@@ -103,15 +103,28 @@ class AirflowUI:
 
         return self.wait(find, f"a button {text!r}", timeout)
 
-    def type_into(self, element: Any, value: str) -> None:
-        """Replace a React-controlled field's text the way typing does (``clear()`` bypasses React)."""
+    def type_into(self, element: Any, value: str, attempts: int = 4) -> None:
+        """Replace a React-controlled field's text by typing (``clear()`` bypasses React). A re-render while
+        keys arrive can drop one (seen with Airflow's Params form), so the text is read back and retyped,
+        a line at a time, until it is exact."""
         from selenium.webdriver.common.keys import Keys
 
-        element.click()
-        element.send_keys(Keys.CONTROL, "a")
-        element.send_keys(Keys.DELETE)
-        if value:
-            element.send_keys(value)
+        for _ in range(attempts):
+            element.click()
+            element.send_keys(Keys.CONTROL, "a")
+            element.send_keys(Keys.DELETE)
+            for number, line in enumerate(value.split("\n")):
+                if number:
+                    element.send_keys(Keys.SHIFT, Keys.ENTER) if element.tag_name == "input" else \
+                        element.send_keys(Keys.ENTER)
+                if line:
+                    element.send_keys(line)
+                time.sleep(0.05)
+            time.sleep(0.2)
+            if (element.get_attribute("value") or "") == value:
+                return
+        raise RuntimeError(f"UI: could not type {value!r} into {element.get_attribute('name')!r}: it shows "
+                           f"{element.get_attribute('value')!r}")
 
     def screenshot(self, path: str | Path) -> Path:
         path = Path(path)
