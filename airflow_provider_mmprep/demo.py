@@ -5,6 +5,11 @@ URL parquet from a loopback Hugging Face–compatible endpoint, builds tiny enco
 ``mmprep_demo`` DAG (``dags/demo_multimodal.yaml``: every stage ``runner: local``) with ``dag.test()`` on
 SQLite and CPU. Everything lands under ``--out`` (default ``./demo-output``): the data, the Airflow home,
 wdinfo.pkl and report.html. A rerun reuses finished work (``--clean`` starts over).
+
+``--serve`` runs the same DAG the way a deployment does instead: a throw-away PostgreSQL, Airflow's
+api-server, scheduler, dag-processor and triggerer (LocalExecutor) as separate processes
+(:mod:`.testing.live_airflow`), triggers the run through the REST API, prints the UI's address and login,
+and keeps everything serving until Ctrl-C, then stops all it started.
 """
 
 from __future__ import annotations
@@ -56,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="procedural images to serve")
     parser.add_argument("--dags", default=str(REPO_DAGS), help="DAG folder holding demo_multimodal.yaml")
     parser.add_argument("--clean", action="store_true", help="delete --out first")
+    parser.add_argument("--serve", action="store_true",
+                        help="run on real Airflow services (PostgreSQL, api-server, scheduler, dag-processor, "
+                             "triggerer) and keep the UI up until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8080, help="UI/API port for --serve (default 8080; a free "
+                                                                 "one if taken)")
     args = parser.parse_args(argv)
+    if args.serve:
+        return serve(args)
 
     out = Path(args.out).resolve()
     if args.clean and out.exists():
@@ -106,6 +118,55 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"[demo] report             missing: the DAG's report task did not write {report}", file=sys.stderr)
     return 0 if state.endswith("success") else 1
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The demo DAG on real services; see the module docstring."""
+    from .testing.live_airflow import PASSWORD, USERNAME, LiveAirflow
+    from .testing.pipeline import local_sources, write_tiny_precache_config
+
+    out = Path(args.out).resolve()
+    if args.clean and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    print("[demo] building tiny encoders ...", flush=True)
+    write_tiny_precache_config(out / "models")
+    port = args.port if _port_free(args.port) else None
+    with local_sources(images=args.images, parquet_files=1, set_env=False) as sources:
+        print(f"[demo] serving {sources.urls} images at {sources.images.base_url}, dataset {sources.repo_id} at "
+              f"{sources.hub.url}; starting PostgreSQL and Airflow's services ...", flush=True)
+        env = {"HF_ENDPOINT": sources.hub.url, "MMPREP_DEMO_ROOT": str(out), "TRANSFORMERS_VERBOSITY": "error"}
+        with LiveAirflow(out / "airflow_live", Path(args.dags).resolve(), env=env, port=port,
+                         airflow_config={"MMPREP__RETRIES": "0", "LOGGING__LOGGING_LEVEL": "WARNING"}) as live:
+            live.wait_parsed([DEMO_DAG])
+            live.unpause(DEMO_DAG)
+            run_id = live.trigger(DEMO_DAG, {})
+            print(f"[demo] UI: {live.base_url}  (login {USERNAME} / {PASSWORD}); run {run_id} of {DEMO_DAG} "
+                  f"started; service logs in {live.logs}", flush=True)
+            state = live.wait_run(DEMO_DAG, run_id, timeout=3600)
+            print(f"[demo] DAG run {run_id}: {state} in {time.monotonic() - started:.0f} s; outputs under {out}, "
+                  f"wdinfo.pkl and report.html there", flush=True)
+            print(f"[demo] serving the UI at {live.base_url} (login {USERNAME} / {PASSWORD}); Ctrl-C stops "
+                  "everything", flush=True)
+            try:
+                while True:
+                    live.check_alive()
+                    time.sleep(2)
+            except KeyboardInterrupt:
+                print("\n[demo] stopping the services ...", flush=True)
+    return 0 if state == "success" else 1
 
 
 if __name__ == "__main__":

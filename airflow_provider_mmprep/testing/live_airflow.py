@@ -153,7 +153,7 @@ def _tail(path: Path, lines: int) -> str:
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 200 * lines))
+            handle.seek(max(0, handle.tell() - 500 * lines))
             text = handle.read().decode("utf-8", "replace")
     except OSError:
         return ""
@@ -169,12 +169,13 @@ class LiveAirflow:
     """
 
     def __init__(self, workdir: str | Path, dags_folder: str | Path, env: dict[str, str] | None = None,
-                 airflow_config: dict[str, str] | None = None, parallelism: int = 4) -> None:
+                 airflow_config: dict[str, str] | None = None, parallelism: int = 4,
+                 port: int | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.dags_folder = Path(dags_folder).resolve()
         self.home = self.workdir / "airflow_home"
         self.logs = self.workdir / "service-logs"
-        self.port = free_port()
+        self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.extra_env = dict(env or {})
         self.airflow_config = dict(airflow_config or {})
@@ -422,10 +423,11 @@ class LiveAirflow:
         return {(ti["task_id"], ti["map_index"]): ti for ti in body["task_instances"]}
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
-        reply = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                         params={"map_index": map_index, "full_content": "true"}, expect=None,
-                         headers={"Accept": "text/plain"})
-        return reply.text
+        """One try's log as text: each structured log event as a JSON line (messages, errors, tracebacks)."""
+        body = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                        params={"map_index": map_index, "full_content": "true"})
+        content = body.get("content") or []
+        return "\n".join(item if isinstance(item, str) else json.dumps(item, default=str) for item in content)
 
     def asset_events(self, **params: Any) -> list[dict[str, Any]]:
         return self.api("GET", "/assets/events", params={"limit": 100, **params})["asset_events"]

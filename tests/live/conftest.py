@@ -16,13 +16,14 @@ import pytest
 if any(importlib.util.find_spec(m) is None for m in ("airflow", "torch", "diffusers", "psycopg2", "asyncpg")):
     pytest.skip("needs the airflow (with the postgres extra) and precache extras", allow_module_level=True)
 
-from airflow_provider_mmprep.testing.live_airflow import LiveAirflow, postgres_bindir  # noqa: E402
+from airflow_provider_mmprep.testing.live_airflow import LiveAirflow, free_port, postgres_bindir  # noqa: E402
 from airflow_provider_mmprep.testing.pipeline import LocalSources, local_sources  # noqa: E402
 
 REPO_DAGS = Path(__file__).resolve().parents[2] / "dags"
 DEMO_DAG = "mmprep_demo"
 SCHEDULED_DAG = "mmprep_scheduled"
 RESUME_DAG = "mmprep_resume"
+K8S_DAG = "mmprep_k8s"
 CONSUMER_DAG = "mmprep_wdinfo_consumer"
 #: 103 reachable images and 5 dead links: counts that do not divide tar_chunk_size (25 in the demo, 30 below)
 IMAGES, DEAD_LINKS = 103, 5
@@ -95,6 +96,16 @@ CONSUMER_DAG_PY = textwrap.dedent('''\
     ''')
 
 
+KUBECONFIG = textwrap.dedent("""\
+    apiVersion: v1
+    kind: Config
+    clusters: [{name: nowhere, cluster: {server: "https://127.0.0.1:{port}", insecure-skip-tls-verify: true}}]
+    users: [{name: nobody, user: {token: not-a-token}}]
+    contexts: [{name: nowhere, context: {cluster: nowhere, user: nobody, namespace: default}}]
+    current-context: nowhere
+    """)
+
+
 @pytest.fixture(scope="session")
 def sources() -> Iterator[LocalSources]:
     with local_sources(images=IMAGES, failing=DEAD_LINKS, parquet_files=1, set_env=False) as found:
@@ -114,11 +125,20 @@ def live(tmp_path_factory: pytest.TempPathFactory, sources: LocalSources) -> Ite
     # the demo's pipeline under another DAG id, for the resume runs (`airflow tasks clear DAG` acts on all runs)
     demo = (REPO_DAGS / "demo_multimodal.yaml").read_text()
     (dags / "resume_pipeline.yaml").write_text(demo.replace("name: mmprep_demo", f"name: {RESUME_DAG}"))
+    # and with precache in GPU pods (runner: kubernetes); the kubeconfig names a closed loopback port, so
+    # pod creation fails the way it does when the cluster's API server cannot be reached
+    pods = demo.replace("name: mmprep_demo", f"name: {K8S_DAG}").replace(
+        "  node_array_size: 4\n", "  node_array_size: 4\n  runner: kubernetes\n")
+    assert "runner: kubernetes" in pods
+    (dags / "pods_pipeline.yaml").write_text(pods)
+    kubeconfig = work / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG.format(port=free_port()))
     (dags / "wdinfo_consumer.py").write_text(CONSUMER_DAG_PY)
     env = {"HF_ENDPOINT": sources.hub.url, "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "MMPREP_DEMO_ROOT": str(work / "demo-default-root"),
            "MMPREP_SCHEDULED_ROOT": str(work / "scheduled-root")}
-    config = {"MMPREP__RETRIES": "1", "MMPREP__RETRY_DELAY_SECONDS": "1"}
+    config = {"MMPREP__RETRIES": "1", "MMPREP__RETRY_DELAY_SECONDS": "1", "MMPREP__IN_CLUSTER": "False",
+              "MMPREP__KUBE_CONFIG_FILE": str(kubeconfig), "MMPREP__WORKER_IMAGE": "mmprep-worker:test"}
     with LiveAirflow(work, dags, env=env, airflow_config=config) as services:
         yield services
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from airflow_provider_mmprep.testing.airflow_ui import AirflowUI, ui_available
 from airflow_provider_mmprep.testing.live_airflow import PASSWORD, USERNAME, LiveAirflow
 from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config
 
-from conftest import CONSUMER_DAG, DEAD_LINKS, DEMO_DAG, IMAGES, RESUME_DAG, SCHEDULED_DAG
+from conftest import CONSUMER_DAG, DEAD_LINKS, DEMO_DAG, K8S_DAG, RESUME_DAG, SCHEDULED_DAG
 
 STAGES = ["download_parquet", "download_images", "reorganize_tar", "precache_encodings", "generate_wdinfo"]
 ARTIFACTS = Path(os.environ.get("MMPREP_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -90,6 +91,27 @@ def test_1_ui_trigger_with_params_runs_every_stage(live: LiveAirflow, ui_run: di
     page = (root / "report.html").read_text()
     assert run_id in page and f"{DEAD_LINKS}" in page
     assert all(path.stat().st_size > 10_000 for path in ui_run["screenshots"])
+
+
+# ---- 2. Bad Params --------------------------------------------------------------------------------------
+def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: LiveAirflow, tmp_path: Path) -> None:
+    root = tmp_path / "never-written"
+    # the schema can express a stage name: the trigger itself is refused (the UI shows the same 400)
+    refused = live.api("POST", f"/dags/{DEMO_DAG}/dagRuns", expect=None,
+                       json={"logical_date": None, "conf": {"dataset_output_root": str(root),
+                                                            "stages": ["precache_encodings", "precache"]}})
+    assert refused.status_code == 400 and "precache" in refused.text, refused.text
+    runs = {value: live.trigger(DEMO_DAG, {"dataset_output_root": str(root), "precache_task_ids": value,
+                                           "stages": ["precache_encodings"]})
+            for value in ("abc", "5-2", "4")}
+    for value, run_id in runs.items():
+        assert live.wait_run(DEMO_DAG, run_id) == "failed"
+        states = _states(live, DEMO_DAG, run_id)
+        assert states[("plan", -1)] == "failed", states
+        assert all(state != "success" for key, state in states.items() if key[0] != "report"), states
+        log = live.task_log(DEMO_DAG, run_id, "plan")
+        assert "precache_task_ids" in log and repr(value) in log, log[-3000:]
+    assert not root.exists()
 
 
 # ---- 3. Scheduled runs -----------------------------------------------------------------------------------
@@ -215,3 +237,97 @@ def test_4b_resume_by_airflow_tasks_clear(live: LiveAirflow, ui_run: dict[str, A
     run = failed_runs["b"]
     live.airflow("tasks", "clear", "-t", "precache_encodings", "--only-failed", "-y", RESUME_DAG)
     _check_failed_then_resumed(live, run, ui_run["root"])
+
+
+# ---- 6. Data-aware downstream ---------------------------------------------------------------------------
+def test_6_wdinfo_asset_event_triggers_the_consumer_dag(live: LiveAirflow, ui_run: dict[str, Any]) -> None:
+    root = ui_run["root"]
+    events = [e for e in live.asset_events(source_dag_id=DEMO_DAG) if e["source_run_id"] == ui_run["run_id"]]
+    assert len(events) == 1 and events[0]["extra"]["wdinfo_path"] == str(root / "wdinfo.pkl"), events
+    deadline = time.monotonic() + 300
+    while not (runs := [r for r in live.runs(CONSUMER_DAG) if r["run_type"] == "asset_triggered"]):
+        assert time.monotonic() < deadline, f"{CONSUMER_DAG} never ran\n{live.log_tails()}"
+        time.sleep(1)
+    run_id = runs[0]["dag_run_id"]
+    assert live.wait_run(CONSUMER_DAG, run_id) == "success", _states(live, CONSUMER_DAG, run_id)
+    value = live.api("GET", f"/dags/{CONSUMER_DAG}/dagRuns/{run_id}/taskInstances/load/xcomEntries/return_value",
+                     params={"deserialize": "true"})["value"]
+    assert value == {"wdinfo_path": str(root / "wdinfo.pkl"), "total_key_count": _wdinfo(root)["total_key_count"],
+                     "tar_files": 4}
+
+
+# ---- 7. KubernetesPodOperator stages on the live scheduler ------------------------------------------------
+def test_7_pod_stage_without_a_cluster_fails_with_the_pod_error_and_still_labels_and_clears(
+        live: LiveAirflow, ui_run: dict[str, Any], tmp_path: Path) -> None:
+    root = tmp_path / "pods"
+    shutil.copytree(ui_run["root"] / "tarfiles_reorganized", root / "tarfiles_reorganized")
+    live.unpause(K8S_DAG)
+    run_id = live.trigger(K8S_DAG, {"dataset_output_root": str(root),
+                                    "stages": ["precache_encodings", "generate_wdinfo"]})
+    assert live.wait_run(K8S_DAG, run_id, timeout=300) == "failed"
+    tis = live.task_instances(K8S_DAG, run_id)
+    precache = {i: tis[("precache_encodings", i)] for i in range(4)}
+    assert {ti["state"] for ti in precache.values()} == {"failed"}, tis
+    assert sorted(ti["rendered_map_index"] for ti in precache.values()) == [f"task {i}/4" for i in range(4)]
+    log = live.task_log(K8S_DAG, run_id, "precache_encodings", 1, precache[1]["try_number"])
+    assert "Connection refused" in log or "Max retries exceeded" in log, log[-3000:]
+    live.check_alive()  # the scheduler and the rest are still up
+    health = live.api("GET", "/monitor/health")
+    assert health["scheduler"]["status"] == "healthy", health
+
+    result = subprocess.run(
+        [sys.executable, "-m", "airflow_provider_mmprep.cli", "clear", K8S_DAG, run_id, "--stage",
+         "precache_encodings", "--task-ids", "1", "--api-url", live.base_url, "--username", USERNAME],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "AIRFLOW_API_PASSWORD": PASSWORD, "PYTHONPATH": str(Path.cwd())})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert live.wait_run(K8S_DAG, run_id, timeout=300) == "failed"
+    tries = _tries(live, K8S_DAG, run_id)
+    assert tries[("precache_encodings", 1)] > precache[1]["try_number"]
+    assert [tries[("precache_encodings", i)] for i in (0, 2, 3)] == \
+        [precache[i]["try_number"] for i in (0, 2, 3)]
+    assert not (root / "tarfiles_precached").exists() or not any((root / "tarfiles_precached").glob("*.tar"))
+
+
+# ---- 5. A killed worker ------------------------------------------------------------------------------------
+def _task_pid(ti_id: str) -> int | None:
+    """The task process LocalExecutor started for this task instance (its title names the TI's id)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if f"airflow worker -- {ti_id}" in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_5_a_killed_download_worker_is_retried_and_the_outputs_equal_a_clean_run(
+        live: LiveAirflow, ui_run: dict[str, Any], sources: Any, tmp_path: Path) -> None:
+    root = tmp_path / "killed"
+    sources.images.latency = (1.5, 2.5)  # each request takes seconds: the kill lands mid-download
+    try:
+        run_id = live.trigger(DEMO_DAG, {"dataset_output_root": str(root),
+                                         "stages": ["download_parquet", "download_images"]})
+        deadline = time.monotonic() + 300
+        pid = None
+        while pid is None:
+            assert time.monotonic() < deadline, _states(live, DEMO_DAG, run_id)
+            ti = live.task_instances(DEMO_DAG, run_id).get(("download_images", 0))
+            if ti and ti["state"] == "running":
+                pid = _task_pid(ti["id"])
+            time.sleep(0.5)
+        time.sleep(2)
+        assert ti["try_number"] == 1 and live.task_instances(DEMO_DAG, run_id)[("download_images", 0)][
+            "state"] == "running"
+        os.kill(pid, signal.SIGKILL)
+        sources.images.latency = (0.0, 0.0)
+        assert live.wait_run(DEMO_DAG, run_id) == "success", _states(live, DEMO_DAG, run_id)
+    finally:
+        sources.images.latency = (0.0, 0.0)
+    tries = _tries(live, DEMO_DAG, run_id)
+    assert tries[("download_images", 0)] == 2 and tries[("download_images", 1)] == 1, tries
+    raw, clean = root / "tarfiles_raw", ui_run["root"] / "tarfiles_raw"
+    assert not [p for p in raw.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))
+                and ".mmprep" not in p.parts]
+    assert _files(raw) == _files(clean)
