@@ -126,7 +126,7 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
         reporter.progress.finish()
         return results
 
-    pieces_per_shard = 1 if parallel_hint is None or parallel_hint >= processes else -(-processes // parallel_hint)
+    pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
     # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
     # sessions are created inside each worker.

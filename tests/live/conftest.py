@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 if any(importlib.util.find_spec(m) is None for m in ("airflow", "torch", "diffusers", "psycopg2", "asyncpg")):
     pytest.skip("needs the airflow (with the postgres extra) and precache extras", allow_module_level=True)
@@ -122,17 +123,17 @@ def live(tmp_path_factory: pytest.TempPathFactory, sources: LocalSources) -> Ite
     shutil.copy(REPO_DAGS / "mmprep_dags.py", dags)
     shutil.copy(REPO_DAGS / "demo_multimodal.yaml", dags)
     (dags / "scheduled_pipeline.yaml").write_text(SCHEDULED_YAML)
-    # the demo's pipeline under another DAG id, for the resume runs (`airflow tasks clear DAG` acts on all runs)
-    demo = (REPO_DAGS / "demo_multimodal.yaml").read_text()
-    (dags / "resume_pipeline.yaml").write_text(demo.replace("name: mmprep_demo", f"name: {RESUME_DAG}"))
-    # and with precache in GPU pods (runner: kubernetes); the kubeconfig names a closed loopback port, so
+    # the demo's pipeline under another DAG id, for the resume runs (`airflow tasks clear DAG` acts on all runs),
+    # and with precache in GPU pods (runner: kubernetes): the kubeconfig below names a closed loopback port, so
     # pod creation fails the way it does when the cluster's API server cannot be reached
-    pods = demo.replace("name: mmprep_demo", f"name: {K8S_DAG}").replace(
-        "  node_array_size: 4\n", "  node_array_size: 4\n  runner: kubernetes\n")
-    assert "runner: kubernetes" in pods
-    (dags / "pods_pipeline.yaml").write_text(pods)
+    demo = yaml.safe_load((REPO_DAGS / "demo_multimodal.yaml").read_text())
+    (dags / "resume_pipeline.yaml").write_text(yaml.safe_dump({**demo, "run": {"name": RESUME_DAG}},
+                                                              sort_keys=False))
+    pods = {**demo, "run": {"name": K8S_DAG}, "precache_encodings": {**demo["precache_encodings"],
+                                                                     "runner": "kubernetes"}}
+    (dags / "pods_pipeline.yaml").write_text(yaml.safe_dump(pods, sort_keys=False))
     kubeconfig = work / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG.format(port=free_port()))
+    kubeconfig.write_text(KUBECONFIG.replace("{port}", str(free_port())))
     (dags / "wdinfo_consumer.py").write_text(CONSUMER_DAG_PY)
     env = {"HF_ENDPOINT": sources.hub.url, "HF_HOME": str(work / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "MMPREP_DEMO_ROOT": str(work / "demo-default-root"),

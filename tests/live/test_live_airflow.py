@@ -94,8 +94,12 @@ def test_1_ui_trigger_with_params_runs_every_stage(live: LiveAirflow, ui_run: di
 
 
 # ---- 2. Bad Params --------------------------------------------------------------------------------------
-def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: LiveAirflow, tmp_path: Path) -> None:
-    root = tmp_path / "never-written"
+def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: LiveAirflow, ui_run: dict[str, Any],
+                                                                      tmp_path: Path) -> None:
+    root = tmp_path / "bad-params"  # precache's inputs and encoders are there: only the Params are wrong
+    shutil.copytree(ui_run["root"] / "tarfiles_reorganized", root / "tarfiles_reorganized")
+    shutil.copytree(ui_run["root"] / "models", root / "models")
+    before = _stamps(root)
     # the schema can express a stage name: the trigger itself is refused (the UI shows the same 400)
     refused = live.api("POST", f"/dags/{DEMO_DAG}/dagRuns", expect=None,
                        json={"logical_date": None, "conf": {"dataset_output_root": str(root),
@@ -111,7 +115,7 @@ def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: Live
         assert all(state != "success" for key, state in states.items() if key[0] != "report"), states
         log = live.task_log(DEMO_DAG, run_id, "plan")
         assert "precache_task_ids" in log and repr(value) in log, log[-3000:]
-    assert not root.exists()
+    assert _stamps(root) == before  # nothing written, nothing touched
 
 
 # ---- 3. Scheduled runs -----------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Fan-out through the live scheduler: one mmprep mapped stage of N instances vs a plain Airflow DAG of N
+mapped no-op ``@task``s, in the same run of the same services (PostgreSQL, LocalExecutor).
+
+    .venv/bin/python benchmarks/bench_fanout.py [--tasks 1024] [--parallelism 4]
+
+The mmprep DAG runs only ``precache_encodings`` with ``node_array_size: N`` over an empty input folder, so
+every instance does the stage's real bookkeeping (config load, task range, nothing to encode) and the time
+measured is Airflow's per-instance overhead plus ours. Prints trigger-to-success seconds and task instances
+per second for both, and the ratio (goal: ours within 1.2x of plain Airflow's per-instance time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from airflow_provider_mmprep.testing.live_airflow import LiveAirflow  # noqa: E402
+from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config  # noqa: E402
+
+REPO_DAGS = Path(__file__).resolve().parents[1] / "dags"
+
+PLAIN_DAG = textwrap.dedent('''\
+    """Plain Airflow fan-out (benchmark anchor): N mapped no-op tasks."""
+    from airflow.sdk import dag, task
+
+
+    @dag(dag_id="plain_fanout", schedule=None, catchup=False)
+    def plain_fanout():
+        @task
+        def items():
+            return list(range({tasks}))
+
+        @task
+        def noop(i):
+            return None
+
+        noop.expand(i=items())
+
+
+    plain_fanout()
+    ''')
+
+FANOUT_YAML = textwrap.dedent("""\
+    run:
+      name: mmprep_fanout
+    dataset_repo_id: org/unused
+    dataset_output_root: {root}
+    precache_encodings:
+      enable: True
+      input_dir: ${{..dataset_output_root}}/empty
+      output_dir: ${{..dataset_output_root}}/precached
+      tar_chunk_size: 1000
+      node_array_size: {tasks}
+      precache_config_path: ${{..dataset_output_root}}/models/precache.yaml
+    """)
+
+
+def timed_run(live: LiveAirflow, dag_id: str, timeout: float) -> tuple[float, int]:
+    live.unpause(dag_id)
+    started = time.monotonic()
+    run_id = live.trigger(dag_id, {})
+    state = live.wait_run(dag_id, run_id, timeout=timeout)
+    elapsed = time.monotonic() - started
+    if state != "success":
+        raise SystemExit(f"{dag_id} run {run_id} ended {state}")
+    return elapsed, len(live.task_instances(dag_id, run_id))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=1024, help="mapped instances per DAG (default 1024)")
+    parser.add_argument("--parallelism", type=int, default=4, help="LocalExecutor slots (default 4)")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mmprep-bench-fanout-"))
+    try:
+        dags, root = work / "dags", work / "data"
+        dags.mkdir()
+        (root / "empty").mkdir(parents=True)
+        write_tiny_precache_config(root / "models")
+        shutil.copy(REPO_DAGS / "mmprep_dags.py", dags)
+        (dags / "fanout.yaml").write_text(FANOUT_YAML.format(root=root, tasks=args.tasks))
+        (dags / "plain_fanout.py").write_text(PLAIN_DAG.replace("{tasks}", str(args.tasks)))
+        config = {"MMPREP__RETRIES": "0", "CORE__MAX_MAP_LENGTH": str(max(1024, args.tasks)),
+                  "LOGGING__LOGGING_LEVEL": "WARNING"}
+        with LiveAirflow(work / "live", dags, airflow_config=config, parallelism=args.parallelism) as live:
+            live.wait_parsed(["plain_fanout", "mmprep_fanout"])
+            timeout = 60 + 5 * args.tasks
+            plain_s, plain_tis = timed_run(live, "plain_fanout", timeout)
+            ours_s, ours_tis = timed_run(live, "mmprep_fanout", timeout)
+        print(f"fan-out of {args.tasks} mapped instances, LocalExecutor parallelism {args.parallelism}, PostgreSQL")
+        print(f"  plain Airflow : {plain_s:8.1f} s trigger->success, {plain_tis} task instances, "
+              f"{args.tasks / plain_s:6.2f} mapped instances/s")
+        print(f"  mmprep stage  : {ours_s:8.1f} s trigger->success, {ours_tis} task instances, "
+              f"{args.tasks / ours_s:6.2f} mapped instances/s")
+        print(f"  ratio (mmprep / plain per-instance time): {ours_s / plain_s:.2f}x  (goal <= 1.2x)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
