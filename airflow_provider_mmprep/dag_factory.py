@@ -156,7 +156,11 @@ def plan_run(spec: DagSpec, params: dict[str, Any], limit: int | None = None) ->
     if unknown:
         raise ConfigError([f"stages: {', '.join(unknown)} not enabled in {spec.config_path} "
                            f"(enabled: {', '.join(spec.stages)})"])
-    cfg = load_config(spec.config_path, overrides)
+    # The precache YAML is checked only when precache runs in this run and in the Airflow worker: pods read
+    # it from their own mount (the chart's ConfigMap), and a run of other stages does not need the encoders.
+    cfg = load_config(spec.config_path, overrides,
+                      load_precache="precache_encodings" in selected
+                      and spec.runners.get("precache_encodings", "local") != "kubernetes")
     result: dict[str, Any] = {"overrides": overrides, "stages": list(selected)}
     for stage in spec.stages:
         result[stage] = []

@@ -4,7 +4,8 @@ Uses the system's Chromium and its matching driver (Debian: ``apt-get install -y
 nothing is downloaded (Selenium Manager is bypassed by naming both binaries). Selectors are Airflow 3.3's:
 the login form's ``username``/``password`` fields, ``[data-testid=trigger-dag-button]``, Param fields
 ``element_<param>``, ``[data-testid=trigger-dag-submit]``, the mapped-instances page
-``/dags/{dag}/runs/{run}/tasks/{task}/mapped`` with a "Clear Task Instance" button per row. Waits are for
+``/dags/{dag}/runs/{run}/tasks/{task}/mapped/{index}`` with its clear button (``aria-label`` "Press
+shift+c to clear") opening the "Clear Task Instance" dialog (Downstream selected by default) and Confirm. Waits are for
 elements, never for network idle (the SPA keeps polling).
 """
 
@@ -165,10 +166,10 @@ class AirflowUI:
         time.sleep(1)  # let the grid's task rows render
 
     def clear_mapped_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> None:
-        """Open the mapped instance, click "Clear Task Instance", keep the dialog's defaults
-        (downstream included), confirm."""
+        """Open the mapped instance, click its clear button ("Press shift+c to clear"), keep the dialog's
+        defaults (Downstream selected: later stages and the report rerun too), confirm."""
         self.driver.get(f"{self.base_url}/dags/{dag_id}/runs/{run_id}/tasks/{task_id}/mapped/{map_index}")
-        self.button_with_text("Clear Task Instance").click()
-        self.element("[role=dialog]")
+        self.element('button[aria-label*="to clear"]', clickable=True).click()
         self.button_with_text("Confirm").click()
-        self.wait(lambda d: not d.find_elements("css selector", "[role=dialog]"), "the clear dialog to close")
+        self.wait(lambda d: not d.find_elements("xpath", "//button[normalize-space()='Confirm']"),
+                  "the clear dialog to close")
