@@ -17,12 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def wdinfo_asset(spec: DagSpec) -> Asset:
-    """The Asset a training DAG schedules on: named after the DAG, URI = the YAML's wdinfo path when it
-    resolves at parse time (the event's extra carries the path of each run, Params included)."""
-    name = f"mmprep.{spec.dag_id}.wdinfo"
-    if spec.wdinfo_path and spec.wdinfo_path.startswith("/"):
-        return Asset(name=name, uri=f"file://{spec.wdinfo_path}")
-    return Asset(name=name)
+    """The Asset a training DAG schedules on, identified by its name alone, ``mmprep.<dag_id>.wdinfo`` (its
+    URI is the name), so ``Asset(name=...)`` or ``Asset.ref(name=...)`` in the consumer is the same asset.
+    Not the wdinfo path as URI: Params move it per run (the event's extra carries each run's path), and two
+    pipelines whose YAMLs default to one output root would claim one URI under two names, which Airflow
+    rejects, dropping the producer's events (found on the live services)."""
+    return Asset(name=f"mmprep.{spec.dag_id}.wdinfo")
 
 
 def _params(spec: DagSpec) -> dict[str, Param]:
