@@ -282,6 +282,9 @@ def test_7_pod_stage_without_a_cluster_fails_with_the_pod_error_and_still_labels
         live: LiveAirflow, ui_run: dict[str, Any], tmp_path: Path) -> None:
     root = tmp_path / "pods"  # no models/precache.yaml here: the pods have their own (plan must not need it)
     shutil.copytree(ui_run["root"] / "tarfiles_reorganized", root / "tarfiles_reorganized")
+    # the pool GPU pods queue in ([mmprep] gpu_pool), created as docs/deploy.md says: without it Airflow
+    # leaves the instances "scheduled" for ever (a scheduler warning only)
+    live.airflow("pools", "set", "mmprep_gpu", "4", "GPU pods")
     live.unpause(K8S_DAG)
     run_id = live.trigger(K8S_DAG, {"dataset_output_root": str(root),
                                     "stages": ["precache_encodings", "generate_wdinfo"]})
