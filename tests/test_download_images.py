@@ -370,3 +370,21 @@ def test_host_timeline_shows_how_many_requests_the_downloader_kept_in_flight(tmp
     busy = sum(answered - received for received, answered in timeline)
     window = max(a for _, a in timeline) - min(r for r, _ in timeline)
     assert 4 < busy / window <= 8.5  # about 8 in flight: the thread count, never more
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_rerun_of_a_finished_task_with_several_processes_is_a_no_op(tmp_path: Path, host: ImageHost,
+                                                                    retry_failed: bool) -> None:
+    urls = sample_data.add_images(host, 6, size=SMALL) + [host.url("/fault/404")]
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", processes=-1, number_sample_per_shard=4,
+                          retry_failed=retry_failed)
+    first = run(config)
+    assert first["downloaded_shards"] == 2 and first["successes"] == 6
+    part = tmp_path / "out" / "p"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in part.iterdir()}
+    hits = sum(host.hits.values())
+    again = run(config)  # nothing pending: crashed with ZeroDivisionError when processes != 1
+    assert again["downloaded_shards"] == 0 and again["skipped_shards"] == 2
+    assert sum(host.hits.values()) == hits
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in part.iterdir()} == before

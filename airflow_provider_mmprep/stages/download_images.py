@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import json
 import logging
 import multiprocessing
@@ -108,6 +109,11 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     fetched by different processes and joined in order afterwards, so no process sits idle and the tar is
     the same as one process would write.
     """
+    job_iter: Iterator[ShardJob] = iter(jobs)
+    first = next(job_iter, None)
+    if first is None:  # nothing pending (a rerun of a finished task): no pool, no process split to plan
+        return []
+    job_iter = itertools.chain([first], job_iter)
     reporter = _ProgressReporter(what, total)
     processes = options.processes
     results: list[dict[str, Any]] = []
@@ -120,13 +126,13 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
             if counts[0] % 64 == 0:
                 reporter.update(*counts)
 
-        for job in jobs:
+        for job in job_iter:
             results.append(download_shard(job, options, out_dir, count))
         reporter.update(*counts)
         reporter.progress.finish()
         return results
 
-    pieces_per_shard = 1 if parallel_hint is None or parallel_hint >= processes else -(-processes // parallel_hint)
+    pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
     # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
     # sessions are created inside each worker.
@@ -137,7 +143,6 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
                                 initargs=(done, ok)) as pool:
         pending: dict[cf.Future, tuple[int, int]] = {}
         shards: dict[int, dict[str, Any]] = {}
-        job_iter: Iterator[ShardJob] = iter(jobs)
         exhausted = False
         while pending or not exhausted:
             while not exhausted and len(pending) < processes + 1:  # bounded: about one queued piece per worker
