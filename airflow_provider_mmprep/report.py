@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow.parquet as pq
 
 from .config import STAGE_NAMES, PipelineConfig
-from .fsutil import atomic_write_bytes, task_range
+from .fsutil import atomic_write_bytes
 from .manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, load_current_manifest
 from .plan import compact_ranges, list_parquet_parts, part_name
 from .safepickle import safe_loads_plain
@@ -280,15 +280,22 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     facts.output = str(out)
     selection = block.task_selection
     facts.task_count, facts.task_ids = selection.task_count, selection.task_ids
-    input_tars = sorted(p.name for p in Path(block.input_dir).glob("*.tar")) \
-        if Path(block.input_dir).is_dir() else []
-    # precache keeps tar names (one output tar per input tar), so its task of a tar follows from the input
-    # order; manifests that record their own task_id take precedence.
+    # precache keeps tar names (one output tar per input tar): the stage says which inputs each task owns
+    # (leaving out the short .INCOMPLETE tar unless it is configured to encode it); manifests that record
+    # their own task_id take precedence.
     owner: dict[str, int] = {}
-    if name == "precache_encodings" and input_tars:
-        for task_id in range(selection.task_count):
-            for index in task_range(len(input_tars), task_id, selection.task_count):
-                owner[input_tars[index]] = task_id
+    has_input = Path(block.input_dir).is_dir() and any(Path(block.input_dir).glob("*.tar*"))
+    if name == "precache_encodings" and has_input:
+        from .stages.precache_encodings import task_inputs
+
+        for task_id, owned in enumerate(task_inputs(block, selection.task_count)[0]):
+            owner.update((tar.name, task_id) for tar in owned)
+        if not owner:
+            facts.notes.append(f"nothing to encode: {block.input_dir} holds only the short tar marked "
+                               f"{INCOMPLETE_SUFFIX} (fewer samples than tar_chunk_size "
+                               f"{block.tar_chunk_size:,}); set {name}.process_incomplete_tars: true to "
+                               "encode it, or lower tar_chunk_size")
+            return
     tars, unlisted = _stage_tars(out, owner)
     facts.tars = tars
     if not tars and not unlisted:

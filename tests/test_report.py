@@ -355,3 +355,25 @@ def test_retry_shards_do_not_count_urls_twice(run_root) -> None:
     text = _text(build_report_html(cfg))
     assert "URLs tried 40" in text and "images downloaded 30 (75.0%)" in text
     assert "failed to download 6" in text and "failed to resize 4" in text
+
+
+def test_precache_task_owning_only_the_marked_short_tar_has_nothing_to_redo(run_root) -> None:
+    _, _, cfg = run_root  # precache's output for 00003.tar is missing, as precache leaves a marked tar out
+    (Path(cfg.reorganize_tar.output_dir) / "00003.tar.INCOMPLETE").touch()
+    text = _text(build_report_html(cfg))
+    assert "input 00003.tar has no finished output tar" not in text
+    assert "--stage precache_encodings" not in text
+
+
+def test_input_smaller_than_one_tar_says_nothing_to_encode(run_root) -> None:
+    _, _, cfg = run_root
+    reorganized = Path(cfg.reorganize_tar.output_dir)
+    for index in range(3):
+        (reorganized / f"{index:05d}.tar").unlink()
+        (reorganized / f"{index:05d}.tar.manifest.json").unlink()
+    (reorganized / "00003.tar.INCOMPLETE").touch()
+    for tar in Path(cfg.precache_encodings.output_dir).iterdir():
+        tar.unlink()
+    text = _text(build_report_html(cfg))
+    assert "nothing to encode" in text and "process_incomplete_tars" in text
+    assert "--stage precache_encodings" not in text
