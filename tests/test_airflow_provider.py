@@ -157,8 +157,12 @@ def test_task_id_params_and_fan_out_refusal() -> None:
 
 
 def test_plan_refuses_large_fan_out_and_unsafe_params(tmp_path: Path) -> None:
+    from conftest import launcher_with_models
+
     text = (DAGS_FOLDER / "download_multimodal.yaml").read_text().replace("node_array_size: 8\n  precache",
                                                                           "node_array_size: 5000\n  precache")
+    # the example's precache_sd.yaml names placeholder weights, which the plan task refuses
+    text = text.replace("${launcher_scripts_path}", str(launcher_with_models(tmp_path / "launcher")))
     path = tmp_path / "big.yaml"
     path.write_text(text)
     spec = read_dag_spec(path)
