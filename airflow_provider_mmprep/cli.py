@@ -124,7 +124,9 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
     def total(key: str) -> int:
         return sum(int(s.get(key) or 0) for s in summaries)
 
-    if name == "download_parquet":
+    if not summaries:
+        done = ""
+    elif name == "download_parquet":
         done = f"{total('parts')} parquet part(s), {total('fetched_or_verified')} file(s) fetched or verified"
     elif name == "download_images":
         done = (f"{total('successes'):,} of {total('urls'):,} images; shards: {total('downloaded_shards')} "
@@ -142,6 +144,8 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
     else:
         done = (f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
                 if summaries else "not written")
+    if not summaries:
+        done = "no task finished"
     state = f"{len(failed)} of {tasks} task(s) FAILED ({compact_ranges(failed)})" if failed else \
         f"{tasks} task(s) ok"
     return f"{name}: {state}; {done} -> {where}"

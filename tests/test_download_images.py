@@ -388,3 +388,15 @@ def test_rerun_of_a_finished_task_with_several_processes_is_a_no_op(tmp_path: Pa
     assert again["downloaded_shards"] == 0 and again["skipped_shards"] == 2
     assert sum(host.hits.values()) == hits
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in part.iterdir()} == before
+
+
+def test_csv_read_as_parquet_hints_input_format(tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 2, size=SMALL)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "urls.parquet").write_text("URL,TEXT\n" + "".join(f"{u},t\n" for u in urls))  # CSV, misnamed
+    with pytest.raises(StageError) as caught:
+        run(write_config(tmp_path, inputs, tmp_path / "out"))
+    assert str(caught.value).startswith("download_images.img2dataset_additional_arguments.input_format: "
+                                        "urls.parquet is not a parquet file (")
+    assert "set input_format to its format (one of csv" in str(caught.value)

@@ -103,6 +103,11 @@ def _remote_files(cfg: PipelineConfig, endpoint: str | None, token: str | None) 
     except HfHubHTTPError as exc:
         raise StageError(f"dataset_repo_id: listing {cfg.dataset_repo_id!r} at {api.endpoint} failed: "
                          f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # connection refused, DNS, TLS, timeouts: the hub is not reachable from here
+        reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise StageError(f"download_parquet: cannot reach the dataset hub at {api.endpoint} "
+                         f"({type(exc).__name__}: {reason[:200]}); check the network, HF_ENDPOINT and proxies, "
+                         "then rerun") from None
     return sorted(f for f in files if fnmatch.fnmatch(f, block.parquet_pattern))
 
 
