@@ -153,6 +153,8 @@ class DownloadImagesConfig(_Block):
     max_image_pixels: int = Field(default=89_478_485, gt=0)  # decompression-bomb limit, checked from the header
     max_redirects: int = Field(default=5, ge=0)
     max_connections_per_host: int = Field(default=32, gt=0)  # politeness cap per host
+    # the task fails when more than this share of its URLs failed (1.0: only when every URL failed)
+    max_failed_share: float = Field(default=1.0, ge=0.0, le=1.0)
     runner: Runner = "local"
 
     @field_validator("download_num_processes")

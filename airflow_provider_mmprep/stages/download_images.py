@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -32,6 +33,7 @@ from ..download.reader import ShardJob, count_rows, iter_shard_jobs
 from ..download.shard import (Outcome, download_piece, download_shard, finish_shard, is_complete, piece_path,
                               shard_paths, split_rows)
 from ..fsutil import remove_stale_temporaries, sorted_files
+from ..manifest import manifest_path
 from ..plan import list_parquet_parts, part_name
 from ..progress import Progress
 from . import StageError
@@ -185,6 +187,79 @@ def _complete_shards(out_dir: Path) -> list[int]:
     return sorted(ids)
 
 
+def _read_stats(out_dir: Path, shard_id: int) -> dict[str, Any]:
+    try:
+        return json.loads(shard_paths(out_dir, shard_id)["stats"].read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_shard(out_dir: Path, shard_id: int) -> None:
+    paths = shard_paths(out_dir, shard_id)
+    paths["stats"].unlink(missing_ok=True)  # first: the shard stops counting as complete
+    for path in (paths["tar"], manifest_path(paths["tar"]), paths["parquet"]):
+        path.unlink(missing_ok=True)
+
+
+def discard_stale_shards(out_dir: Path, options: DownloadOptions) -> int:
+    """Remove the complete shards that must be redone; returns how many regular shards that is.
+
+    Stale: made with other shaping options (:meth:`DownloadOptions.shaping`; e.g. ``allow_private_addresses``
+    changed after everything was refused), or every shard under ``incremental_mode: overwrite``. Retry
+    shards go with any redone shard, since they re-fetched failures of the old ones.
+    """
+    wanted = options.fingerprint()
+    stale: list[int] = []
+    retry: list[int] = []
+    changed: set[str] = set()
+    current = options.shaping()
+    for shard_id in _complete_shards(out_dir):
+        stats = _read_stats(out_dir, shard_id)
+        if stats.get("retry_round"):
+            retry.append(shard_id)
+        if options.incremental_mode == "overwrite" or stats.get("options_fingerprint") != wanted:
+            stale.append(shard_id)
+            old = stats.get("options")
+            changed |= {k for k in current if not isinstance(old, dict) or old.get(k) != current[k]}
+    if not stale:
+        return 0
+    why = ("incremental_mode: overwrite" if options.incremental_mode == "overwrite" else
+           f"made with other options ({', '.join(sorted(changed)) or 'an older mmprep'})")
+    log.warning("download_images: redoing %d shard(s) in %s: %s", len(stale), out_dir, why)
+    for shard_id in sorted(set(stale) | set(retry)):
+        _remove_shard(out_dir, shard_id)
+    return len([s for s in stale if s not in retry])
+
+
+def latest_failures(out_dir: Path) -> Counter:
+    """Failure reasons of the URLs whose latest outcome (retry shards included) is a failure."""
+    latest: dict[str, str | None] = {}
+    for shard_id in _complete_shards(out_dir):
+        table = pq.read_table(shard_paths(out_dir, shard_id)["parquet"], columns=["key", "status", "error_message"])
+        for key, status, error in zip(*(table.column(c).to_pylist() for c in ("key", "status", "error_message"))):
+            latest[key] = None if status == "success" else " ".join(str(error or status).split())[:120]
+    return Counter(reason for reason in latest.values() if reason is not None)
+
+
+def check_failures(out_dir: Path, summary: dict[str, Any], max_failed_share: float, what: str) -> None:
+    """Warn when URLs failed, naming the top reasons; fail the task above ``max_failed_share`` (or when
+    every URL failed), so a run that produced nothing never counts as done."""
+    urls, successes = summary["urls"], summary["successes"]
+    failed = urls - successes
+    if urls == 0 or failed <= 0:
+        return
+    reasons = latest_failures(out_dir)
+    top = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+    message = f"{what}: {failed:,} of {urls:,} URLs failed ({failed / urls:.0%}); top reasons: {top}"
+    summary["top_failure_reasons"] = dict(reasons.most_common(5))
+    if failed == urls or failed / urls > max_failed_share:
+        limit = "every URL failed" if failed == urls else f"more than max_failed_share {max_failed_share:g}"
+        raise StageError(f"download_images.max_failed_share: {message} ({limit}). Fix the cause (e.g. "
+                         "allow_private_addresses, img2dataset options) and rerun: shards made with other "
+                         "options are redone; incremental_mode: overwrite redoes them all")
+    log.warning("%s", message)
+
+
 def retry_jobs(out_dir: Path, options: DownloadOptions, first_shard: int) -> Iterator[ShardJob]:
     """Jobs re-attempting every key whose latest recorded outcome is a transient failure, keys unchanged."""
     latest: dict[str, int] = {}  # key -> shard holding its latest transient failure
@@ -252,6 +327,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     removed = remove_stale_temporaries(out_dir)
     if removed:
         log.info("download_images: removed %d temporary file(s) left by an interrupted run in %s", removed, out_dir)
+    redone = discard_stale_shards(out_dir, options)
 
     started = time.monotonic()
     rows = count_rows(part, options)
@@ -277,6 +353,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     summary = _summary(out_dir)
     summary.update({"part": part_name(block.input_dir, part), "output_dir": str(out_dir),
-                    "downloaded_shards": len(results), "skipped_shards": len(complete), "retried_urls": retried,
-                    "seconds": round(time.monotonic() - started, 3)})
+                    "downloaded_shards": len(results), "skipped_shards": len(complete), "redone_shards": redone,
+                    "retried_urls": retried, "seconds": round(time.monotonic() - started, 3)})
+    check_failures(out_dir, summary, block.max_failed_share,
+                   f"download_images[{part_name(block.input_dir, part)}]")
     return summary
