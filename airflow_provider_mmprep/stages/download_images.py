@@ -335,6 +335,15 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     complete = set(_complete_shards(out_dir))
     regular_total = -(-rows // per_shard) if rows is not None else None
     todo_shards = None if regular_total is None else [s for s in range(regular_total) if s not in complete]
+    retry_shards = [s for s in complete if _read_stats(out_dir, s).get("retry_round")]
+    if retry_shards and todo_shards:
+        # a regular shard is redone (its tar was lost): it fetches its failed URLs again, so the retry
+        # shards, which hold earlier re-fetches of some of them, would repeat keys; they go
+        log.warning("download_images: %d regular shard(s) to redo in %s: removing its %d retry shard(s)",
+                    len(todo_shards or []), out_dir, len(retry_shards))
+        for shard_id in retry_shards:
+            _remove_shard(out_dir, shard_id)
+        complete -= set(retry_shards)
     todo = None if todo_shards is None else len(todo_shards)
     todo_rows = None if todo_shards is None else sum(min(per_shard, rows - s * per_shard) for s in todo_shards)
     log.info("download_images: part %s (%s rows) -> %s; %d shard(s) already complete", part.name,

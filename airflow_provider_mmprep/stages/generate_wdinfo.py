@@ -142,7 +142,11 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         raise StageError(f"{STAGE}.tar_chunk_size: no tar under {input_dir} holds exactly "
                          f"{block.tar_chunk_size} samples; e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(wdinfo["not_listed"].items())[:3]))
-    atomic_write_bytes(block.output_wdinfo_path, pickle.dumps(wdinfo, protocol=4))
+    body = pickle.dumps(wdinfo, protocol=4)
+    target = Path(block.output_wdinfo_path)
+    unchanged = target.is_file() and target.stat().st_size == len(body) and target.read_bytes() == body
+    if not unchanged:  # a rerun over the same tars leaves the file (and its mtime) alone
+        atomic_write_bytes(target, body)
     not_listed = wdinfo["not_listed"]
     for rel, reason in list(not_listed.items())[:EXAMPLES]:
         log.warning("%s: %s not listed: %s", STAGE, rel, reason)
@@ -150,6 +154,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
              len(wdinfo["tar_files"]), wdinfo["chunk_size"], wdinfo["total_key_count"])
     return {
         "wdinfo": str(block.output_wdinfo_path),
+        "rewritten": not unchanged,
         "full_tars": len(wdinfo["tar_files"]),
         "chunk_size": wdinfo["chunk_size"],
         "total_key_count": wdinfo["total_key_count"],
