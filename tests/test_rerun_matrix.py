@@ -182,8 +182,19 @@ def test_rerun_is_a_no_op_and_a_lost_output_comes_back_identical(sources, tmp_pa
     if case.exit_code:
         assert "generate_wdinfo.tar_chunk_size: no full tar" in capsys.readouterr().err
 
-    assert main(["run", config, "-q"]) == case.exit_code
+    capsys.readouterr()
+    assert main(["run", config]) == case.exit_code
     assert changes(first, snapshot(root)) == {}, "the second full run rewrote outputs"
+    summary = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())  # one line per stage
+    assert list(summary) == list(STAGES)
+    assert "shards: 0 downloaded," in summary["download_images"] and ", 0 redone;" in summary["download_images"]
+    assert f"-> {root / 'tarfiles_raw'}" in summary["download_images"]
+    assert "tars: 0 written" in summary["reorganize_tar"]
+    assert "tars: 0 encoded" in summary["precache_encodings"]
+    if case.exit_code:
+        assert summary["generate_wdinfo"].startswith("1 of 1 task(s) FAILED (0); no task finished")
+    else:
+        assert summary["generate_wdinfo"].startswith("1 task(s) ok; ")
     for stage in STAGES:
         assert main(["run", config, "-q", "--stage", stage]) == case.stage_exit.get(stage, 0), stage
         assert changes(first, snapshot(root)) == {}, f"rerunning {stage} alone rewrote outputs"
