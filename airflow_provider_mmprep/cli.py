@@ -67,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            f"(--task-count {args.task_count})"])
     if args.task_id is not None and len(args.stage or []) != 1:
         raise ConfigError(["--task-id/--task-count need exactly one --stage"])
-    cfg = _load(args, stages=args.stage)
+    cfg = _load(args, stages=args.stage or list(STAGE_NAMES))  # every stage named runs here, in this process
     if not cfg.enabled_stages:
         raise ConfigError([f"{args.config}: every stage is disabled (enable: false); nothing to run"])
     stages = args.stage or cfg.enabled_stages

@@ -377,3 +377,36 @@ def test_input_smaller_than_one_tar_says_nothing_to_encode(run_root) -> None:
     text = _text(build_report_html(cfg))
     assert "nothing to encode" in text and "process_incomplete_tars" in text
     assert "--stage precache_encodings" not in text
+
+
+def _set_stats(folder: Path, **fields) -> None:
+    for stats_file in sorted(folder.glob("*_stats.json")):
+        stats = json.loads(stats_file.read_text())
+        stats.update(fields)
+        stats_file.write_text(json.dumps(stats))
+
+
+def test_download_task_whose_urls_all_failed_is_to_redo(run_root) -> None:
+    _, _, cfg = run_root
+    part = Path(cfg.download_images.output_dir) / "part1"
+    _set_stats(part, successes=0, failed_to_download=10, failed_to_resize=0, retryable=0,
+               status_dict={"refused loopback address 127.0.0.1": 10})
+    text = _text(build_report_html(cfg))
+    assert "20 of 20 URLs failed (max_failed_share 1)" in text
+    assert "--stage download_images --task-id 1 --task-count 2" in text
+    assert "--stage download_images --task-ids 1 " in text  # the clear line: task 1 only
+
+
+def test_retry_suggestion_only_while_transient_failures_remain(run_root) -> None:
+    _, _, cfg = run_root
+    out = Path(cfg.download_images.output_dir)
+    _set_stats(out / "part0", retryable=1)  # mmprep's stats: one transient failure per shard
+    _set_stats(out / "part1", retryable=0)  # only permanent failures: nothing a retry would change
+    text = _text(build_report_html(cfg))
+    assert "1 download task(s) finished with failed URLs" in text
+    assert "download_images.retry_failed=true --stage download_images --task-id 0" in text
+    # a retry round settled both transient failures of part0: nothing left to suggest
+    (out / "part0" / "00002_stats.json").write_text(json.dumps({
+        "count": 2, "successes": 1, "failed_to_download": 1, "failed_to_resize": 0, "retryable": 0,
+        "retry_round": True, "status_dict": {"success": 1, "HTTP 404": 1}}))
+    assert "finished with failed URLs" not in _text(build_report_html(cfg))
