@@ -125,7 +125,7 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
         return sum(int(s.get(key) or 0) for s in summaries)
 
     if not summaries:
-        done = ""
+        done = "no task finished"
     elif name == "download_parquet":
         done = f"{total('parts')} parquet part(s), {total('fetched_or_verified')} file(s) fetched or verified"
     elif name == "download_images":
@@ -134,18 +134,14 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
                 f"{total('retried_urls')} URL(s) retried")
     elif name == "reorganize_tar":
         done = (f"tars: {total('written')} written, {total('skipped_complete')} already complete "
-                f"({summaries[0]['usable_samples']:,} samples in {summaries[0]['output_tars']} tar(s))"
-                if summaries else "no task finished")
+                f"({summaries[0]['usable_samples']:,} samples in {summaries[0]['output_tars']} tar(s))")
     elif name == "precache_encodings":
         done = (f"tars: {total('encoded_tars')} encoded ({total('samples'):,} samples), "
                 f"{total('already_done')} already done")
         if any(s.get("nothing_to_encode") for s in summaries):
             done += "; nothing to encode (only a short .INCOMPLETE tar)"
     else:
-        done = (f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
-                if summaries else "not written")
-    if not summaries:
-        done = "no task finished"
+        done = f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
     state = f"{len(failed)} of {tasks} task(s) FAILED ({compact_ranges(failed)})" if failed else \
         f"{tasks} task(s) ok"
     return f"{name}: {state}; {done} -> {where}"
@@ -155,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the run report from what the stages left on disk (see :mod:`.report`)."""
     from .report import write_report  # matplotlib is imported only when a report is asked for
 
-    cfg = _load(args)
+    cfg = _load(args, stages=[])  # runs no stage: model paths are not its business
     if not cfg.enabled_stages:
         raise ConfigError([f"{args.config}: every stage is disabled (enable: false); nothing to report"])
     path = write_report(cfg, args.out, overrides=args.overrides, dag_id=args.dag_id, run_id=args.run_id)

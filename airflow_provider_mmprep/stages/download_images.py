@@ -5,8 +5,10 @@ writes ``output_dir/<part name>/{shard:05d}.tar|.parquet|_stats.json`` (plus a t
 stages). Work is cut into shards of ``number_sample_per_shard`` rows; ``download_num_processes`` worker
 processes each take whole shards and keep ``download_num_threads`` fetches in flight on one event loop.
 
-Reruns skip shards whose ``_stats.json`` exists (written last) and redo the others from scratch, so a killed
-task resumes with no duplicate and no partial shard. ``retry_failed: true`` then re-attempts only URLs whose
+Reruns skip shards whose ``_stats.json`` exists (written last) and records the current shaping options,
+and redo the others from scratch, so a killed task resumes with no duplicate and no partial shard, and a
+changed setting (or ``incremental_mode: overwrite``) redoes the shards it shapes. When URLs fail, the task
+says how many and why; it fails when all did (or more than ``max_failed_share``). ``retry_failed: true`` then re-attempts only URLs whose
 latest outcome was a transient failure (timeouts, connection errors, 5xx, 429), writing them — under their
 original keys — as additional shards numbered after the existing ones.
 """
