@@ -263,29 +263,31 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("config", help="NeMo-style download_multimodal.yaml")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. dataset_repo_id=org/name")
         return p
 
-    with_config(sub.add_parser("validate", parents=[common], help="check the config; one line per problem")).set_defaults(
+    with_config(add("validate", help="check the config; one line per problem")).set_defaults(
         func=cmd_validate)
-    p_plan = with_config(sub.add_parser("plan", parents=[common], help="show enabled stages, folders and task ids"))
+    p_plan = with_config(add("plan", help="show enabled stages, folders and task ids"))
     p_plan.add_argument("--json", action="store_true")
     p_plan.set_defaults(func=cmd_plan)
-    p_run = with_config(sub.add_parser("run", parents=[common], help="run stages locally"))
+    p_run = with_config(add("run", help="run stages locally"))
     p_run.add_argument("--stage", action="append", choices=STAGE_NAMES, help="stage to run (repeatable)")
     p_run.add_argument("--task-id", type=int)
     p_run.add_argument("--task-count", type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
-    p_report = with_config(sub.add_parser("report", parents=[common], help="write report.html: counts, failures, plots, "
-                                                         "resume commands"))
+    p_report = with_config(add("report", help="write report.html: counts, failures, plots, resume commands"))
     p_report.add_argument("--out", help="where to write it (default: report.html beside wdinfo.pkl)")
     p_report.add_argument("--dag-id", help="DAG id for the 'mmprep clear' lines (default: run.name)")
     p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
     p_report.set_defaults(func=cmd_report)
-    p_inspect = sub.add_parser("inspect", parents=[common], help="describe a shard folder or a wdinfo.pkl (no config needed)")
+    p_inspect = add("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
     p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl")
     p_inspect.add_argument("--json", action="store_true", help="machine-readable report")
     p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--max-tars", type=int, default=20,
                            help="per-tar lines shown (problems always; 0: all); --json lists every tar")
     p_inspect.set_defaults(func=cmd_inspect)
-    p_clear = sub.add_parser("clear", parents=[common], help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
+    p_clear = add("clear", help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
     p_clear.add_argument("dag_id")
     p_clear.add_argument("run_id")
     p_clear.add_argument("--stage", required=True, choices=STAGE_NAMES)

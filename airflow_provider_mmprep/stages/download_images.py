@@ -8,9 +8,9 @@ processes each take whole shards and keep ``download_num_threads`` fetches in fl
 Reruns skip shards whose ``_stats.json`` exists (written last) and records the current shaping options,
 and redo the others from scratch, so a killed task resumes with no duplicate and no partial shard, and a
 changed setting (or ``incremental_mode: overwrite``) redoes the shards it shapes. When URLs fail, the task
-says how many and why; it fails when all did (or more than ``max_failed_share``). ``retry_failed: true`` then re-attempts only URLs whose
-latest outcome was a transient failure (timeouts, connection errors, 5xx, 429), writing them — under their
-original keys — as additional shards numbered after the existing ones.
+says how many and why; it fails when all did (or more than ``max_failed_share``). ``retry_failed: true``
+then re-attempts only URLs whose latest outcome was a transient failure (timeouts, connection errors, 5xx,
+429), writing them — under their original keys — as additional shards numbered after the existing ones.
 """
 
 from __future__ import annotations
