@@ -329,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
+    except BrokenPipeError:  # `mmprep inspect ... | head`: the reader has what it wanted, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
+        return EXIT_OK
 
 
 if __name__ == "__main__":
