@@ -139,14 +139,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit in the main thread, so ``finally`` blocks and ``atexit`` stop what we
-    started when a CI runner or a user terminates the process."""
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C in the main thread (KeyboardInterrupt), so ``finally`` blocks, pytest's
+    session teardown and ``atexit`` stop what we started when a CI runner or a user terminates the process
+    (a SystemExit raised inside a test would only fail that test)."""
     import threading
 
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+        def interrupt(number: int, frame: Any) -> None:
+            raise KeyboardInterrupt(f"signal {number}")
+
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -240,7 +244,7 @@ class LiveAirflow:
         """Create and migrate the database, start the four services, wait until the API answers and every
         DAG file in the folder is parsed. One start takes ~15–25 s on two cores."""
         atexit.register(self.stop)
-        _exit_on_sigterm()
+        _interrupt_on_sigterm()
         self.home.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.postgres = PostgresCluster().start()
