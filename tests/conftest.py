@@ -132,3 +132,13 @@ def launcher_with_models(folder: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     return folder
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """A failing test that used the live Airflow services (tests/live/) carries their log tails."""
+    outcome = yield
+    report = outcome.get_result()
+    services = getattr(item, "funcargs", {}).get("live") if report.failed else None
+    if services is not None and hasattr(services, "log_tails"):
+        report.sections.append(("live Airflow service logs (tails)", services.log_tails()))
