@@ -96,7 +96,10 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
             planned = context["ti"].xcom_pull(task_ids="plan")
             if not planned:  # the plan itself failed: its error is the report
                 return None
-            cfg = load_config(spec.config_path, planned["overrides"], load_precache=False)
+            # only the stages this run selected (the `stages` Param): the others' outputs may live elsewhere,
+            # and listing them as missing would send users to redo work this run never owned
+            unselected = [f"{stage}.enable=False" for stage in spec.stages if stage not in planned["stages"]]
+            cfg = load_config(spec.config_path, [*planned["overrides"], *unselected], load_precache=False)
             return str(write_report(cfg, overrides=planned["overrides"], dag_id=spec.dag_id,
                                     run_id=context["run_id"]))
 
