@@ -58,7 +58,9 @@ class MmprepStageOperator(BaseOperator):
         return {}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name])
+        # the precache YAML only matters to precache: a download task must not fail on it (found live)
+        cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name],
+                          load_precache=self.stage_name == "precache_encodings")
         context["mmprep_label"] = self.label(cfg)
         with _env(self.task_env()):
             summary = run_stage_task(cfg, self.stage_name, int(self.stage_task_id), int(self.stage_task_count))
