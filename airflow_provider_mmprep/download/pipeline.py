@@ -4,7 +4,7 @@ Why: fetching one piece of one shard at a time, with a fresh loop per piece, lef
 slots idle while the last, slowest URLs of its piece ran into their deadline (4x the clean run time when
 10% of URLs misbehave). Here URLs flow to the fetch slots across piece and shard boundaries, a shard is
 finished (tar, parquet, manifest, stats) as soon as its last row is settled, and a request that has been
-waiting for ``STALL_SECONDS`` gives up its fetch slot ("demoted") so new work can start. A demoted request
+waiting for ``STALL_SECONDS`` (at most a quarter of the deadline) gives up its fetch slot ("demoted") so new work can start. A demoted request
 keeps its socket: it still counts against ``max_connections_per_host`` (aiohttp's per-host limit), so new
 work goes to other hosts, and against a hard cap on open requests.
 
@@ -43,7 +43,8 @@ from .shard import (FAILED_DOWNLOAD, FAILED_RESIZE, SUCCESS, MemoryBudget, Outco
                     TarWriter, finish_shard, piece_path, split_rows)
 from ..fsutil import TMP_MARKER
 
-#: A request still unanswered after this long stops holding a fetch slot (it keeps its socket).
+#: A request still unanswered after this long (or a quarter of ``timeout``, if shorter) stops holding a fetch
+#: slot; it keeps its socket.
 STALL_SECONDS = 1.0
 #: Open requests per fetch slot, demoted ones included: the hard cap on sockets is this times ``threads``.
 SOCKETS_PER_SLOT = 4
@@ -120,6 +121,7 @@ async def pump(options: DownloadOptions, next_piece: Callable[[], Awaitable[Piec
     """
     loop = asyncio.get_running_loop()
     sockets_cap = socket_cap(options.threads)
+    stall_after = min(STALL_SECONDS, options.timeout / 4)
     active = asyncio.Semaphore(options.threads)
     sockets = asyncio.Semaphore(sockets_cap)
     waiting_bodies = asyncio.Semaphore(max(1, options.threads))
@@ -153,7 +155,7 @@ async def pump(options: DownloadOptions, next_piece: Callable[[], Awaitable[Piec
             demoted = True
             active.release()
 
-        timer = loop.call_later(STALL_SECONDS, demote)
+        timer = loop.call_later(stall_after, demote)
         body = None
         try:
             result = await fetcher.fetch(url)

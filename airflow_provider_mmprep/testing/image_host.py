@@ -13,6 +13,8 @@ Usage::
     host.hits["/img/1.jpg"]                         # how many requests each path received
     host.user_agents                                # Counter of User-Agent values received
     host.timeline                                   # with record_timeline=True: (received, answered) times
+    host.arrivals["/img/1.jpg"]                     # when the first request for a path arrived
+    host.max_in_flight                              # most requests open at once (hanging ones included)
 
 Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs distinct):
 
@@ -21,7 +23,7 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ``429``                       429 with ``Retry-After: <retry_after, default 1>``
 ``flaky/<id>?fail=N&code=C``  status C (default 503) for the first N requests of that path, then an image
 ``reset``                     the connection is reset (RST) without any reply
-``hang``                      accepts, reads the request, never answers
+``hang``                      accepts, reads the request, never answers (until the client closes)
 ``truncated``                 promises the full image in Content-Length, sends half, closes
 ``truncated-jpeg``            a well-formed reply whose body is a JPEG cut in half
 ``html``                      200 ``text/html`` page instead of an image
@@ -98,6 +100,9 @@ class ImageHost:
         self.hits: Counter[str] = Counter()
         self.user_agents: Counter[str] = Counter()  # User-Agent header values received
         self.timeline: list[tuple[float, float]] | None = [] if record_timeline else None
+        self.arrivals: dict[str, float] = {}  # path -> when its first request arrived
+        self.in_flight = 0  # requests received and not yet answered (hanging ones included)
+        self.max_in_flight = 0
         self._rng = random.Random(seed)
         self._default_image = default_image
         self._bomb: bytes | None = None
@@ -211,7 +216,13 @@ class ImageHost:
                         self.user_agents[line[11:].strip().decode("latin-1")] += 1
                 keep_alive = b"connection: close" not in head.lower()
                 received = time.time()
-                connection_usable = await self._respond(method, target, writer, keep_alive)
+                self.arrivals.setdefault(urlsplit(target).path, received)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    connection_usable = await self._respond(method, target, writer, keep_alive, reader)
+                finally:
+                    self.in_flight -= 1
                 if self.timeline is not None:
                     self.timeline.append((received, time.time()))
                 if not connection_usable:
@@ -240,7 +251,8 @@ class ImageHost:
             writer.write(body)
         await writer.drain()
 
-    async def _respond(self, method: str, target: str, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
+    async def _respond(self, method: str, target: str, writer: asyncio.StreamWriter, keep_alive: bool,
+                       reader: asyncio.StreamReader | None = None) -> bool:
         """Answer one request; False when the connection must end after it."""
         split = urlsplit(target)
         path, params = split.path, {k: v[-1] for k, v in parse_qs(split.query).items()}
@@ -273,8 +285,11 @@ class ImageHost:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
             return False
-        elif kind == "hang":
-            await asyncio.sleep(3600)
+        elif kind == "hang":  # until the client gives up and closes the connection
+            if reader is not None:
+                await reader.read()
+            else:
+                await asyncio.sleep(3600)
             return False
         elif kind == "truncated":
             await self._send(writer, 200, image[: len(image) // 2], "image/jpeg", keep_alive=False, method=method,
