@@ -112,3 +112,18 @@ def test_open_requests_stay_capped_and_memory_flat_with_a_third_of_the_urls_hang
             # stalled requests keep their sockets, up to the cap, and never beyond it
             assert threads < host.max_in_flight <= socket_cap(threads)
     assert peaks[180] < peaks[60] + 16 * 1024, peaks  # KB: flat, not growing with the hanging URLs
+
+
+def test_a_stalled_host_gets_no_more_connections_than_its_cap_while_others_are_served(tmp_path: Path) -> None:
+    """Demoted requests still count against ``max_connections_per_host``: new work goes to other hosts."""
+    with ImageHost(host="127.0.0.1", seed=1) as stalled, ImageHost(host="127.0.0.2", seed=1) as healthy:
+        urls = []
+        for index in range(40):  # interleaved: every other URL is on the stalled host
+            urls += [stalled.url(f"/fault/hang/{index}")]
+            urls += sample_data.add_images(healthy, 1, size=SMALL, start=index)
+        sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+        config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", threads=4, timeout=1.0,
+                              number_sample_per_shard=PER_SHARD, block={"max_connections_per_host": 2})
+        summary = run(config)
+        assert stalled.max_in_flight == 2  # demoted requests kept their connections; no third one was opened
+        assert summary["successes"] == 40 and healthy.hits and sum(healthy.hits.values()) == 40

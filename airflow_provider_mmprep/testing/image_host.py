@@ -28,7 +28,7 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ``truncated-jpeg``            a well-formed reply whose body is a JPEG cut in half
 ``html``                      200 ``text/html`` page instead of an image
 ``empty``                     200 ``image/jpeg`` with an empty body
-``drip?rate=B``               200 with a full image, sent B bytes per second (default 1)
+``drip?rate=B&every=S``       200 with a full image, sent B bytes every S seconds (defaults 1 and 1)
 ``ok``                        a small valid JPEG
 ``redirect?to=/path``         302 to ``to`` (default ``/fault/ok``)
 ``redirect-loop``             302 to itself, forever
@@ -36,7 +36,8 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ``noai``                      a valid image with ``X-Robots-Tag: noai, noimageai``
 ============================  ======================================================================
 
-Latency ``(low, high)`` delays every reply by a uniform random time from a generator seeded with ``seed``.
+Latency ``(low, high)`` delays every reply by a uniform random time from a generator seeded with ``seed``;
+``tail=(share, low, high)`` gives that share of replies a longer delay instead (a long-tailed host).
 ``record_timeline`` keeps the wall-clock time each request arrived and its reply was sent, so a benchmark can
 tell how many requests a client kept in flight and what the latencies allow at best.
 """
@@ -91,11 +92,12 @@ class ImageHost:
 
     def __init__(self, resources: dict[str, bytes] | None = None, latency: tuple[float, float] = (0.0, 0.0),
                  seed: int = 0, host: str = "127.0.0.1", port: int = 0, default_image: bytes | None = None,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, tail: tuple[float, float, float] | None = None):
         self.resources: dict[str, Resource] = {}
         for path, body in (resources or {}).items():
             self.add(path, body)
         self.latency = latency
+        self.tail = tail  # (share, low, high): that share of replies is delayed uniform(low, high) instead
         self.host, self.port = host, port
         self.hits: Counter[str] = Counter()
         self.user_agents: Counter[str] = Counter()  # User-Agent header values received
@@ -195,6 +197,8 @@ class ImageHost:
 
     async def _delay(self) -> None:
         low, high = self.latency
+        if self.tail is not None and self._rng.random() < self.tail[0]:
+            low, high = self.tail[1:]
         if high > 0:
             await asyncio.sleep(self._rng.uniform(low, high))
 
@@ -304,14 +308,14 @@ class ImageHost:
         elif kind == "empty":
             await self._send(writer, 200, b"", "image/jpeg", keep_alive=keep_alive, method=method)
         elif kind == "drip":
-            rate = max(1, int(params.get("rate", "1")))
+            rate, every = max(1, int(params.get("rate", "1"))), float(params.get("every", "1"))
             head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n"
                     "Connection: close\r\n\r\n")
             writer.write(head.encode())
             for offset in range(0, len(image), rate):
                 writer.write(image[offset: offset + rate])
                 await writer.drain()
-                await asyncio.sleep(1)
+                await asyncio.sleep(every)
             return False
         elif kind == "redirect":
             await self._send(writer, 302, b"", "text/plain", {"Location": params.get("to", "/fault/ok")},
