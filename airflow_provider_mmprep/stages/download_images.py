@@ -14,9 +14,11 @@ original keys — as additional shards numbered after the existing ones.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -29,6 +31,7 @@ from ..download.reader import ShardJob, count_rows, iter_shard_jobs
 from ..download.pipeline import download_here, download_in_processes
 from ..download.shard import is_complete, shard_paths
 from ..fsutil import remove_stale_temporaries, sorted_files
+from ..manifest import manifest_path
 from ..plan import list_parquet_parts, part_name
 from ..progress import Progress
 from . import StageError
@@ -36,6 +39,7 @@ from . import StageError
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 5.0
+
 
 def options_from_config(cfg: PipelineConfig) -> DownloadOptions:
     block = cfg.download_images
@@ -70,6 +74,11 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     is cut into contiguous pieces fetched by different processes and joined in order afterwards, so no
     process sits idle and the tar is the same as one process would write.
     """
+    job_iter: Iterator[ShardJob] = iter(jobs)
+    first = next(job_iter, None)
+    if first is None:  # nothing pending (a rerun of a finished task): no pool, no process split to plan
+        return []
+    job_iter = itertools.chain([first], job_iter)
     reporter = _ProgressReporter(what, total)
     processes = options.processes
     if processes == 1:
@@ -81,11 +90,11 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
             if counts[0] % 64 == 0:
                 reporter.update(*counts)
 
-        results = download_here(jobs, options, out_dir, count)
+        results = download_here(job_iter, options, out_dir, count)
         reporter.update(*counts)
     else:
         pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
-        results = download_in_processes(jobs, options, out_dir, pieces_per_shard, reporter.update)
+        results = download_in_processes(job_iter, options, out_dir, pieces_per_shard, reporter.update)
     reporter.progress.finish()
     return results
 
@@ -97,6 +106,79 @@ def _complete_shards(out_dir: Path) -> list[int]:
         if stem.isdigit() and is_complete(out_dir, int(stem)):
             ids.append(int(stem))
     return sorted(ids)
+
+
+def _read_stats(out_dir: Path, shard_id: int) -> dict[str, Any]:
+    try:
+        return json.loads(shard_paths(out_dir, shard_id)["stats"].read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_shard(out_dir: Path, shard_id: int) -> None:
+    paths = shard_paths(out_dir, shard_id)
+    paths["stats"].unlink(missing_ok=True)  # first: the shard stops counting as complete
+    for path in (paths["tar"], manifest_path(paths["tar"]), paths["parquet"]):
+        path.unlink(missing_ok=True)
+
+
+def discard_stale_shards(out_dir: Path, options: DownloadOptions) -> int:
+    """Remove the complete shards that must be redone; returns how many regular shards that is.
+
+    Stale: made with other shaping options (:meth:`DownloadOptions.shaping`; e.g. ``allow_private_addresses``
+    changed after everything was refused), or every shard under ``incremental_mode: overwrite``. Retry
+    shards go with any redone shard, since they re-fetched failures of the old ones.
+    """
+    wanted = options.fingerprint()
+    stale: list[int] = []
+    retry: list[int] = []
+    changed: set[str] = set()
+    current = options.shaping()
+    for shard_id in _complete_shards(out_dir):
+        stats = _read_stats(out_dir, shard_id)
+        if stats.get("retry_round"):
+            retry.append(shard_id)
+        if options.incremental_mode == "overwrite" or stats.get("options_fingerprint") != wanted:
+            stale.append(shard_id)
+            old = stats.get("options")
+            changed |= {k for k in current if not isinstance(old, dict) or old.get(k) != current[k]}
+    if not stale:
+        return 0
+    why = ("incremental_mode: overwrite" if options.incremental_mode == "overwrite" else
+           f"made with other options ({', '.join(sorted(changed)) or 'an older mmprep'})")
+    log.warning("download_images: redoing %d shard(s) in %s: %s", len(stale), out_dir, why)
+    for shard_id in sorted(set(stale) | set(retry)):
+        _remove_shard(out_dir, shard_id)
+    return len([s for s in stale if s not in retry])
+
+
+def latest_failures(out_dir: Path) -> Counter:
+    """Failure reasons of the URLs whose latest outcome (retry shards included) is a failure."""
+    latest: dict[str, str | None] = {}
+    for shard_id in _complete_shards(out_dir):
+        table = pq.read_table(shard_paths(out_dir, shard_id)["parquet"], columns=["key", "status", "error_message"])
+        for key, status, error in zip(*(table.column(c).to_pylist() for c in ("key", "status", "error_message"))):
+            latest[key] = None if status == "success" else " ".join(str(error or status).split())[:120]
+    return Counter(reason for reason in latest.values() if reason is not None)
+
+
+def check_failures(out_dir: Path, summary: dict[str, Any], max_failed_share: float, what: str) -> None:
+    """Warn when URLs failed, naming the top reasons; fail the task above ``max_failed_share`` (or when
+    every URL failed), so a run that produced nothing never counts as done."""
+    urls, successes = summary["urls"], summary["successes"]
+    failed = urls - successes
+    if urls == 0 or failed <= 0:
+        return
+    reasons = latest_failures(out_dir)
+    top = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+    message = f"{what}: {failed:,} of {urls:,} URLs failed ({failed / urls:.0%}); top reasons: {top}"
+    summary["top_failure_reasons"] = dict(reasons.most_common(5))
+    if failed == urls or failed / urls > max_failed_share:
+        limit = "every URL failed" if failed == urls else f"more than max_failed_share {max_failed_share:g}"
+        raise StageError(f"download_images.max_failed_share: {message} ({limit}). Fix the cause (e.g. "
+                         "allow_private_addresses, img2dataset options) and rerun: shards made with other "
+                         "options are redone; incremental_mode: overwrite redoes them all")
+    log.warning("%s", message)
 
 
 def retry_jobs(out_dir: Path, options: DownloadOptions, first_shard: int) -> Iterator[ShardJob]:
@@ -166,6 +248,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     removed = remove_stale_temporaries(out_dir)
     if removed:
         log.info("download_images: removed %d temporary file(s) left by an interrupted run in %s", removed, out_dir)
+    redone = discard_stale_shards(out_dir, options)
 
     started = time.monotonic()
     rows = count_rows(part, options)
@@ -173,6 +256,15 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     complete = set(_complete_shards(out_dir))
     regular_total = -(-rows // per_shard) if rows is not None else None
     todo_shards = None if regular_total is None else [s for s in range(regular_total) if s not in complete]
+    retry_shards = [s for s in complete if _read_stats(out_dir, s).get("retry_round")]
+    if retry_shards and todo_shards:
+        # a regular shard is redone (its tar was lost): it fetches its failed URLs again, so the retry
+        # shards, which hold earlier re-fetches of some of them, would repeat keys; they go
+        log.warning("download_images: %d regular shard(s) to redo in %s: removing its %d retry shard(s)",
+                    len(todo_shards or []), out_dir, len(retry_shards))
+        for shard_id in retry_shards:
+            _remove_shard(out_dir, shard_id)
+        complete -= set(retry_shards)
     todo = None if todo_shards is None else len(todo_shards)
     todo_rows = None if todo_shards is None else sum(min(per_shard, rows - s * per_shard) for s in todo_shards)
     log.info("download_images: part %s (%s rows) -> %s; %d shard(s) already complete", part.name,
@@ -191,6 +283,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     summary = _summary(out_dir)
     summary.update({"part": part_name(block.input_dir, part), "output_dir": str(out_dir),
-                    "downloaded_shards": len(results), "skipped_shards": len(complete), "retried_urls": retried,
-                    "seconds": round(time.monotonic() - started, 3)})
+                    "downloaded_shards": len(results), "skipped_shards": len(complete), "redone_shards": redone,
+                    "retried_urls": retried, "seconds": round(time.monotonic() - started, 3)})
+    check_failures(out_dir, summary, block.max_failed_share,
+                   f"download_images[{part_name(block.input_dir, part)}]")
     return summary

@@ -283,8 +283,9 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     if _is_complete(final, digest, short):
         return "skipped", 0, 0
     marker = final.with_name(final.name + INCOMPLETE_SUFFIX)
-    if short:  # marker first: a reader never sees the short tar without it
-        marker.touch()
+    if short:  # marker first: a reader never sees the short tar without it (an existing one is kept as is)
+        if not marker.exists():
+            marker.touch()
     else:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
