@@ -125,7 +125,7 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
         return sum(int(s.get(key) or 0) for s in summaries)
 
     if not summaries:
-        done = ""
+        done = "no task finished"
     elif name == "download_parquet":
         done = f"{total('parts')} parquet part(s), {total('fetched_or_verified')} file(s) fetched or verified"
     elif name == "download_images":
@@ -134,18 +134,14 @@ def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]]
                 f"{total('retried_urls')} URL(s) retried")
     elif name == "reorganize_tar":
         done = (f"tars: {total('written')} written, {total('skipped_complete')} already complete "
-                f"({summaries[0]['usable_samples']:,} samples in {summaries[0]['output_tars']} tar(s))"
-                if summaries else "no task finished")
+                f"({summaries[0]['usable_samples']:,} samples in {summaries[0]['output_tars']} tar(s))")
     elif name == "precache_encodings":
         done = (f"tars: {total('encoded_tars')} encoded ({total('samples'):,} samples), "
                 f"{total('already_done')} already done")
         if any(s.get("nothing_to_encode") for s in summaries):
             done += "; nothing to encode (only a short .INCOMPLETE tar)"
     else:
-        done = (f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
-                if summaries else "not written")
-    if not summaries:
-        done = "no task finished"
+        done = f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
     state = f"{len(failed)} of {tasks} task(s) FAILED ({compact_ranges(failed)})" if failed else \
         f"{tasks} task(s) ok"
     return f"{name}: {state}; {done} -> {where}"
@@ -155,7 +151,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the run report from what the stages left on disk (see :mod:`.report`)."""
     from .report import write_report  # matplotlib is imported only when a report is asked for
 
-    cfg = _load(args)
+    cfg = _load(args, stages=[])  # runs no stage: model paths are not its business
     if not cfg.enabled_stages:
         raise ConfigError([f"{args.config}: every stage is disabled (enable: false); nothing to report"])
     path = write_report(cfg, args.out, overrides=args.overrides, dag_id=args.dag_id, run_id=args.run_id)
@@ -267,29 +263,31 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("config", help="NeMo-style download_multimodal.yaml")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. dataset_repo_id=org/name")
         return p
 
-    with_config(sub.add_parser("validate", parents=[common], help="check the config; one line per problem")).set_defaults(
+    with_config(add("validate", help="check the config; one line per problem")).set_defaults(
         func=cmd_validate)
-    p_plan = with_config(sub.add_parser("plan", parents=[common], help="show enabled stages, folders and task ids"))
+    p_plan = with_config(add("plan", help="show enabled stages, folders and task ids"))
     p_plan.add_argument("--json", action="store_true")
     p_plan.set_defaults(func=cmd_plan)
-    p_run = with_config(sub.add_parser("run", parents=[common], help="run stages locally"))
+    p_run = with_config(add("run", help="run stages locally"))
     p_run.add_argument("--stage", action="append", choices=STAGE_NAMES, help="stage to run (repeatable)")
     p_run.add_argument("--task-id", type=int)
     p_run.add_argument("--task-count", type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
-    p_report = with_config(sub.add_parser("report", parents=[common], help="write report.html: counts, failures, plots, "
-                                                         "resume commands"))
+    p_report = with_config(add("report", help="write report.html: counts, failures, plots, resume commands"))
     p_report.add_argument("--out", help="where to write it (default: report.html beside wdinfo.pkl)")
     p_report.add_argument("--dag-id", help="DAG id for the 'mmprep clear' lines (default: run.name)")
     p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
     p_report.set_defaults(func=cmd_report)
-    p_inspect = sub.add_parser("inspect", parents=[common], help="describe a shard folder or a wdinfo.pkl (no config needed)")
+    p_inspect = add("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
     p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl")
     p_inspect.add_argument("--json", action="store_true", help="machine-readable report")
     p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
@@ -297,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_inspect.add_argument("--max-tars", type=int, default=20,
                            help="per-tar lines shown (problems always; 0: all); --json lists every tar")
     p_inspect.set_defaults(func=cmd_inspect)
-    p_clear = sub.add_parser("clear", parents=[common], help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
+    p_clear = add("clear", help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
     p_clear.add_argument("dag_id")
     p_clear.add_argument("run_id")
     p_clear.add_argument("--stage", required=True, choices=STAGE_NAMES)
@@ -331,6 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
+    except BrokenPipeError:  # `mmprep inspect ... | head`: the reader has what it wanted, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
+        return EXIT_OK
 
 
 if __name__ == "__main__":

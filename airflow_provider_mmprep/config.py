@@ -484,8 +484,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     """Load, resolve and validate the pipeline config; raise :class:`ConfigError` listing every problem.
 
     Everything a stage would reject before doing work is checked here, so ``validate``/``plan`` fail
-    before anything runs: img2dataset options, the precache YAML and its model paths. ``stages`` (default:
-    every enabled one) limits the checks that only matter where a stage runs (model paths).
+    before anything runs: img2dataset options, the precache YAML and its model paths. ``stages`` names
+    the stages that will run in this process: model paths are then errors if precache_encodings is among
+    them and skipped if not. ``None`` (validate, plan, Airflow's plan task): errors where precache runs
+    locally (``runner: local``), warnings where a pod runs it (its volumes are not visible here).
     """
     raw = load_raw(path, overrides)
     if not any(_has(raw, name) for name in STAGE_NAMES):

@@ -262,8 +262,8 @@ def test_precache_yaml_unknown_keys_are_warned_about(tmp_path: Path, caplog) -> 
                     .replace("    precision: 16\n", "    precision: 16\n    precission: 32\n"))
     with caplog.at_level(logging.WARNING):
         precache = load_precache_config(path)
-    assert precache.batch_size_per_GPU == 32  # the misspelt key is not used…
-    assert f"{path}: keys not used by mmprep: batch_size_per_gpu, encodings.0.precission" in caplog.text  # …and said so
+    assert precache.batch_size_per_GPU == 32  # the misspelt key is not used, and that is said
+    assert f"{path}: keys not used by mmprep: batch_size_per_gpu, encodings.0.precission" in caplog.text
 
 
 def test_bundled_precache_yaml_with_placeholder_paths_does_not_validate(nemo_config, tmp_path, capsys) -> None:

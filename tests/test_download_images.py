@@ -455,3 +455,29 @@ def test_incremental_mode_overwrite_redoes_the_part(tmp_path: Path, host: ImageH
     assert sum(host.hits.values()) == 2 * hits and tar.read_bytes() == before  # fetched again, same bytes
     with pytest.raises(ConfigError, match="incremental_mode: expected incremental or overwrite, got .append."):
         run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", incremental_mode="append"))
+
+
+def test_changed_option_redoes_shards_in_place_and_shards_without_a_fingerprint_are_kept(
+        tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 7, size=SMALL)
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=2))
+    part = tmp_path / "out" / "p"
+    # fewer, bigger, resized shards: the old ones are redone in place, those beyond the new count removed
+    bigger = run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=4,
+                              image_size=32, resize_mode="center_crop"))
+    assert bigger["skipped_shards"] == 0 and bigger["redone_shards"] == 2 and bigger["successes"] == 7
+    assert sorted(p.name for p in part.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in part.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json"]
+    with Image.open(io.BytesIO(tar_members(part / "00000.tar")[f"{read_rows(part)[0]['key']}.jpg"])) as image:
+        assert image.size == (32, 32)
+
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "old", number_sample_per_shard=2))
+    for stats_file in (tmp_path / "old" / "p").glob("*_stats.json"):  # as an older mmprep wrote them
+        stats = json.loads(stats_file.read_text())
+        del stats["options_fingerprint"], stats["options"]
+        stats_file.write_text(json.dumps(stats))
+    hits = sum(host.hits.values())
+    kept = run(write_config(tmp_path, tmp_path / "in", tmp_path / "old", number_sample_per_shard=2))
+    assert kept["skipped_shards"] == 4 and kept["redone_shards"] == 0  # nothing is fetched again on upgrade
+    assert sum(host.hits.values()) == hits

@@ -148,3 +148,13 @@ def test_text_report_caps_per_tar_lines_on_big_folders(tmp_path: Path, capsys: p
     assert "    ... and 10 more tar(s) (--max-tars 0 or --json lists all)" in lines
     main(["inspect", str(folder), "--max-tars", "0"])
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("    0")]) == 30
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    for index in range(400):
+        write_tar(folder / f"{index:05d}.tar", [(f"k{index}", {"jpg": b"j", "txt": b"t"})])
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(f"{sys.executable} -m airflow_provider_mmprep.cli -q inspect {folder} --json | head -1",
+                          shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout == "{\n" and "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

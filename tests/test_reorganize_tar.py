@@ -341,3 +341,16 @@ def test_a_manifest_its_tar_contradicts_fails_the_task_that_reads_it(tmp_path: P
     manifest.write_text(json.dumps({**body, "sample_count": 6}))  # current (same tar size) but wrong
     with pytest.raises(StageError, match=r"part-000/00000.tar has 5 usable sample\(s\) but its manifest says 6"):
         run_task(make_cfg(raw, tmp_path / "out", 5), 0, 2)
+
+
+def test_inputs_without_any_sample_point_at_the_downloads(tmp_path: Path) -> None:
+    raw = tmp_path / "raw" / "part0"
+    raw.mkdir(parents=True)
+    for shard in range(2):  # what download_images leaves when every URL of a part failed: empty tars
+        with tarfile.open(raw / f"{shard:05d}.tar", "w"):
+            pass
+    with pytest.raises(StageError) as caught:
+        run_task(make_cfg(tmp_path / "raw", tmp_path / "out", 2), 0, 1)
+    assert str(caught.value).startswith(f"reorganize_tar.input_dir: the 2 tar(s) under {tmp_path / 'raw'} hold "
+                                        "no sample at all: did every download fail?")
+    assert "file_ext_in_tar" not in str(caught.value)

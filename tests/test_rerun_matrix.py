@@ -45,6 +45,7 @@ class Case:
     files: int = 1  # parquet files in the dataset repo
     subpartitions: int = 1
     processes: int = -1
+    threads: int = 8
     retry_failed: bool = False
     per_shard: int = 10  # number_sample_per_shard
     chunk: int = 8  # tar_chunk_size
@@ -54,8 +55,8 @@ class Case:
 
 
 CASES = [
-    # NeMo's defaults: all CPUs, no retry; 37 samples do not divide into tars of 8
-    Case("nemo-defaults", images=33),
+    # NeMo's defaults: all CPUs, 64 threads, no retry; 37 samples do not divide into tars of 8
+    Case("nemo-defaults", images=33, threads=64),
     # one process, retry_failed recovers the transient failures into a retry shard; two tasks everywhere
     Case("retry-two-tasks", images=33, files=2, processes=1, retry_failed=True, tasks=2),
     # a part smaller than one download shard, split into two sub-partitions, two processes per task
@@ -107,7 +108,7 @@ def write_config(case: Case, root: Path, precache_yaml: Path) -> Path:
         "download_images": {"enable": True, "parquet_pattern": "${..download_parquet.parquet_pattern}",
                             "input_dir": "${..download_parquet.output_dir}",
                             "output_dir": "${..dataset_output_root}/tarfiles_raw",
-                            "download_num_processes": case.processes, "download_num_threads": 8,
+                            "download_num_processes": case.processes, "download_num_threads": case.threads,
                             "allow_private_addresses": True, "retry_failed": case.retry_failed,
                             "img2dataset_additional_arguments": {"number_sample_per_shard": case.per_shard,
                                                                  "timeout": 5, "resize_mode": False}},

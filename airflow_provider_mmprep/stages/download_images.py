@@ -5,10 +5,12 @@ writes ``output_dir/<part name>/{shard:05d}.tar|.parquet|_stats.json`` (plus a t
 stages). Work is cut into shards of ``number_sample_per_shard`` rows; ``download_num_processes`` worker
 processes each take whole shards and keep ``download_num_threads`` fetches in flight on one event loop.
 
-Reruns skip shards whose ``_stats.json`` exists (written last) and redo the others from scratch, so a killed
-task resumes with no duplicate and no partial shard. ``retry_failed: true`` then re-attempts only URLs whose
-latest outcome was a transient failure (timeouts, connection errors, 5xx, 429), writing them — under their
-original keys — as additional shards numbered after the existing ones.
+Reruns skip shards whose ``_stats.json`` exists (written last) and records the current shaping options,
+and redo the others from scratch, so a killed task resumes with no duplicate and no partial shard, and a
+changed setting (or ``incremental_mode: overwrite``) redoes the shards it shapes. When URLs fail, the task
+says how many and why; it fails when all did (or more than ``max_failed_share``). ``retry_failed: true``
+then re-attempts only URLs whose latest outcome was a transient failure (timeouts, connection errors, 5xx,
+429), writing them — under their original keys — as additional shards numbered after the existing ones.
 """
 
 from __future__ import annotations
@@ -122,34 +124,33 @@ def _remove_shard(out_dir: Path, shard_id: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def discard_stale_shards(out_dir: Path, options: DownloadOptions) -> int:
-    """Remove the complete shards that must be redone; returns how many regular shards that is.
+def stale_shards(out_dir: Path, options: DownloadOptions, regular_total: int | None) -> set[int]:
+    """The complete regular shards to download again (they stay in place until their new files replace
+    them, so nothing is lost if the redo is interrupted); stale shards that the current options no longer
+    produce (beyond ``regular_total``, or retry shards) are removed now.
 
     Stale: made with other shaping options (:meth:`DownloadOptions.shaping`; e.g. ``allow_private_addresses``
-    changed after everything was refused), or every shard under ``incremental_mode: overwrite``. Retry
-    shards go with any redone shard, since they re-fetched failures of the old ones.
+    changed after everything was refused), or every shard under ``incremental_mode: overwrite``. A shard
+    without a recorded fingerprint (an older mmprep) is kept as it is.
     """
     wanted = options.fingerprint()
+    overwrite = options.incremental_mode == "overwrite"
     stale: list[int] = []
-    retry: list[int] = []
     changed: set[str] = set()
     current = options.shaping()
     for shard_id in _complete_shards(out_dir):
         stats = _read_stats(out_dir, shard_id)
-        if stats.get("retry_round"):
-            retry.append(shard_id)
-        if options.incremental_mode == "overwrite" or stats.get("options_fingerprint") != wanted:
+        recorded = stats.get("options_fingerprint")
+        if overwrite or (recorded is not None and recorded != wanted):
             stale.append(shard_id)
             old = stats.get("options")
             changed |= {k for k in current if not isinstance(old, dict) or old.get(k) != current[k]}
-    if not stale:
-        return 0
-    why = ("incremental_mode: overwrite" if options.incremental_mode == "overwrite" else
-           f"made with other options ({', '.join(sorted(changed)) or 'an older mmprep'})")
-    log.warning("download_images: redoing %d shard(s) in %s: %s", len(stale), out_dir, why)
-    for shard_id in sorted(set(stale) | set(retry)):
-        _remove_shard(out_dir, shard_id)
-    return len([s for s in stale if s not in retry])
+            if stats.get("retry_round") or regular_total is None or shard_id >= regular_total:
+                _remove_shard(out_dir, shard_id)
+    if stale:
+        why = "incremental_mode: overwrite" if overwrite else f"made with other options ({', '.join(sorted(changed))})"
+        log.warning("download_images: redoing %d shard(s) in %s: %s", len(stale), out_dir, why)
+    return {s for s in stale if shard_paths(out_dir, s)["stats"].is_file()}
 
 
 def latest_failures(out_dir: Path) -> Counter:
@@ -248,18 +249,18 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     removed = remove_stale_temporaries(out_dir)
     if removed:
         log.info("download_images: removed %d temporary file(s) left by an interrupted run in %s", removed, out_dir)
-    redone = discard_stale_shards(out_dir, options)
 
     started = time.monotonic()
     rows = count_rows(part, options)
     per_shard = options.number_sample_per_shard
-    complete = set(_complete_shards(out_dir))
     regular_total = -(-rows // per_shard) if rows is not None else None
+    redo = stale_shards(out_dir, options, regular_total)
+    complete = set(_complete_shards(out_dir)) - redo
     todo_shards = None if regular_total is None else [s for s in range(regular_total) if s not in complete]
     retry_shards = [s for s in complete if _read_stats(out_dir, s).get("retry_round")]
     if retry_shards and todo_shards:
-        # a regular shard is redone (its tar was lost): it fetches its failed URLs again, so the retry
-        # shards, which hold earlier re-fetches of some of them, would repeat keys; they go
+        # a regular shard is redone (its tar was lost, or its options changed): it fetches its failed URLs
+        # again, so the retry shards, which hold earlier re-fetches of some of them, would repeat keys
         log.warning("download_images: %d regular shard(s) to redo in %s: removing its %d retry shard(s)",
                     len(todo_shards or []), out_dir, len(retry_shards))
         for shard_id in retry_shards:
@@ -283,7 +284,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     summary = _summary(out_dir)
     summary.update({"part": part_name(block.input_dir, part), "output_dir": str(out_dir),
-                    "downloaded_shards": len(results), "skipped_shards": len(complete), "redone_shards": redone,
+                    "downloaded_shards": len(results), "skipped_shards": len(complete), "redone_shards": len(redo),
                     "retried_urls": retried, "seconds": round(time.monotonic() - started, 3)})
     check_failures(out_dir, summary, block.max_failed_share,
                    f"download_images[{part_name(block.input_dir, part)}]")
