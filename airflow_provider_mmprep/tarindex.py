@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from itertools import compress, repeat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -226,13 +227,29 @@ def _members_reference(path: Path, file_size: int, problems: list[str]) -> Itera
     try:
         for name, header_at, data_at, size, regular, mtime in _parse_chain(
                 lambda at, n: os.pread(fd, n, at), file_size, problems):
-            yield [name], [header_at], [data_at], [size], [regular], [mtime]
+            yield Batch([name], [header_at], [data_at], [size], [regular], [mtime])
     finally:
         os.close(fd)
 
 
-# One batch of members, as columns: names, header chain offsets, data offsets, sizes, regular flags, mtimes.
-Batch = tuple[list[str], list[int], list[int], list[int], list[bool], list[int]]
+class Batch(NamedTuple):
+    """Members as columns, in stored order, and for batches of simple names their grouping, vectorised."""
+
+    names: list[str]
+    heads: list[int]  # header chain offsets
+    datas: list[int]  # data offsets
+    sizes: list[int]
+    regular: list[bool]
+    mtimes: list[int]
+    layout: "Layout | None" = None
+
+
+class Layout(NamedTuple):
+    """How a batch's members group into samples, worked out over all of them at once (:func:`_layout`)."""
+
+    keep: list[bool]  # regular, not metadata, has a key and an extension
+    dots: list[int]  # where each kept name's extension starts, less one
+    starts: list[int]  # positions among the kept members where a sample starts; the first always does
 WALK_BATCH = 1 << 15  # headers gathered and checked at once (32,768 headers: 16 MiB of header copies)
 
 
@@ -265,7 +282,6 @@ def _walk(mm: mmap.mmap, offset: int, file_size: int, limit: int) -> tuple[list[
     return heads, sizes, offset
 
 
-_RANGE = np.arange(BLOCK, dtype=np.int64)
 _POW6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
 _POW11 = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 
@@ -279,12 +295,11 @@ def _octal_columns(fields: np.ndarray, digits: int, powers: np.ndarray) -> tuple
     return (body.astype(np.int64) - 48) @ powers, clean
 
 
-def _check_batch(mm: mmap.mmap, heads: list[int], sizes: list[int], file_size: int,
+def _check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_size: int,
                  problems: list[str]) -> tuple[Batch, bool]:
-    """Checksums, names and mtimes of walked headers, vectorised; returns the members up to the first bad
-    checksum and whether one was found (then ``problems`` says so, as the general parser would)."""
-    offsets = np.asarray(heads, dtype=np.int64)
-    blocks = np.frombuffer(mm, dtype=np.uint8)[offsets[:, None] + _RANGE]  # (n, 512) header copies
+    """Checksums, names and mtimes of a chain of plain headers (``blocks``: their copies, one row each),
+    vectorised; returns the members up to the first bad checksum and whether one was found (then
+    ``problems`` says so, as the general parser would)."""
     field = blocks[:, 148:156]
     unsigned = blocks.sum(axis=1, dtype=np.int64) - field.sum(axis=1, dtype=np.int64) + 8 * 32
     stored, clean = _octal_columns(field, 6, _POW6)
@@ -315,7 +330,102 @@ def _check_batch(mm: mmap.mmap, heads: list[int], sizes: list[int], file_size: i
         except ValueError:
             mtimes[row] = 0
     regular = [not name.endswith("/") for name in names]
-    return (names, heads, [h + BLOCK for h in heads], sizes, regular, mtimes), corrupt
+    layout = None
+    if not len(prefixed) and count and not any(b"\0" in raw for raw in raw_names):
+        layout = _layout(blocks[:, :100])
+    return Batch(names, heads, [h + BLOCK for h in heads], sizes, regular, mtimes, layout), corrupt
+
+
+_COLUMNS = np.arange(100)
+
+
+def _layout(raw: np.ndarray) -> Layout | None:
+    """Sample grouping of names given as NUL-padded rows of bytes, vectorised: :func:`split_key`,
+    metadata and the key comparisons of :func:`group_members` over all rows at once. None when a name is
+    not ASCII or a sample would repeat an extension (case-folded): those batches are grouped one member at
+    a time, which is exact for every name."""
+    if (raw >= 128).any():
+        return None  # str.lower beyond ASCII differs from a byte-wise fold
+    length = (raw != 0).sum(axis=1)  # no inner NUL here: the caller checked
+    width = max(int(length.max(initial=0)), 2)
+    raw = raw[:, :width]  # names are mostly short: work on the bytes they use
+    columns = _COLUMNS[:width]
+    slash = raw == 47
+    last_slash = np.where(slash.any(axis=1), width - 1 - np.argmax(slash[:, ::-1], axis=1), -1)
+    dot_mask = (raw == 46) & (columns > last_slash[:, None])
+    has_dot = dot_mask.any(axis=1)
+    dot = np.argmax(dot_mask, axis=1)
+    ends_in_slash = np.take_along_axis(raw, np.maximum(length - 1, 0)[:, None], axis=1)[:, 0] == 47
+    metadata = ((last_slash < 0) & (raw[:, 0] == 95) & (raw[:, 1] == 95)
+                & (np.take_along_axis(raw, np.maximum(length - 1, 0)[:, None], axis=1)[:, 0] == 95)
+                & (np.take_along_axis(raw, np.maximum(length - 2, 0)[:, None], axis=1)[:, 0] == 95)
+                & (length >= 2))
+    keep = has_dot & (dot > last_slash + 1) & (dot != length - 1) & ~metadata & ~ends_in_slash
+    rows = raw[keep]
+    dot = dot[keep]
+    if not len(rows):
+        return Layout(keep.tolist(), [], [])
+    keys = np.where(columns < dot[:, None], rows, 0)
+    key_text = np.ascontiguousarray(keys).view(f"S{width}").ravel()
+    new_key = np.ones(len(rows), dtype=bool)
+    new_key[1:] = key_text[1:] != key_text[:-1]
+    upper = (rows >= 65) & (rows <= 90)
+    exts = np.where(columns > dot[:, None], rows + 32 * upper, 0).astype(np.uint8)
+    ext_text = np.ascontiguousarray(exts).view(f"S{width}").ravel()
+    run = np.cumsum(new_key)
+    order = np.lexsort((ext_text, run))
+    same = (run[order][1:] == run[order][:-1]) & (ext_text[order][1:] == ext_text[order][:-1])
+    if same.any():
+        return None  # an extension repeats within a key: webdataset starts a new sample there
+    return Layout(keep.tolist(), dot.tolist(), np.flatnonzero(new_key).tolist())
+
+
+class _ChainScan:
+    """The vectorised first pass: every 512-byte block of the file that looks like a plain ustar header.
+
+    Finding headers needs no sequential walk when one can test every block at once: numpy checks the
+    ``ustar`` magic, the type flag and the size field of all blocks of the mapped file (strided reads,
+    one cache line per block), and each candidate's size gives the block its successor would be in. The
+    headers are then the chain of candidates starting where the parse stands, each the successor of the
+    one before; candidates off that chain (data that happens to look like a header) are never visited,
+    because the chain is followed from its start by the same arithmetic as a sequential walk. Where the
+    chain reaches a block that is not a candidate, :func:`_walk` and the general parser take over.
+    """
+
+    def __init__(self, blocks: np.ndarray, file_size: int):
+        rows = np.flatnonzero(blocks[:, 257] == 117)  # "u" of "ustar": one strided read per block
+        head = blocks[rows]  # copies of the candidates
+        plain = ((head[:, 258] == 115) & (head[:, 259] == 116) & (head[:, 260] == 97) & (head[:, 261] == 114)
+                 & (head[:, 0] != 0) & ((head[:, 156] == 48) | (head[:, 156] == 0)))
+        rows, head = rows[plain], head[plain]
+        sizes, clean = _octal_columns(head[:, 124:136], 11, _POW11)
+        ends = rows * BLOCK + BLOCK + sizes
+        keep = clean & (ends <= file_size)
+        self.rows, self.head, self.sizes = rows[keep], head[keep], sizes[keep]
+        self.next = self.rows + 1 + (self.sizes + (BLOCK - 1)) // BLOCK  # where each one's successor is
+        linked = self.next[:-1] == self.rows[1:]
+        self.breaks = np.flatnonzero(~linked)  # candidate i is not followed by candidate i + 1
+
+    def chain(self, offset: int, limit: int) -> tuple[np.ndarray, int]:
+        """Indices (into the candidates) of the chain of plain headers starting at byte ``offset``, at most
+        ``limit`` of them, and the byte offset just after it (where the next header is)."""
+        rows, breaks = self.rows, self.breaks
+        at = offset // BLOCK
+        j = int(np.searchsorted(rows, at))
+        pieces: list[np.ndarray] = []
+        taken = 0
+        while j < len(rows) and rows[j] == at and offset % BLOCK == 0 and taken < limit:
+            b = int(np.searchsorted(breaks, j))
+            last = int(breaks[b]) if b < len(breaks) else len(rows) - 1  # chain runs j..last
+            last = min(last, j + limit - taken - 1)
+            pieces.append(np.arange(j, last + 1))
+            taken += last + 1 - j
+            at = int(self.next[last])
+            offset = at * BLOCK
+            j = int(np.searchsorted(rows, at))  # skips candidates that lay in data
+        if not pieces:
+            return np.empty(0, dtype=np.int64), offset
+        return np.concatenate(pieces), offset
 
 
 def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]:
@@ -336,17 +446,30 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
     except (OSError, ValueError):
         yield from _members_reference(path, file_size, problems)
         return
+    view = scan = None
     try:
         file_size = min(file_size, len(mm))
 
         def read(at: int, n: int) -> bytes:
             return mm[at:at + n]
 
+        whole = len(mm) // BLOCK
+        view = np.frombuffer(mm, dtype=np.uint8, count=whole * BLOCK).reshape(whole, BLOCK)
+        scan = _ChainScan(view, file_size)
         offset = 0
         while True:
+            found, offset = scan.chain(offset, WALK_BATCH)
+            if len(found):
+                batch, corrupt = _check_batch(scan.head[found], (scan.rows[found] * BLOCK).tolist(),
+                                              scan.sizes[found].tolist(), file_size, problems)
+                yield batch
+                if corrupt:
+                    return
+                continue  # the chain may go on past ``limit``; else the walk starts where it ends
             heads, sizes, offset = _walk(mm, offset, file_size, WALK_BATCH)
             if heads:
-                batch, corrupt = _check_batch(mm, heads, sizes, file_size, problems)
+                batch, corrupt = _check_batch(view[np.asarray(heads) // BLOCK], heads, sizes, file_size,
+                                              problems)
                 yield batch
                 if corrupt:
                     return
@@ -358,9 +481,10 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
             if member is None:
                 return  # end of archive, or damage (recorded in problems)
             name, header_at, data_at, size, regular, mtime = member
-            yield [name], [header_at], [data_at], [size], [regular], [mtime]
+            yield Batch([name], [header_at], [data_at], [size], [regular], [mtime])
             offset = data_at + -(-size // BLOCK) * BLOCK
     finally:
+        del view, scan  # they export the map's buffer, which must be released before it closes
         mm.close()
 
 
@@ -403,13 +527,24 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
     current: Sample | None = None
     seen_ext: set[str] = set()
     skipped = 0
-    for names, heads, datas, sizes, regulars, mtimes in batches:
+    for batch in batches:
+        names = batch.names
         text = "\n".join(names)
         if text.startswith("/") or "\n/" in text or ".." in text:  # rare: find which, in order
             for name in names:
                 check_member_name(name, index.path)
-        for name, header_offset, data_offset, size, regular, mtime in zip(names, heads, datas, sizes,
-                                                                          regulars, mtimes):
+        layout = batch.layout
+        general = len(names)  # rows before this one are grouped one at a time, the rest by the layout
+        if layout is not None:
+            general = 0
+            if (layout.starts and current is not None
+                    and names[layout.keep.index(True)][:layout.dots[0]] == current.key):
+                # the batch continues the last sample: its first rows join it one at a time
+                general = len(names) if len(layout.starts) < 2 else (
+                    [i for i, k in enumerate(layout.keep) if k][layout.starts[1]])
+        for name, header_offset, data_offset, size, regular, mtime in zip(
+                names[:general], batch.heads[:general], batch.datas[:general], batch.sizes[:general],
+                batch.regular[:general], batch.mtimes[:general]):
             slash = name.rfind("/")
             dot = name.find(".", slash + 1)
             if not regular or dot <= slash + 1 or dot == len(name) - 1 or (
@@ -424,6 +559,24 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
                 seen_ext = set()
             seen_ext.add(lowered)
             current.members.append(Member(name, ext, data_offset, size, header_offset, mtime))
+        if general == len(names):
+            continue
+        assert layout is not None
+        skip_kept = sum(layout.keep[:general])
+        keep = layout.keep[general:]
+        kept = list(compress(names[general:], keep))
+        skipped += len(keep) - len(kept)
+        if not kept:
+            continue
+        dots = layout.dots[skip_kept:]
+        exts = [name[dot + 1:] for name, dot in zip(kept, dots)]
+        members = list(map(tuple.__new__, repeat(Member), zip(
+            kept, exts, compress(batch.datas[general:], keep), compress(batch.sizes[general:], keep),
+            compress(batch.heads[general:], keep), compress(batch.mtimes[general:], keep))))
+        bounds = [start - skip_kept for start in layout.starts if start >= skip_kept] + [len(kept)]
+        samples.extend([Sample(kept[i][:dots[i]], members[i:j]) for i, j in zip(bounds, bounds[1:])])
+        current = samples[-1]
+        seen_ext = {m.ext.lower() for m in current.members}
     index.skipped_members += skipped
 
 

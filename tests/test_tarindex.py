@@ -233,3 +233,54 @@ def test_random_header_damage_agrees_with_general_parser(tmp_path: Path) -> None
         path.write_bytes(bytes(data))
         bulk, reference = index_pair(path)
         assert bulk == reference
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_data_that_looks_like_headers_is_not_taken_for_them(tmp_path: Path, fmt: int) -> None:
+    """Member data holding whole tars (headers at 512-byte boundaries, chaining to each other and even to
+    the real next header): the chain is followed from the start, so none of them counts."""
+    path = tmp_path / "t.tar"
+    inner = (tmp_path / "inner.tar")
+    mixed_tar(inner, tarfile.USTAR_FORMAT, count=3)
+    payload = inner.read_bytes()
+    fake = tarfile.TarInfo("fake.jpg")
+    fake.size = 0  # a header whose successor is the very next block: the real header after this data
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i, data in enumerate([payload, payload[:4096], fake.tobuf(tarfile.USTAR_FORMAT), payload[512:]]):
+            info = tarfile.TarInfo(f"{i:03d}.tar")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{i:03d}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"t"))
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1]
+    assert [(m.name, m.size) for _, ms in bulk[0] for m in ms] == [
+        (f"{i:03d}.{e}", n) for i, size in enumerate([len(payload), 4096, 512, len(payload) - 512])
+        for e, n in (("tar", size), ("txt", 1))]
+
+
+@pytest.mark.parametrize("batch", [2, 3, 1 << 15])
+def test_grouping_edge_names_agree_with_general_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       batch: int) -> None:
+    """Repeated and case-folded extensions, metadata, key-less names, folders as files: grouped as
+    webdataset does, whatever the batch boundaries."""
+    from airflow_provider_mmprep import tarindex
+
+    monkeypatch.setattr(tarindex, "WALK_BATCH", batch)
+    names = ["a.jpg", "a.txt", "a.JPG", "a.txt", "b.jpg", "__meta__", "__x.y__", "c/__x.y__", "noext", "d.",
+             ".hidden", "e/.f", "g.tar.gz", "g.txt", "g.txt", "h/i.j/k.l.m", "h/i.j/k.n", "dir/", "x.jpg",
+             "x.json", "x.txt", "y.jpg", "y.json", "Y.txt", "y.TXT"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
+    assert [(key, [m.ext for m in members]) for key, members in bulk[0]] == [
+        ("a", ["jpg", "txt"]), ("a", ["JPG", "txt"]), ("b", ["jpg"]), ("c/__x", ["y__"]), ("g", ["tar.gz", "txt"]),
+        ("g", ["txt"]), ("h/i.j/k", ["l.m", "n"]), ("x", ["jpg", "json", "txt"]), ("y", ["jpg", "json"]),
+        ("Y", ["txt"]), ("y", ["TXT"])]
+    assert bulk[2] == 7  # __meta__, __x.y__, noext, d., .hidden, e/.f, dir/
