@@ -21,7 +21,7 @@ import os
 from itertools import compress, repeat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -578,6 +578,79 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
         current = samples[-1]
         seen_ext = {m.ext.lower() for m in current.members}
     index.skipped_members += skipped
+
+
+#: Version of the ``member_offsets`` record in manifests; readers ignore a record of another version.
+MEMBER_OFFSETS_VERSION = 1
+
+
+class ManifestContradicted(ValueError):
+    """A manifest's ``member_offsets`` that cannot describe its tar: never trusted, never silently skipped."""
+
+
+def member_offsets(members: list[Member], skipped: int = 0) -> dict[str, Any]:
+    """What a manifest records so that consumers index the tar without reading its headers: every member
+    :func:`index_tar` keeps, as columns (names, header chain and data offsets, sizes, mtimes), and how
+    many members it skips."""
+    mtimes = [m.mtime for m in members]
+    return {"version": MEMBER_OFFSETS_VERSION, "name": [m.name for m in members],
+            "header": [m.header_offset for m in members], "data": [m.offset for m in members],
+            "size": [m.size for m in members],
+            "mtime": mtimes[0] if mtimes and mtimes.count(mtimes[0]) == len(mtimes) else mtimes,
+            "skipped": skipped}
+
+
+def offsets_of(path: str | Path) -> dict[str, Any]:
+    """:func:`member_offsets` of a tar just written (read back from its headers, in the page cache)."""
+    index = index_tar(path)
+    return member_offsets([m for sample in index.samples for m in sample.members], index.skipped_members)
+
+
+def index_from_offsets(path: str | Path, file_size: int, record: Any) -> TarIndex | None:
+    """The tar's index from a manifest's ``member_offsets``, reading nothing from the tar; None when the
+    record is of another version. Raises :class:`ManifestContradicted` when the record cannot describe a
+    tar of ``file_size`` bytes (offsets off block boundaries, overlapping, past the end) and
+    :class:`UnsafeMemberName` for a name no tar may hold."""
+    path = Path(path)
+    if not isinstance(record, dict) or record.get("version") != MEMBER_OFFSETS_VERSION:
+        return None
+
+    def contradicted(why: str) -> ManifestContradicted:
+        return ManifestContradicted(f"{path}: its manifest's member_offsets contradict the tar ({why})")
+
+    try:
+        names, heads, datas, sizes = (list(record[k]) for k in ("name", "header", "data", "size"))
+        mtime = record["mtime"]
+        mtimes = list(mtime) if isinstance(mtime, list) else [int(mtime)] * len(names)
+        skipped = int(record.get("skipped", 0))
+    except (KeyError, TypeError, ValueError):
+        raise contradicted("malformed record") from None
+    if not len(names) == len(heads) == len(datas) == len(sizes) == len(mtimes):
+        raise contradicted("columns of different lengths")
+    if not all(isinstance(n, str) for n in names):
+        raise contradicted("a member name that is not text")
+    if names:
+        try:
+            h, d, z, t = (np.asarray(c) for c in (heads, datas, sizes, mtimes))
+        except (TypeError, ValueError):
+            raise contradicted("malformed record") from None
+        if any(c.dtype.kind not in "iu" or c.ndim != 1 for c in (h, d, z, t)):
+            raise contradicted("non-integer offsets or sizes")
+        ends = d + (z + (BLOCK - 1)) // BLOCK * BLOCK
+        if (h % BLOCK).any() or (d % BLOCK).any() or (z < 0).any() or (d - h < BLOCK).any():
+            raise contradicted("offsets off 512-byte header boundaries")
+        if (h[1:] < ends[:-1]).any():
+            raise contradicted("members overlap")
+        if int((d + z).max()) > file_size:
+            raise contradicted(f"members end past the tar's {file_size} bytes")
+        if skipped == 0 and (h[0] != 0 or (h[1:] != ends[:-1]).any()):
+            raise contradicted("members do not follow each other")
+    index = TarIndex(path=path, file_size=file_size, skipped_members=0)
+    group_members(index, [Batch(names, heads, datas, sizes, [True] * len(names), mtimes)])
+    if sum(len(s.members) for s in index.samples) != len(names) or index.skipped_members:
+        raise contradicted("members without a key or extension")
+    index.skipped_members = skipped
+    return index
 
 
 def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:

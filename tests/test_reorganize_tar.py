@@ -299,7 +299,7 @@ def test_with_download_manifests_each_task_reads_only_the_inputs_feeding_its_out
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = tmp_path / "raw"
     tars = make_download_output(raw, parts=3, shards_per_part=4, samples_per_shard=(3, 11), seed=7,
-                                manifests=True)
+                                manifests=True, member_offsets=False)
     run_all(make_cfg(raw, tmp_path / "reference", 5, "reorganize_tar.strict=true"), 2)  # strict: full plan
     reference = digests(tmp_path / "reference")
 
@@ -335,9 +335,128 @@ def test_inputs_without_a_usable_manifest_are_counted_from_their_headers(tmp_pat
 def test_a_manifest_its_tar_contradicts_fails_the_task_that_reads_it(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     tars = make_download_output(raw, parts=1, shards_per_part=4, samples_per_shard=(5, 5), seed=9,
-                                manifests=True)
+                                manifests=True, member_offsets=False)
     manifest = tars[0].with_name(tars[0].name + ".manifest.json")
     body = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**body, "sample_count": 6}))  # current (same tar size) but wrong
     with pytest.raises(StageError, match=r"part-000/00000.tar has 5 usable sample\(s\) but its manifest says 6"):
         run_task(make_cfg(raw, tmp_path / "out", 5), 0, 2)
+
+
+def no_header_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way of reading a tar's headers fail the test."""
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+    from airflow_provider_mmprep import tarindex
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a header was read: {args[:1]}")
+
+    for module, name in ((stage, "index_tar"), (tarindex, "index_tar"), (tarindex, "_members"),
+                         (tarindex, "_members_reference")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def without_manifests(raw: Path, copy: Path) -> Path:
+    import shutil
+
+    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("*.manifest.json"))
+    return copy
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_shards_with_member_offsets_are_reorganized_without_reading_a_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int) -> None:
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=2, shards_per_part=4, samples_per_shard=(3, 11), seed=11, manifests=True)
+    run_all(make_cfg(without_manifests(raw, tmp_path / "bare"), tmp_path / "reference", 4), 1)  # from headers
+
+    with monkeypatch.context() as patch:
+        no_header_reads(patch)
+        out = tmp_path / "out"
+        summaries = run_all(make_cfg(raw, out, 4), tasks)
+        assert digests(out) == digests(tmp_path / "reference")
+        assert sum(s["samples_written"] for s in summaries) == summaries[0]["usable_samples"]
+        # reorganize_tar's own outputs carry offsets too: re-chunking them reads no header either
+        again = run_all(make_cfg(out, tmp_path / "again", 3), tasks)
+        assert sum(s["samples_written"] for s in again) == summaries[0]["usable_samples"]
+    run_all(make_cfg(without_manifests(out, tmp_path / "out_bare"), tmp_path / "again_ref", 3), 1)
+    assert digests(tmp_path / "again") == digests(tmp_path / "again_ref")
+
+
+def test_recorded_offsets_match_the_tars(tmp_path: Path) -> None:
+    from airflow_provider_mmprep.tarindex import index_from_offsets, index_tar
+
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(4, 9), seed=12, manifests=True)
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 5, "reorganize_tar.file_ext_in_tar=[.jpg,.txt]"), 0, 1)
+    tars = sorted(raw.rglob("*.tar")) + sorted(out.glob("*.tar"))
+    for tar in tars:
+        body = read_manifest(tar)
+        recorded = index_from_offsets(tar, tar.stat().st_size, body["member_offsets"])
+        read = index_tar(tar)
+        assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in read.samples]
+        assert body["member_offsets"]["version"] == 1 and len(recorded.samples) == body["sample_count"]
+        with tarfile.open(tar) as t:  # and tarfile, the oracle, agrees on where each member's data is
+            assert [(m.name, m.offset_data, m.size) for m in t.getmembers()] == [
+                (m.name, m.offset, m.size) for s in recorded.samples for m in s.members]
+
+
+def edit_offsets(tar: Path, **changes) -> None:
+    manifest = tar.with_name(tar.name + ".manifest.json")
+    body = json.loads(manifest.read_text())
+    record = body["member_offsets"]
+    for key, change in changes.items():
+        record[key] = change(record[key])
+    manifest.write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize("damage", ["past_end", "misaligned", "overlap", "count"])
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_offsets_the_tar_contradicts_fail_the_task_naming_it(tmp_path: Path, damage: str, tasks: int) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(5, 5), seed=13,
+                                manifests=True)
+    size = tars[0].stat().st_size
+    if damage == "past_end":  # a manifest written for a longer tar that still claims this tar's size
+        edit_offsets(tars[0], size=lambda sizes: sizes[:-1] + [size])
+    elif damage == "misaligned":
+        edit_offsets(tars[0], header=lambda heads: [heads[0] + 100] + heads[1:],
+                     data=lambda datas: [datas[0] + 100] + datas[1:])
+    elif damage == "overlap":
+        edit_offsets(tars[0], size=lambda sizes: [sizes[0] + 2048] + sizes[1:])
+    else:
+        manifest = tars[0].with_name(tars[0].name + ".manifest.json")
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sample_count": 4}))
+    with pytest.raises(StageError, match=r"reorganize_tar\.input_dir: .*part-000/00000\.tar"):
+        run_all(make_cfg(raw, tmp_path / "out", 5), tasks)
+
+
+def test_download_images_records_offsets_that_reorganize_uses(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.stages import download_images
+    from airflow_provider_mmprep.tarindex import index_from_offsets, index_tar
+    from airflow_provider_mmprep.testing import sample_data
+    from airflow_provider_mmprep.testing.image_host import ImageHost
+
+    with ImageHost(latency=(0.0, 0.01), seed=3) as host:
+        urls = sample_data.add_images(host, 23, size=(96, 64)) + [host.url("/fault/ok?missing=1") + "x"]
+        sample_data.write_url_parquet(tmp_path / "in" / "part0.parquet", urls,
+                                      captions=[f"caption {i}" for i in range(len(urls))])
+        config = {"run": {"name": "t"}, "download_images": {
+            "enable": True, "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "raw"),
+            "download_num_processes": 1, "download_num_threads": 4, "allow_private_addresses": True,
+            "img2dataset_additional_arguments": {"number_sample_per_shard": 7, "timeout": 1.5}}}
+        (tmp_path / "dl.yaml").write_text(json.dumps(config))
+        download_images.run_task(load_config(tmp_path / "dl.yaml", load_precache=False), 0, 1)
+    tars = sorted((tmp_path / "raw").rglob("*.tar"))
+    assert len(tars) == 4
+    for tar in tars:
+        body = read_manifest(tar)
+        recorded = index_from_offsets(tar, tar.stat().st_size, body["member_offsets"])
+        assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in index_tar(tar).samples]
+        assert len(recorded.samples) == body["sample_count"] > 0
+    run_task(make_cfg(without_manifests(tmp_path / "raw", tmp_path / "bare"), tmp_path / "reference", 5), 0, 1)
+    no_header_reads(monkeypatch)
+    run_task(make_cfg(tmp_path / "raw", tmp_path / "out", 5), 0, 1)
+    assert digests(tmp_path / "out") == digests(tmp_path / "reference")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
 from ..manifest import write_manifest
+from ..tarindex import offsets_of
 from ..tarwriter import copy_range
 from .fetcher import Fetcher
 from .options import DownloadOptions
@@ -371,7 +372,8 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
     end = time.time()
     extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
     write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
-                   every_sample_has=extensions, retry_round=job.retry, source="download_images")
+                   every_sample_has=extensions, retry_round=job.retry, source="download_images",
+                   member_offsets=offsets_of(paths["tar"]))  # so reorganize_tar reads no header of it
     stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
              "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
              "duration": end - start, "start_time": start, "end_time": end,

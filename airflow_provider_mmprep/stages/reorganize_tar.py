@@ -34,8 +34,9 @@ from .. import fsutil
 from ..config import PipelineConfig
 from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, write_manifest
 from ..progress import Progress
-from ..tarindex import (Member, TarIndex, UnsafeMemberName, find_tars, has_extensions, index_tar,
-                        normalize_extensions, prefetch, select_members)
+from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
+                        index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch,
+                        select_members)
 from ..tarwriter import RangeTarWriter
 from . import StageError
 
@@ -112,11 +113,28 @@ def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
     return inputs
 
 
-def _index(path: Path) -> TarIndex:
+_UNREAD: Any = object()
+
+
+def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
+    """The input's index: from its manifest's ``member_offsets`` when it has them (no header is read),
+    else from its headers. ``body`` is the manifest when the caller has read it already."""
+    if body is _UNREAD:
+        body = read_manifest(path)
     try:
+        if body is not None and "member_offsets" in body:
+            index = index_from_offsets(path, int(body["tar_size"]), body["member_offsets"])
+            if index is not None:
+                if len(index.samples) != body["sample_count"]:
+                    raise ManifestContradicted(f"{path}: its manifest's member_offsets hold {len(index.samples)} "
+                                               f"sample(s) but its sample_count says {body['sample_count']}")
+                return index
         return index_tar(path)
     except UnsafeMemberName as exc:
         raise StageError(f"{STAGE}.input_dir: {exc}") from None
+    except ManifestContradicted as exc:
+        raise StageError(f"{STAGE}.input_dir: {exc}. Redo the shard that wrote it (or delete "
+                         f"{path.name}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
 
 
 def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
@@ -162,24 +180,29 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
     for path in plan.inputs[:PREFETCH_AHEAD]:
         prefetch(path)
-    for tar_no, path in enumerate(plan.inputs):
-        if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
-            prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
-        _add_tar(plan, tar_no, _index(path), wanted, seen_keys)
-        progress.advance()
-        if on_tar_indexed is not None:
-            on_tar_indexed(plan)
+    with ThreadPoolExecutor(max_workers=1) as ahead:  # index input i+1 while input i is added and copied
+        pending = ahead.submit(_index, plan.inputs[0]) if plan.inputs else None
+        for tar_no, path in enumerate(plan.inputs):
+            if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
+                prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
+            index = pending.result()  # type: ignore[union-attr]
+            if tar_no + 1 < len(plan.inputs):
+                pending = ahead.submit(_index, plan.inputs[tar_no + 1])
+            _add_tar(plan, tar_no, index, wanted, seen_keys)
+            progress.advance()
+            if on_tar_indexed is not None:
+                on_tar_indexed(plan)
     progress.finish()
     return plan
 
 
-def counted_by_manifest(path: Path, wanted: tuple[str, ...]) -> int | None:
-    """The input's usable sample count from its producer's manifest, or None when the tar must be read.
+def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) -> int | None:
+    """The input's usable sample count from its producer's (current) manifest, or None when the tar must
+    be read.
 
-    Only a current manifest that lists ``every_sample_has`` (download_images and reorganize_tar write it)
+    Only a manifest that lists ``every_sample_has`` (download_images and reorganize_tar write it)
     covering every wanted extension says how many samples are usable without reading a header.
     """
-    body = read_manifest(path)
     if body is None:
         return None
     every = body.get("every_sample_has")
@@ -189,7 +212,8 @@ def counted_by_manifest(path: Path, wanted: tuple[str, ...]) -> int | None:
 
 
 def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
-                    task_count: int, exclude: Path | None = None) -> ReorganizePlan:
+                    task_count: int, exclude: Path | None = None,
+                    on_tar_indexed: Callable[[ReorganizePlan], None] | None = None) -> ReorganizePlan:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -197,17 +221,19 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     read. So T tasks read every header about once in all, not T times, and the outputs are byte-identical
     to a single task's. Problems (missing members, duplicate keys, damage) are reported for the inputs
     this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
-    placed their samples by it.
+    placed their samples by it. ``on_tar_indexed(plan)`` runs after each input is added, as in
+    :func:`build_plan`, with ``total_samples`` and ``first_sample`` already known.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
     plan = ReorganizePlan(input_dir, inputs, chunk_size)
-    manifest_counts = [counted_by_manifest(path, wanted) for path in inputs]
+    bodies = [read_manifest(path) for path in inputs]
+    manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
     counts: list[int] = []
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
-            unlisted[tar_no] = _index(inputs[tar_no])
+            unlisted[tar_no] = _index(inputs[tar_no], bodies[tar_no])
             count = sum(1 for sample in unlisted[tar_no].samples if has_extensions(sample, wanted))
         counts.append(count)
     starts = [0]
@@ -219,15 +245,23 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     feeding = {t for t in range(len(inputs)) if starts[t] < high and starts[t + 1] > low}
     plan.first_sample = starts[min(feeding)] if feeding else low
     seen_keys: set[str] = set()
-    for tar_no in sorted(feeding | unlisted.keys()):  # global order, so the window stays contiguous
-        index = unlisted.pop(tar_no, None) or _index(inputs[tar_no])
-        usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
-        if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
-            raise StageError(
-                f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
-                f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
-                f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
-                f"{STAGE} task")
+    order = sorted(feeding | unlisted.keys())  # global order, so the window stays contiguous
+    with ThreadPoolExecutor(max_workers=1) as ahead:  # index input i+1 while input i is added and copied
+        pending = ahead.submit(_index, inputs[order[0]], bodies[order[0]]) if order and order[0] not in unlisted \
+            else None
+        for at, tar_no in enumerate(order):
+            index = unlisted.pop(tar_no, None) or pending.result()  # type: ignore[union-attr]
+            if at + 1 < len(order) and order[at + 1] not in unlisted:
+                pending = ahead.submit(_index, inputs[order[at + 1]], bodies[order[at + 1]])
+            usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+            if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
+                raise StageError(
+                    f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
+                    f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
+                    f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
+                    f"{STAGE} task")
+            if on_tar_indexed is not None:
+                on_tar_indexed(plan)
     return plan
 
 
@@ -252,6 +286,16 @@ def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
             else:
                 runs.append([sample.tar, m.header_offset, m.end])
     return [(tar, start, end - start) for tar, start, end in runs]
+
+
+def output_members(samples: list[PlannedSample]) -> list[Member]:
+    """The members as they lie in the output tar: records copied one after another from byte 0."""
+    placed, position = [], 0
+    for sample in samples:
+        for m in sample.members:
+            placed.append(m._replace(offset=position + m.offset - m.header_offset, header_offset=position))
+            position += m.end - m.header_offset
+    return placed
 
 
 def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
@@ -292,7 +336,8 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     count = len(plan.chunk(j))
     extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
     write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
-                   extensions=extensions, every_sample_has=extensions)  # only usable samples are copied
+                   extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
+                   member_offsets=member_offsets(output_members(plan.chunk(j))))
     return "written", count, size
 
 
@@ -314,22 +359,35 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         fsutil.remove_stale_temporaries(output_dir)
     pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
     futures: dict[int, Future[tuple[str, int, int]]] = {}
+    cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
 
-    def submit_full_chunks(plan: ReorganizePlan) -> None:
-        # With one task every output is ours, so full chunks can be written while indexing goes on
-        # (the copy runs in the kernel, the indexing in Python: they overlap). Not with strict, which
-        # must see every input before writing anything.
-        for j in range(len(futures), len(plan.samples) // plan.chunk_size):
-            futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
+    def submit_ready_chunks(plan: ReorganizePlan) -> None:
+        # Outputs whose samples are all indexed are written while indexing goes on (the copy runs in the
+        # kernel, the indexing in Python: they overlap). Not with strict, which must see every input first.
+        if plan.total_samples is None:  # one task, total not known yet: every full chunk is ours
+            for j in range(len(futures), len(plan.samples) // plan.chunk_size):
+                futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
+            return
+        mine = fsutil.task_range(plan.output_count, task_id, task_count)
+        if not cleaned:  # before our first write: other tasks write beside us, so only our own leftovers
+            fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
+            cleaned.append(True)
+        reached = plan.first_sample + len(plan.samples)  # global position the window is indexed up to
+        last = plan.output_count - 1
+        for j in mine:
+            if j not in futures:
+                if min((j + 1) * plan.chunk_size, plan.total) > reached:
+                    break
+                futures[j] = pool.submit(produce_output, plan, output_dir, j, j == last and plan.short_count > 0)
 
     try:
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
             plan = build_task_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
-                                   exclude=output_dir)
+                                   exclude=output_dir, on_tar_indexed=submit_ready_chunks)
         else:
             stream = task_count == 1 and not block.strict
             plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
-                              submit_full_chunks if stream else None, exclude=output_dir)
+                              submit_ready_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
         for rel, problems in plan.damaged.items():
@@ -349,7 +407,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
-        if task_count > 1:  # other tasks write beside us right now: remove only our own leftovers
+        if task_count > 1 and not cleaned:  # other tasks write beside us right now: only our own leftovers
             fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
         last = plan.output_count - 1
         for j in mine:
