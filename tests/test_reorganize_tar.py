@@ -460,3 +460,41 @@ def test_download_images_records_offsets_that_reorganize_uses(tmp_path: Path,
     no_header_reads(monkeypatch)
     run_task(make_cfg(tmp_path / "raw", tmp_path / "out", 5), 0, 1)
     assert digests(tmp_path / "out") == digests(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_outputs_are_written_while_later_inputs_are_still_being_indexed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int) -> None:
+    """Indexing the last input waits (up to 20 s) for an output to be written: only a task that writes
+    while it indexes sees one in time."""
+    import threading
+
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=6, samples_per_shard=(8, 8), seed=14,
+                                manifests=True, member_offsets=False)
+    written = threading.Event()
+    real_index, real_produce = stage.index_tar, stage.produce_output
+    waited: list[bool] = []
+
+    def index_tar(path):
+        if Path(path) == tars[-1]:
+            waited.append(written.wait(20))
+        return real_index(path)
+
+    def produce_output(*args):
+        result = real_produce(*args)
+        written.set()
+        return result
+
+    monkeypatch.setattr(stage, "index_tar", index_tar)
+    monkeypatch.setattr(stage, "produce_output", produce_output)
+    run_task(make_cfg(raw, tmp_path / "out", 4), 0, tasks)  # task 0 of 2 owns outputs 0-5, fed by inputs 0-2
+    if tasks == 1:
+        assert waited == [True]
+    else:  # task 0 does not read the last input at all: its inputs' manifests place it
+        assert waited == [] and written.is_set()
+        written.clear()
+        run_task(make_cfg(raw, tmp_path / "out", 4), 1, tasks)
+        assert waited == [True]
