@@ -55,6 +55,19 @@ def test_split_key_follows_webdataset() -> None:
 
 # --- the bulk path (mmap walk + numpy checks) against the general parser, member for member -------------
 
+@pytest.fixture(autouse=True, params=["walk", "scan"])
+def bulk_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the header-to-header walk alone and with the block scan taking over early."""
+    from airflow_provider_mmprep import tarindex
+
+    if request.param == "walk":
+        monkeypatch.setattr(tarindex, "DENSE_RECORD", 0)
+    else:
+        monkeypatch.setattr(tarindex, "DENSE_RECORD", 1 << 40)
+        monkeypatch.setattr(tarindex, "PROBE", 2)
+    return request.param
+
+
 def index_pair(path: Path) -> tuple[object, object]:
     """(bulk, reference) results for one tar: the index's content, or the exception's type and text."""
     results = []
