@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 from itertools import compress, repeat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,33 +259,78 @@ PROBE = 64  # headers walked first, to measure how densely headers lie
 DENSE_RECORD = 16 * 1024
 
 
-def _walk(mm: mmap.mmap, offset: int, file_size: int, limit: int) -> tuple[list[int], list[int], int]:
+# A pax header holding nothing but a member's mtime, as Python's tarfile writes for every member whose
+# mtime is a float (img2dataset's shards: webdataset's TarWriter sets time.time()).
+_PAX_MTIME = re.compile(rb"(\d+) mtime=([0-9.]+)\n")
+# pax keys that change what the general parser makes of a member (other keys it ignores)
+_PAX_MEANINGFUL = ("path", "size", "GNU.sparse")
+
+Pax = dict[int, tuple[int, "int | None"]]  # member index in a batch -> (pax header offset, pax mtime)
+
+
+def _walk(mm: mmap.mmap, offset: int, file_size: int, limit: int) -> tuple[list[int], list[int], Pax, int]:
     """Follow the chain of plain ustar regular-file headers from ``offset``: each header's size field gives
     the next header's offset, so this walk is sequential; it reads two bytes and one size field per header
-    and leaves every other check to :func:`_check_batch`, over all the headers at once.
+    and leaves every other check to :func:`_check_batch`, over all the headers at once. A pax header
+    before a member is taken when it says nothing but ``mtime`` (and keys the general parser ignores).
 
     Stops (returning where) at the first header it cannot take at face value: an end-of-archive or empty
-    name, another type flag (pax, GNU long names, links, folders…), a size field that is not 11 octal
-    digits and a terminator (base-256, 12 digits), or data running past the end of the file; the general
-    parser takes over there, so every case keeps its exact handling and message.
+    name, another type flag (GNU long names, links, folders…), a pax header with a path, size or sparse
+    map, a size field that is not 11 octal digits and a terminator (base-256, 12 digits), or data running
+    past the end of the file; the general parser takes over there, so every case keeps its exact handling
+    and message.
     """
     heads: list[int] = []
     sizes: list[int] = []
+    paxes: Pax = {}
     last = file_size - BLOCK
     append_head, append_size = heads.append, sizes.append
     while offset <= last and len(heads) < limit:
-        if mm[offset] == 0 or mm[offset + 156] not in (48, 0) or mm[offset + 135] not in (0, 32):
+        head = offset
+        if mm[head + 156] == 120:  # "x": a pax header for the member that follows
+            if mm[head + 135] not in (0, 32):
+                break
+            try:
+                length = int(mm[head + 124:head + 135], 8)
+            except ValueError:
+                break
+            if length < 0 or head + BLOCK + length > file_size:
+                break
+            data = mm[head + BLOCK:head + BLOCK + length]
+            match = _PAX_MTIME.fullmatch(data)
+            if match is not None and int(match[1]) == length:
+                value: str | None = match[2].decode()
+            else:
+                try:
+                    records = _pax_records(data)
+                except ValueError:
+                    break
+                if any(key.startswith(_PAX_MEANINGFUL) for key in records):
+                    break
+                value = records.get("mtime")
+            try:
+                pax_mtime = None if value is None else int(float(value))
+            except ValueError:
+                pax_mtime = 0  # as the general parser: a damaged time field loses nothing
+            head += BLOCK + ((length + 511) & ~511)
+            if head > last:
+                break
+            paxes[len(heads)] = (offset, pax_mtime)
+        if mm[head] == 0 or mm[head + 156] not in (48, 0) or mm[head + 135] not in (0, 32):
+            paxes.pop(len(heads), None)
             break
         try:
-            size = int(mm[offset + 124:offset + 135], 8)
+            size = int(mm[head + 124:head + 135], 8)
         except ValueError:
+            paxes.pop(len(heads), None)
             break
-        if size < 0 or offset + BLOCK + size > file_size:
+        if size < 0 or head + BLOCK + size > file_size:
+            paxes.pop(len(heads), None)
             break
-        append_head(offset)
+        append_head(head)
         append_size(size)
-        offset += BLOCK + ((size + 511) & ~511)
-    return heads, sizes, offset
+        offset = head + BLOCK + ((size + 511) & ~511)
+    return heads, sizes, paxes, offset
 
 
 _POW6 = 8 ** np.arange(5, -1, -1, dtype=np.int64)
@@ -300,24 +346,39 @@ def _octal_columns(fields: np.ndarray, digits: int, powers: np.ndarray) -> tuple
     return (body.astype(np.int64) - 48) @ powers, clean
 
 
-def _check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_size: int,
-                 problems: list[str]) -> tuple[Batch, bool]:
-    """Checksums, names and mtimes of a chain of plain headers (``blocks``: their copies, one row each),
-    vectorised; returns the members up to the first bad checksum and whether one was found (then
-    ``problems`` says so, as the general parser would)."""
+def _first_bad_checksum(blocks: np.ndarray) -> int | None:
+    """The first row whose header checksum fails (:func:`_checksum_ok`), checked in bulk; None if none."""
     field = blocks[:, 148:156]
     unsigned = blocks.sum(axis=1, dtype=np.int64) - field.sum(axis=1, dtype=np.int64) + 8 * 32
     stored, clean = _octal_columns(field, 6, _POW6)
-    suspects = np.flatnonzero(~(clean & (stored == unsigned)))
-    count, corrupt = len(heads), False
-    for row in suspects.tolist():  # other spellings, signed sums, damage: the general check decides
-        if not _checksum_ok(blocks[row].tobytes()):
-            count, corrupt = row, True
-            offset = heads[row]
-            where = "first header" if offset == 0 else f"header at byte {offset}"
-            problems.append(f"corrupt {where} (bad checksum); the rest of the file "
-                            f"({file_size - offset} bytes) is unreadable")
-            break
+    for row in np.flatnonzero(~(clean & (stored == unsigned))).tolist():
+        if not _checksum_ok(blocks[row].tobytes()):  # other spellings, signed sums: the general check decides
+            return row
+    return None
+
+
+def _check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_size: int,
+                 problems: list[str], paxes: Pax | None = None,
+                 pax_blocks: np.ndarray | None = None) -> tuple[Batch, bool]:
+    """Checksums, names and mtimes of a chain of plain headers (``blocks``: their copies, one row each;
+    ``pax_blocks``: those of the pax headers before some of them, in the order of ``paxes``), vectorised;
+    returns the members up to the first bad checksum and whether one was found (then ``problems`` says
+    so, as the general parser would)."""
+    count, bad_at = len(heads), None
+    bad = _first_bad_checksum(blocks)
+    if bad is not None:
+        count, bad_at = bad, heads[bad]
+    if paxes:
+        bad = _first_bad_checksum(pax_blocks)
+        if bad is not None:
+            member, (pax_at, _) = list(paxes.items())[bad]
+            if member <= count:  # a member's pax header lies before its header
+                count, bad_at = member, pax_at
+    corrupt = bad_at is not None
+    if corrupt:
+        where = "first header" if bad_at == 0 else f"header at byte {bad_at}"
+        problems.append(f"corrupt {where} (bad checksum); the rest of the file "
+                        f"({file_size - bad_at} bytes) is unreadable")
     blocks, heads, sizes = blocks[:count], heads[:count], sizes[:count]
     raw_names = np.ascontiguousarray(blocks[:, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
     names = [raw.decode("utf-8", "surrogateescape") for raw in raw_names]
@@ -338,7 +399,15 @@ def _check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_si
     layout = None
     if not len(prefixed) and count and not any(b"\0" in raw for raw in raw_names):
         layout = _layout(blocks[:, :100])
-    return Batch(names, heads, [h + BLOCK for h in heads], sizes, regular, mtimes, layout), corrupt
+    chains = heads
+    if paxes:
+        chains = list(heads)
+        for member, (pax_at, pax_mtime) in paxes.items():
+            if member < count:
+                chains[member] = pax_at
+                if pax_mtime is not None:
+                    mtimes[member] = pax_mtime
+    return Batch(names, chains, [h + BLOCK for h in heads], sizes, regular, mtimes, layout), corrupt
 
 
 _COLUMNS = np.arange(100)
@@ -473,10 +542,11 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
                         return
                     continue  # the chain may go on past ``limit``; else the walk starts where it ends
             start = offset
-            heads, sizes, offset = _walk(mm, offset, file_size, WALK_BATCH if probed else PROBE)
+            heads, sizes, paxes, offset = _walk(mm, offset, file_size, WALK_BATCH if probed else PROBE)
             if heads:
+                pax_blocks = view[np.asarray([at for at, _ in paxes.values()], dtype=np.int64) // BLOCK]
                 batch, corrupt = _check_batch(view[np.asarray(heads) // BLOCK], heads, sizes, file_size,
-                                              problems)
+                                              problems, paxes, pax_blocks)
                 yield batch
                 if corrupt:
                     return

@@ -80,9 +80,15 @@ def index_pair(path: Path) -> tuple[object, object]:
     return results[0], results[1]
 
 
-def mixed_tar(path: Path, fmt: int, count: int = 12) -> Path:
+PAX_FLOAT = "pax with float mtimes"  # img2dataset's shards: a pax header holding the mtime before every member
+
+
+def mixed_tar(path: Path, fmt: int | str, count: int = 12) -> Path:
     """Samples as img2dataset writes them, plus what other writers add: folders, links, empty files,
-    long and unicode names, ustar prefixes, metadata members."""
+    long and unicode names, ustar prefixes, metadata members; with PAX_FLOAT, pax mtime headers before
+    every member, some with other records beside (ignored ones, an unreadable mtime)."""
+    floats = fmt == PAX_FLOAT
+    fmt = tarfile.PAX_FORMAT if floats else fmt
     with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
         folder = tarfile.TarInfo("dir")
         folder.type = tarfile.DIRTYPE
@@ -92,7 +98,12 @@ def mixed_tar(path: Path, fmt: int, count: int = 12) -> Path:
                 info = tarfile.TarInfo(f"{i:09d}.{ext}")
                 data = bytes([65 + i % 26]) * ((i * 517 + len(ext) * 13) % 1500)  # some empty, some not aligned
                 info.size = len(data)
-                info.mtime = 1_700_000_000 + i
+                info.mtime = 1_700_000_000 + i + (0.25 if floats else 0)
+                if floats and i % 4 == 1:
+                    info.pax_headers = {"comment": "other records", "atime": "1.5"}
+                if floats and i % 7 == 3 and ext == "txt":
+                    info.mtime = 1_700_000_000  # an int: the pax mtime below is not overwritten
+                    info.pax_headers = {"mtime": "not a time"}
                 tar.addfile(info, io.BytesIO(data))
             if i % 5 == 2:
                 for name in (("p" * 60 + "/") * 2 + f"{i}.jpg", "é/ünïcode✓.txt", "x" * 150 + ".jpg"):
@@ -111,7 +122,7 @@ def mixed_tar(path: Path, fmt: int, count: int = 12) -> Path:
     return path
 
 
-FORMATS = [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]
+FORMATS = [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, PAX_FLOAT]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -137,8 +148,9 @@ def test_bulk_matches_general_parser_on_every_truncation(tmp_path: Path, fmt: in
 
 
 def header_offsets(path: Path) -> list[int]:
+    """Where every header block is: each member's chain start (pax, GNU long name) and its own header."""
     with tarfile.open(path) as tar:
-        return [m.offset for m in tar.getmembers()]
+        return sorted({at for m in tar.getmembers() for at in (m.offset, m.offset_data - 512)})
 
 
 def rewrite(path: Path, at: int, start: int, value: bytes, fix_checksum: bool = True) -> None:
@@ -258,10 +270,11 @@ def test_data_that_looks_like_headers_is_not_taken_for_them(tmp_path: Path, fmt:
     payload = inner.read_bytes()
     fake = tarfile.TarInfo("fake.jpg")
     fake.size = 0  # a header whose successor is the very next block: the real header after this data
-    with tarfile.open(path, "w", format=fmt) as tar:
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if fmt == PAX_FLOAT else fmt) as tar:
         for i, data in enumerate([payload, payload[:4096], fake.tobuf(tarfile.USTAR_FORMAT), payload[512:]]):
             info = tarfile.TarInfo(f"{i:03d}.tar")
             info.size = len(data)
+            info.mtime = 1.5 if fmt == PAX_FLOAT else 1
             tar.addfile(info, io.BytesIO(data))
             info = tarfile.TarInfo(f"{i:03d}.txt")
             info.size = 1
@@ -297,3 +310,40 @@ def test_grouping_edge_names_agree_with_general_parser(tmp_path: Path, monkeypat
         ("g", ["txt"]), ("h/i.j/k", ["l.m", "n"]), ("x", ["jpg", "json", "txt"]), ("y", ["jpg", "json"]),
         ("Y", ["txt"]), ("y", ["TXT"])]
     assert bulk[2] == 7  # __meta__, __x.y__, noext, d., .hidden, e/.f, dir/
+
+
+def test_random_damage_to_pax_mtime_tars_agrees_with_general_parser(tmp_path: Path) -> None:
+    """img2dataset's layout (a pax mtime header before every member), bytes flipped in any header block
+    or pax record: the bulk path reports exactly what the general parser does."""
+    import random
+
+    rng = random.Random(16)
+    source = mixed_tar(tmp_path / "t.tar", PAX_FLOAT, count=6)
+    original = source.read_bytes()
+    blocks = header_offsets(source)
+    with tarfile.open(source) as tar:
+        blocks += [m.offset + 512 for m in tar.getmembers() if m.offset_data - m.offset > 512]  # pax records
+    path = tmp_path / "fuzz.tar"
+    for _ in range(300):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 2)):
+            data[rng.choice(blocks) + rng.choice([rng.randrange(40), rng.randrange(512)])] = rng.choice(
+                [0, 10, 32, 46, 48, 55, 56, 61, 120, 255, rng.randrange(256)])
+        path.write_bytes(bytes(data))
+        bulk, reference = index_pair(path)
+        assert bulk == reference
+
+
+@pytest.mark.parametrize("record", [b"11 mtime=95\n", b"12 mtime=95\n", b"13 mtime=9.5\n", b"7 a=b\n",
+                                    b"13 mtime=1e3\n", b"14 size=99999\n", b"21 path=other/x.jpg\n"])
+def test_pax_records_read_exactly_as_the_general_parser(tmp_path: Path, record: bytes) -> None:
+    """Pax records the walk reads itself (a lone mtime) or hands over (length fields that lie, other keys)."""
+    path = mixed_tar(tmp_path / "t.tar", PAX_FLOAT, count=3)
+    with tarfile.open(path) as tar:
+        first = next(m for m in tar.getmembers() if m.offset_data - m.offset > 512)
+    data = bytearray(path.read_bytes())
+    data[first.offset + 512:first.offset + 1024] = record.ljust(512, b"\0")
+    path.write_bytes(bytes(data))
+    rewrite(path, first.offset, 124, b"%011o\0" % len(record))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
