@@ -28,7 +28,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
@@ -166,6 +166,25 @@ def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[s
     return usable
 
 
+def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | None = None) -> Iterator[TarIndex]:
+    """The inputs' indexes in order, each made in a thread while the caller uses the one before (adds
+    its samples, copies from it), so a task's wall time tends to the larger of indexing and copying, not
+    their sum. The thread also asks the kernel to read ahead ``PREFETCH_AHEAD`` inputs (the copy reads
+    every byte anyway, and the call's cost grows with the file even when it is cached)."""
+    def index(at: int) -> TarIndex:
+        for later in paths[0 if at == 0 else at + PREFETCH_AHEAD:at + PREFETCH_AHEAD + 1]:
+            prefetch(later)
+        return _index(paths[at]) if bodies is None else _index(paths[at], bodies[at])
+
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = ahead.submit(index, 0) if paths else None
+        for at in range(len(paths)):
+            done = pending.result()  # type: ignore[union-attr]
+            if at + 1 < len(paths):
+                pending = ahead.submit(index, at + 1)
+            yield done
+
+
 def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
                on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
                exclude: Path | None = None) -> ReorganizePlan:
@@ -178,20 +197,11 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     plan = ReorganizePlan(input_dir, _inputs(input_dir, exclude), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
-    for path in plan.inputs[:PREFETCH_AHEAD]:
-        prefetch(path)
-    with ThreadPoolExecutor(max_workers=1) as ahead:  # index input i+1 while input i is added and copied
-        pending = ahead.submit(_index, plan.inputs[0]) if plan.inputs else None
-        for tar_no, path in enumerate(plan.inputs):
-            if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
-                prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
-            index = pending.result()  # type: ignore[union-attr]
-            if tar_no + 1 < len(plan.inputs):
-                pending = ahead.submit(_index, plan.inputs[tar_no + 1])
-            _add_tar(plan, tar_no, index, wanted, seen_keys)
-            progress.advance()
-            if on_tar_indexed is not None:
-                on_tar_indexed(plan)
+    for tar_no, index in enumerate(_indexed_in_turn(plan.inputs)):
+        _add_tar(plan, tar_no, index, wanted, seen_keys)
+        progress.advance()
+        if on_tar_indexed is not None:
+            on_tar_indexed(plan)
     progress.finish()
     return plan
 
@@ -246,22 +256,19 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     plan.first_sample = starts[min(feeding)] if feeding else low
     seen_keys: set[str] = set()
     order = sorted(feeding | unlisted.keys())  # global order, so the window stays contiguous
-    with ThreadPoolExecutor(max_workers=1) as ahead:  # index input i+1 while input i is added and copied
-        pending = ahead.submit(_index, inputs[order[0]], bodies[order[0]]) if order and order[0] not in unlisted \
-            else None
-        for at, tar_no in enumerate(order):
-            index = unlisted.pop(tar_no, None) or pending.result()  # type: ignore[union-attr]
-            if at + 1 < len(order) and order[at + 1] not in unlisted:
-                pending = ahead.submit(_index, inputs[order[at + 1]], bodies[order[at + 1]])
-            usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
-            if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
-                raise StageError(
-                    f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
-                    f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
-                    f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
-                    f"{STAGE} task")
-            if on_tar_indexed is not None:
-                on_tar_indexed(plan)
+    to_read = [t for t in order if t not in unlisted]
+    fresh = _indexed_in_turn([inputs[t] for t in to_read], [bodies[t] for t in to_read])
+    for tar_no in order:
+        index = unlisted.pop(tar_no) if tar_no in unlisted else next(fresh)
+        usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+        if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
+            raise StageError(
+                f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
+                f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
+                f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
+                f"{STAGE} task")
+        if on_tar_indexed is not None:
+            on_tar_indexed(plan)
     return plan
 
 
