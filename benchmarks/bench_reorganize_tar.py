@@ -256,15 +256,19 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=997, help="tar_chunk_size (prime: divides no input count)")
     parser.add_argument("--wdinfo-tars", type=int, default=0, help="also time generate_wdinfo over this many tars")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: measure its inputs again")
     args = parser.parse_args()
 
     sources = args.sources.split(",")
-    work = Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
+    keep = args.keep or args.reuse is not None
     try:
-        folders = make_downloaded(work, args.images, [s for s in sources if s != "synthetic"], args.per_shard) \
-            if set(sources) - {"synthetic"} else {}
-        if "synthetic" in sources:
+        downloaded = [s for s in sources if s != "synthetic" and not (work / s).is_dir()]
+        folders = make_downloaded(work, args.images, downloaded, args.per_shard) if downloaded else {}
+        folders.update({s: work / s for s in sources if s != "synthetic" and s not in folders})
+        if "synthetic" in sources and not (work / "synthetic").is_dir():
             make_synthetic(work / "synthetic", args.synthetic_mb)
+        if "synthetic" in sources:
             folders["synthetic"] = work / "synthetic"
         folders = {s: folders[s] for s in sources}
         drop = drop_caches_allowed()
@@ -282,8 +286,8 @@ def main() -> int:
         if args.wdinfo_tars:
             bench_wdinfo(work, args.wdinfo_tars)
     finally:
-        if args.keep:
-            print(f"kept {work}")
+        if keep:
+            print(f"kept {work} (--reuse {work} measures it again)")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -498,3 +498,27 @@ def test_outputs_are_written_while_later_inputs_are_still_being_indexed(
         written.clear()
         run_task(make_cfg(raw, tmp_path / "out", 4), 1, tasks)
         assert waited == [True]
+
+
+def test_a_task_on_shards_with_offsets_never_imports_numpy(tmp_path: Path) -> None:
+    """numpy is for reading headers in bulk; a pod whose inputs all carry offsets starts without it."""
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(4, 9), seed=15, manifests=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"run": {"name": "t"}, "reorganize_tar": {
+        "enable": True, "input_dir": str(raw), "output_dir": str(tmp_path / "out"), "tar_chunk_size": 4,
+        "file_ext_in_tar": [".jpg", ".txt"]}}))
+    script = ("import runpy, sys\nsys.argv = ['mmprep', 'run', sys.argv[1], '--stage', 'reorganize_tar']\n"
+              "try:\n    runpy.run_module('airflow_provider_mmprep.cli', run_name='__main__')\n"
+              "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+              "print('numpy' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-c", script, str(config)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "False" and len(list((tmp_path / "out").glob("*.tar"))) > 3
+    (raw / "part-000" / "00000.tar.manifest.json").unlink()  # one input to read: then numpy is used
+    run = subprocess.run([sys.executable, "-c", script, str(config)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "True"
