@@ -502,14 +502,17 @@ class ManifestContradicted(ValueError):
     """A manifest's ``member_offsets`` that cannot describe its tar: never trusted, never silently skipped."""
 
 
-def member_offsets(members: list[Member], skipped: int = 0) -> dict[str, Any]:
+def member_offsets(members: list[Member], skipped: int = 0,
+                   columns: tuple[list[str], list[int], list[int], list[int], list[int]] | None = None
+                   ) -> dict[str, Any]:
     """What a manifest records so that consumers index the tar without reading its headers: every member
-    :func:`index_tar` keeps, as columns (names, header chain and data offsets, sizes, mtimes), and how
-    many members it skips."""
-    mtimes = [m.mtime for m in members]
-    return {"version": MEMBER_OFFSETS_VERSION, "name": [m.name for m in members],
-            "header": [m.header_offset for m in members], "data": [m.offset for m in members],
-            "size": [m.size for m in members],
+    :func:`index_tar` keeps, as columns (names, header chain and data offsets, sizes, mtimes; ``columns``
+    gives them ready made), and how many members it skips."""
+    if columns is None:
+        columns = ([m.name for m in members], [m.header_offset for m in members], [m.offset for m in members],
+                   [m.size for m in members], [m.mtime for m in members])
+    names, heads, datas, sizes, mtimes = columns
+    return {"version": MEMBER_OFFSETS_VERSION, "name": names, "header": heads, "data": datas, "size": sizes,
             "mtime": mtimes[0] if mtimes and mtimes.count(mtimes[0]) == len(mtimes) else mtimes,
             "skipped": skipped}
 

@@ -35,8 +35,7 @@ from ..config import PipelineConfig
 from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, write_manifest
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
-                        index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch,
-                        select_members)
+                        index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
 from ..tarwriter import RangeTarWriter
 from . import StageError
 
@@ -97,12 +96,15 @@ class ReorganizePlan:
 
     def digest(self, j: int) -> str:
         """Fingerprint of what output ``j`` must contain: a rerun over changed inputs never skips it."""
-        h = hashlib.sha256()
+        rels: dict[int, str] = {}
+        parts = []
         for sample in self.chunk(j):
-            h.update(self.rel(sample.tar).encode())
-            for m in sample.members:
-                h.update(f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n".encode())
-        return h.hexdigest()
+            rel = rels.get(sample.tar)
+            if rel is None:
+                rel = rels[sample.tar] = self.rel(sample.tar)
+            parts.append(rel)
+            parts.extend([f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n" for m in sample.members])
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
@@ -146,23 +148,40 @@ def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[s
     if index.problems:
         plan.damaged[rel] = index.problems
     plan.skipped_members += index.skipped_members
-    usable = 0
+    usable = not_copied = 0
+    # Samples of one tar mostly share one list of extensions: decide once per list which members to copy
+    # (None: the sample is not usable; True: all of them), not once per sample.
+    choices: dict[tuple[str, ...], list[int] | bool | None] = {}
+    append, planned = plan.samples.append, PlannedSample
     for sample in index.samples:
-        if not has_extensions(sample, wanted):
+        members = sample.members
+        exts = tuple([m.ext for m in members])
+        choice = choices.get(exts, False)
+        if choice is False:
+            if not has_extensions(sample, wanted):
+                choice = None
+            else:
+                picked = [i for i, ext in enumerate(exts) if ext.lower() in wanted]
+                choice = True if len(picked) == len(exts) else picked
+            choices[exts] = choice
+        if choice is None:
             plan.missing_members += 1
             if len(plan.missing_examples) < EXAMPLES:
                 plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
             continue
-        if sample.key in seen_keys:
+        key = sample.key
+        if key in seen_keys:
             plan.duplicate_keys += 1
             if len(plan.duplicate_examples) < EXAMPLES:
-                plan.duplicate_examples.append(f"{rel}:{sample.key}")
-        seen_keys.add(sample.key)
-        members = select_members(sample, wanted)
-        plan.members_not_copied += len(sample.members) - len(members)
+                plan.duplicate_examples.append(f"{rel}:{key}")
+        seen_keys.add(key)
+        if choice is not True:
+            not_copied += len(members) - len(choice)
+            members = [members[i] for i in choice]
         if keep:
-            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+            append(planned(tar_no, key, members))
         usable += 1
+    plan.members_not_copied += not_copied
     return usable
 
 
@@ -295,14 +314,19 @@ def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
     return [(tar, start, end - start) for tar, start, end in runs]
 
 
-def output_members(samples: list[PlannedSample]) -> list[Member]:
-    """The members as they lie in the output tar: records copied one after another from byte 0."""
-    placed, position = [], 0
+def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
+    """The output tar's ``member_offsets``: its members' records lie one after another from byte 0."""
+    names, heads, datas, sizes, mtimes = [], [], [], [], []
+    position = 0
     for sample in samples:
-        for m in sample.members:
-            placed.append(m._replace(offset=position + m.offset - m.header_offset, header_offset=position))
-            position += m.end - m.header_offset
-    return placed
+        for name, _, offset, size, header_offset, mtime in sample.members:
+            names.append(name)
+            heads.append(position)
+            datas.append(position + offset - header_offset)
+            sizes.append(size)
+            mtimes.append(mtime)
+            position += offset - header_offset + ((size + 511) & -512)
+    return member_offsets([], columns=(names, heads, datas, sizes, mtimes))
 
 
 def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
@@ -344,7 +368,7 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
     write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
                    extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
-                   member_offsets=member_offsets(output_members(plan.chunk(j))))
+                   member_offsets=output_offsets(plan.chunk(j)))
     return "written", count, size
 
 
