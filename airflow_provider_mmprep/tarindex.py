@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 from itertools import compress, repeat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,9 +257,6 @@ PROBE = 64  # headers walked first, to measure how densely headers lie
 DENSE_RECORD = 16 * 1024
 
 
-# A pax header holding nothing but a member's mtime, as Python's tarfile writes for every member whose
-# mtime is a float (img2dataset's shards: webdataset's TarWriter sets time.time()).
-_PAX_MTIME = re.compile(rb"(\d+) mtime=([0-9.]+)\n")
 # pax keys that change what the general parser makes of a member (other keys it ignores)
 _PAX_MEANINGFUL = ("path", "size", "GNU.sparse")
 
@@ -296,10 +292,9 @@ def _walk(mm: mmap.mmap, offset: int, file_size: int, limit: int) -> tuple[list[
             if length < 0 or head + BLOCK + length > file_size:
                 break
             data = mm[head + BLOCK:head + BLOCK + length]
-            match = _PAX_MTIME.fullmatch(data)
-            if match is not None and int(match[1]) == length:
-                value: str | None = match[2].decode()
-            else:
+            prefix = b"%d mtime=" % length  # one record, whose length field is right, holding the mtime
+            value: str | bytes | None = data[len(prefix):-1]
+            if not (data.startswith(prefix) and data[-1:] == b"\n" and value.isascii()):  # type: ignore[union-attr]
                 try:
                     records = _pax_records(data)
                 except ValueError:
