@@ -57,9 +57,13 @@ def check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_siz
         problems.append(f"corrupt {where} (bad checksum); the rest of the file "
                         f"({file_size - bad_at} bytes) is unreadable")
     blocks, heads, sizes = blocks[:count], heads[:count], sizes[:count]
-    raw_names = np.ascontiguousarray(blocks[:, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
+    name_bytes = np.ascontiguousarray(blocks[:, :100])
+    raw_names = name_bytes.view("S100").ravel().tolist()  # trailing NULs dropped
     names = [raw.decode("utf-8", "surrogateescape") for raw in raw_names]
-    for row in [i for i, raw in enumerate(raw_names) if b"\0" in raw]:
+    nonzero = name_bytes != 0
+    stripped = 100 - np.argmax(nonzero[:, ::-1], axis=1)  # length with trailing NULs dropped
+    inner_nul = np.flatnonzero(nonzero.any(axis=1) & (nonzero.sum(axis=1) != stripped)).tolist()
+    for row in inner_nul:
         names[row] = _decode(raw_names[row])  # text after an inner NUL is not part of the name
     prefixed = np.flatnonzero((blocks[:, 257:263] == np.frombuffer(b"ustar\0", np.uint8)).all(axis=1)
                               & (blocks[:, 345] != 0))
@@ -74,8 +78,8 @@ def check_batch(blocks: np.ndarray, heads: list[int], sizes: list[int], file_siz
             mtimes[row] = 0
     regular = [not name.endswith("/") for name in names]
     layout = None
-    if not len(prefixed) and count and not any(b"\0" in raw for raw in raw_names):
-        layout = _layout(blocks[:, :100])
+    if not len(prefixed) and count and not inner_nul:
+        layout = _layout(name_bytes)
     chains = heads
     if paxes:
         chains = list(heads)
@@ -124,11 +128,16 @@ def _layout(raw: np.ndarray) -> Layout | None:
     exts = np.where(columns > dot[:, None], rows + 32 * upper, 0).astype(np.uint8)
     ext_text = np.ascontiguousarray(exts).view(f"S{width}").ravel()
     run = np.cumsum(new_key)
-    order = np.lexsort((ext_text, run))
-    same = (run[order][1:] == run[order][:-1]) & (ext_text[order][1:] == ext_text[order][:-1])
-    if same.any():
+    starts = np.flatnonzero(new_key)
+    longest = int(np.diff(np.append(starts, len(rows))).max())
+    if longest > 8:  # long runs: sort each run's extensions to find a repeat
+        order = np.lexsort((ext_text, run))
+        repeated = ((run[order][1:] == run[order][:-1]) & (ext_text[order][1:] == ext_text[order][:-1])).any()
+    else:  # compare each member with the few before it in its run
+        repeated = any(((run[d:] == run[:-d]) & (ext_text[d:] == ext_text[:-d])).any() for d in range(1, longest))
+    if repeated:
         return None  # an extension repeats within a key: webdataset starts a new sample there
-    return Layout(keep.tolist(), dot.tolist(), np.flatnonzero(new_key).tolist())
+    return Layout(keep.tolist(), dot.tolist(), starts.tolist())
 
 
 class ChainScan:

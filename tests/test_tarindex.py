@@ -347,3 +347,21 @@ def test_pax_records_read_exactly_as_the_general_parser(tmp_path: Path, record: 
     rewrite(path, first.offset, 124, b"%011o\0" % len(record))
     bulk, reference = index_pair(path)
     assert bulk == reference
+
+
+@pytest.mark.parametrize("names, expected", [
+    ([f"k.e{i}" for i in range(12)] + [f"m.e{i}" for i in range(10)] + ["m.E3", "m.e11", "n.a", "n.b"],
+     [("k", 12), ("m", 10), ("m", 2), ("n", 2)]),  # runs longer than 8: extensions sorted per run
+    (["o.a", "o.b", "p.a", "p.b", "p.A", "p.c", "q.a"], [("o", 2), ("p", 2), ("p", 2), ("q", 1)]),  # 2 apart
+])
+def test_long_samples_with_and_without_a_repeated_extension(tmp_path: Path, names: list[str],
+                                                            expected: list[tuple[str, int]]) -> None:
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
+    assert [(key, len(members)) for key, members in bulk[0]] == expected
