@@ -365,3 +365,21 @@ def test_long_samples_with_and_without_a_repeated_extension(tmp_path: Path, name
     bulk, reference = index_pair(path)
     assert bulk == reference
     assert [(key, len(members)) for key, members in bulk[0]] == expected
+
+
+@pytest.mark.parametrize("comment", [400, 1000, 3000])
+def test_long_pax_records_before_members(tmp_path: Path, comment: int) -> None:
+    """Pax records longer than a block (ignored keys beside the mtime): the walk reads past them."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(6):
+            for ext in ("jpg", "txt"):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size, info.mtime = 700 * i + 1, 1_700_000_000.5 + i
+                info.pax_headers = {"comment": "c" * (comment * (i % 3))}
+                tar.addfile(info, io.BytesIO(b"d" * info.size))
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1] and len(bulk[0]) == 6
+    with tarfile.open(path) as tar:
+        assert [(m.name, m.offset, m.offset_data, int(m.mtime)) for m in tar.getmembers()] == [
+            (m.name, m.header_offset, m.offset, m.mtime) for _, ms in bulk[0] for m in ms]
