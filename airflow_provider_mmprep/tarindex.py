@@ -13,7 +13,7 @@ Damage is reported, not raised: a truncated or corrupt tail ends the index at th
 header and data are intact, and :attr:`TarIndex.problems` says what was lost. Member names that are
 absolute or climb out with ``..`` raise :class:`UnsafeMemberName` because no consumer should ever see them.
 
-Speed (issue 15): headers are found by walking a memory map and checked in bulk with numpy
+Speed (issue 15): headers are found by a walk that reads only them and checked in bulk with numpy
 (:func:`_members`, :mod:`.tarbulk`); anything but plain ustar (and pax mtime records) goes to the general
 parser (:func:`_parse_chain`), which the tests hold the bulk path to. A tar whose manifest records
 ``member_offsets`` (:func:`member_offsets`) is indexed from them without reading it
@@ -349,8 +349,9 @@ def _walk(fd: int, offset: int, file_size: int, limit: int
 def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]:
     """Yield the members whose header and data lie in the file, in batches of columns.
 
-    Bulk path: the tar is memory-mapped; runs of plain ustar headers are walked (:func:`_walk`) and then
-    checked together with numpy (:func:`.tarbulk.check_batch`), with no read call per header; any other header
+    Bulk path: runs of plain ustar headers are walked (:func:`_walk`, one ``pread`` per member) and then
+    checked together with numpy (:func:`.tarbulk.check_batch`); where headers lie densely, candidates are
+    found by scanning the memory-mapped file (:class:`.tarbulk.ChainScan`) instead; any other header
     goes to the general parser (:func:`_parse_chain`) for one member, and the walk resumes after it. A
     direct parser instead of :mod:`tarfile`, which decodes every field of every header. The tests hold
     this to the general parser and to tarfile on ustar, GNU and pax tars, damaged and unsafe ones.
