@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, PipelineConfig, load_config
-from airflow_provider_mmprep.manifest import read_manifest
+from airflow_provider_mmprep.manifest import read_manifest, read_offsets
 from airflow_provider_mmprep.stages import StageError
 from airflow_provider_mmprep.stages.reorganize_tar import run_task
 from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
@@ -359,7 +359,7 @@ def no_header_reads(monkeypatch: pytest.MonkeyPatch) -> None:
 def without_manifests(raw: Path, copy: Path) -> Path:
     import shutil
 
-    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("*.manifest.json"))
+    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("*.manifest.json", "*.offsets.json"))
     return copy
 
 
@@ -393,22 +393,22 @@ def test_recorded_offsets_match_the_tars(tmp_path: Path) -> None:
     tars = sorted(raw.rglob("*.tar")) + sorted(out.glob("*.tar"))
     for tar in tars:
         body = read_manifest(tar)
-        recorded = index_from_offsets(tar, tar.stat().st_size, body["member_offsets"])
+        recorded = index_from_offsets(tar, tar.stat().st_size, read_offsets(tar, body))
         read = index_tar(tar)
         assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in read.samples]
-        assert body["member_offsets"]["version"] == 1 and len(recorded.samples) == body["sample_count"]
+        assert body["member_offsets"] == {"version": 1, "file": tar.name + ".offsets.json"}
+        assert len(recorded.samples) == body["sample_count"]
         with tarfile.open(tar) as t:  # and tarfile, the oracle, agrees on where each member's data is
             assert [(m.name, m.offset_data, m.size) for m in t.getmembers()] == [
                 (m.name, m.offset, m.size) for s in recorded.samples for m in s.members]
 
 
 def edit_offsets(tar: Path, **changes) -> None:
-    manifest = tar.with_name(tar.name + ".manifest.json")
-    body = json.loads(manifest.read_text())
-    record = body["member_offsets"]
+    sidecar = tar.with_name(tar.name + ".offsets.json")
+    record = json.loads(sidecar.read_text())
     for key, change in changes.items():
         record[key] = change(record[key])
-    manifest.write_text(json.dumps(body))
+    sidecar.write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize("damage", ["past_end", "misaligned", "overlap", "count"])
@@ -453,7 +453,7 @@ def test_download_images_records_offsets_that_reorganize_uses(tmp_path: Path,
     assert len(tars) == 4
     for tar in tars:
         body = read_manifest(tar)
-        recorded = index_from_offsets(tar, tar.stat().st_size, body["member_offsets"])
+        recorded = index_from_offsets(tar, tar.stat().st_size, read_offsets(tar, body))
         assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in index_tar(tar).samples]
         assert len(recorded.samples) == body["sample_count"] > 0
     run_task(make_cfg(without_manifests(tmp_path / "raw", tmp_path / "bare"), tmp_path / "reference", 5), 0, 1)
@@ -522,3 +522,31 @@ def test_a_task_on_shards_with_offsets_never_imports_numpy(tmp_path: Path) -> No
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[-1] == "True"
+
+
+def test_a_missing_or_stale_offsets_sidecar_means_reading_headers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(5, 8), seed=16, manifests=True)
+    run_task(make_cfg(without_manifests(raw, tmp_path / "bare"), tmp_path / "reference", 4), 0, 1)
+    tars[0].with_name(tars[0].name + ".offsets.json").unlink()
+    sidecar = tars[1].with_name(tars[1].name + ".offsets.json")  # written for another version of the tar
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tar_size": 512}))
+    read: list[Path] = []
+    real_index_tar = stage.index_tar
+    monkeypatch.setattr(stage, "index_tar", lambda path: read.append(Path(path)) or real_index_tar(path))
+    run_task(make_cfg(raw, tmp_path / "out", 4), 0, 1)
+    assert read == tars[:2] and digests(tmp_path / "out") == digests(tmp_path / "reference")
+
+
+def test_manifests_stay_small_beside_their_offsets_sidecar(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=2, samples_per_shard=(40, 40), seed=17,
+                                manifests=True)
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 30), 0, 1)
+    for tar in tars + sorted(out.glob("*.tar")):
+        assert len(tar.with_name(tar.name + ".manifest.json").read_bytes()) < 600
+        assert len(tar.with_name(tar.name + ".offsets.json").read_bytes()) > 1000

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, write_manifest
+from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, read_offsets, write_manifest
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
@@ -119,13 +119,14 @@ _UNREAD: Any = object()
 
 
 def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
-    """The input's index: from its manifest's ``member_offsets`` when it has them (no header is read),
-    else from its headers. ``body`` is the manifest when the caller has read it already."""
+    """The input's index: from the ``member_offsets`` its manifest names when it has them (no header is
+    read), else from its headers. ``body`` is the manifest when the caller has read it already."""
     if body is _UNREAD:
         body = read_manifest(path)
     try:
-        if body is not None and "member_offsets" in body:
-            index = index_from_offsets(path, int(body["tar_size"]), body["member_offsets"])
+        record = read_offsets(path, body) if body is not None else None
+        if record is not None:
+            index = index_from_offsets(path, int(body["tar_size"]), record)  # type: ignore[index]
             if index is not None:
                 if len(index.samples) != body["sample_count"]:
                     raise ManifestContradicted(f"{path}: its manifest's member_offsets hold {len(index.samples)} "
