@@ -13,9 +13,9 @@ Damage is reported, not raised: a truncated or corrupt tail ends the index at th
 header and data are intact, and :attr:`TarIndex.problems` says what was lost. Member names that are
 absolute or climb out with ``..`` raise :class:`UnsafeMemberName` because no consumer should ever see them.
 
-Speed (issue 15): headers are found by a walk that reads only them and checked in bulk with numpy
+Speed (issue 15): headers are found by walking a memory map and checked in bulk with numpy
 (:func:`_members`, :mod:`.tarbulk`); anything but plain ustar (and pax mtime records) goes to the general
-parser (:func:`_parse_chain`), which the tests hold the bulk path to. A tar whose manifest records
+parser (:func:`_parse_chain`), which the tests hold the bulk path to. A tar whose manifest names
 ``member_offsets`` (:func:`member_offsets`) is indexed from them without reading it
 (:func:`index_from_offsets`).
 """
@@ -268,42 +268,35 @@ _PAX_MEANINGFUL = ("path", "size", "GNU.sparse")
 Pax = dict[int, tuple[int, "int | None"]]  # member index in a batch -> (pax header offset, pax mtime)
 
 
-def _walk(fd: int, offset: int, file_size: int, limit: int
-          ) -> tuple[list[int], list[int], Pax, list[bytes], list[bytes], int]:
+def _walk(mm: mmap.mmap, offset: int, file_size: int, limit: int) -> tuple[list[int], list[int], Pax, int]:
     """Follow the chain of plain ustar regular-file headers from ``offset``: each header's size field gives
-    the next header's offset, so this walk is sequential. One ``pread`` per member brings its pax header,
-    pax record and header together (cheaper than faulting in a mapped page per header: a member is tens of
-    KB); it reads the type flag and size field and leaves every other check to
-    :func:`.tarbulk.check_batch`, over all the headers at once. A pax header before a member is taken when
-    it says nothing but ``mtime`` (and keys the general parser ignores). Returns header offsets, sizes,
-    the pax headers taken, the header blocks and pax header blocks (bytes), and where it stopped.
+    the next header's offset, so this walk is sequential; it reads two bytes and one size field per header
+    and leaves every other check to :func:`.tarbulk.check_batch`, over all the headers at once. A pax header
+    before a member is taken when it says nothing but ``mtime`` (and keys the general parser ignores).
 
-    Stops at the first header it cannot take at face value: an end-of-archive or empty name, another type
-    flag (GNU long names, links, folders…), a pax header with a path, size or sparse map, a size field that
-    is not 11 octal digits and a terminator (base-256, 12 digits), or data running past the end of the
-    file; the general parser takes over there, so every case keeps its exact handling and message.
+    Stops (returning where) at the first header it cannot take at face value: an end-of-archive or empty
+    name, another type flag (GNU long names, links, folders…), a pax header with a path, size or sparse
+    map, a size field that is not 11 octal digits and a terminator (base-256, 12 digits), or data running
+    past the end of the file; the general parser takes over there, so every case keeps its exact handling
+    and message.
     """
     heads: list[int] = []
     sizes: list[int] = []
     paxes: Pax = {}
-    blocks: list[bytes] = []
-    pax_blocks: list[bytes] = []
     last = file_size - BLOCK
+    append_head, append_size = heads.append, sizes.append
     while offset <= last and len(heads) < limit:
-        buf = os.pread(fd, 3 * BLOCK, offset)  # mostly: pax header, pax record, the member's header
-        at = 0  # where the member's header starts in buf
-        pax_mtime: int | None = None
-        has_pax = buf[156] == 120  # "x": a pax header for the member that follows
-        if has_pax:
-            if buf[135] not in (0, 32):
+        head = offset
+        if mm[head + 156] == 120:  # "x": a pax header for the member that follows
+            if mm[head + 135] not in (0, 32):
                 break
             try:
-                length = int(buf[124:135], 8)
+                length = int(mm[head + 124:head + 135], 8)
             except ValueError:
                 break
-            if length < 0 or offset + BLOCK + length > file_size:
+            if length < 0 or head + BLOCK + length > file_size:
                 break
-            data = buf[BLOCK:BLOCK + length] if BLOCK + length <= len(buf) else os.pread(fd, length, offset + BLOCK)
+            data = mm[head + BLOCK:head + BLOCK + length]
             prefix = b"%d mtime=" % length  # one record, whose length field is right, holding the mtime
             value: str | bytes | None = data[len(prefix):-1]
             if not (data.startswith(prefix) and data[-1:] == b"\n" and value.isascii()):  # type: ignore[union-attr]
@@ -318,40 +311,32 @@ def _walk(fd: int, offset: int, file_size: int, limit: int
                 pax_mtime = None if value is None else int(float(value))
             except ValueError:
                 pax_mtime = 0  # as the general parser: a damaged time field loses nothing
-            at = BLOCK + ((length + 511) & ~511)
-            if offset + at > last:
+            head += BLOCK + ((length + 511) & ~511)
+            if head > last:
                 break
-            if at + BLOCK > len(buf):
-                pax_block, buf, at = buf[:BLOCK], os.pread(fd, BLOCK, offset + at), 0
-                head = offset + BLOCK + ((length + 511) & ~511)
-            else:
-                pax_block, head = buf[:BLOCK], offset + at
-        else:
-            head = offset
-        if buf[at] == 0 or buf[at + 156] not in (48, 0) or buf[at + 135] not in (0, 32):
+            paxes[len(heads)] = (offset, pax_mtime)
+        if mm[head] == 0 or mm[head + 156] not in (48, 0) or mm[head + 135] not in (0, 32):
+            paxes.pop(len(heads), None)
             break
         try:
-            size = int(buf[at + 124:at + 135], 8)
+            size = int(mm[head + 124:head + 135], 8)
         except ValueError:
+            paxes.pop(len(heads), None)
             break
         if size < 0 or head + BLOCK + size > file_size:
+            paxes.pop(len(heads), None)
             break
-        if has_pax:
-            paxes[len(heads)] = (offset, pax_mtime)
-            pax_blocks.append(pax_block)
-        heads.append(head)
-        sizes.append(size)
-        blocks.append(buf[at:at + BLOCK])
+        append_head(head)
+        append_size(size)
         offset = head + BLOCK + ((size + 511) & ~511)
-    return heads, sizes, paxes, blocks, pax_blocks, offset
+    return heads, sizes, paxes, offset
 
 
 def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]:
     """Yield the members whose header and data lie in the file, in batches of columns.
 
-    Bulk path: runs of plain ustar headers are walked (:func:`_walk`, one ``pread`` per member) and then
-    checked together with numpy (:func:`.tarbulk.check_batch`); where headers lie densely, candidates are
-    found by scanning the memory-mapped file (:class:`.tarbulk.ChainScan`) instead; any other header
+    Bulk path: the tar is memory-mapped; runs of plain ustar headers are walked (:func:`_walk`) and then
+    checked together with numpy (:func:`.tarbulk.check_batch`), with no read call per header; any other header
     goes to the general parser (:func:`_parse_chain`) for one member, and the walk resumes after it. A
     direct parser instead of :mod:`tarfile`, which decodes every field of every header. The tests hold
     this to the general parser and to tarfile on ustar, GNU and pax tars, damaged and unsafe ones.
@@ -360,14 +345,9 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
         problems.append("empty file")
         return
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        yield from _members_reference(path, file_size, problems)
-        return
-    try:
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        with open(path, "rb") as handle:
+            mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
-        os.close(fd)
         yield from _members_reference(path, file_size, problems)
         return
     view = scan = None
@@ -394,12 +374,11 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
                         return
                     continue  # the chain may go on past ``limit``; else the walk starts where it ends
             start = offset
-            heads, sizes, paxes, blocks, pax_blocks, offset = _walk(fd, offset, file_size,
-                                                                     WALK_BATCH if probed else PROBE)
+            heads, sizes, paxes, offset = _walk(mm, offset, file_size, WALK_BATCH if probed else PROBE)
             if heads:
-                batch, corrupt = check_batch(
-                    np.frombuffer(b"".join(blocks), dtype=np.uint8).reshape(-1, BLOCK), heads, sizes, file_size,
-                    problems, paxes, np.frombuffer(b"".join(pax_blocks), dtype=np.uint8).reshape(-1, BLOCK))
+                pax_blocks = view[np.asarray([at for at, _ in paxes.values()], dtype=np.int64) // BLOCK]
+                batch, corrupt = check_batch(view[np.asarray(heads) // BLOCK], heads, sizes, file_size,
+                                              problems, paxes, pax_blocks)
                 yield batch
                 if corrupt:
                     return
@@ -421,7 +400,6 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
     finally:
         del view, scan  # they export the map's buffer, which must be released before it closes
         mm.close()
-        os.close(fd)
 
 
 def prefetch(path: str | Path) -> None:
