@@ -40,8 +40,8 @@ def _split_overrides(values: Sequence[str]) -> list[str]:
     return list(values)
 
 
-def _load(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, _split_overrides(args.overrides))
+def _load(args: argparse.Namespace, stages: list[str] | None = None) -> PipelineConfig:
+    return load_config(args.config, _split_overrides(args.overrides), stages=stages)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -64,17 +64,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    if (args.task_id is None) != (args.task_count is None):
+        raise ConfigError(["--task-id and --task-count go together"])
+    if args.task_count is not None and args.task_count < 1:
+        raise ConfigError([f"--task-count: expected a positive integer, got {args.task_count}"])
+    if args.task_id is not None and not 0 <= args.task_id < args.task_count:
+        raise ConfigError([f"--task-id: {args.task_id} is outside 0..{args.task_count - 1} "
+                           f"(--task-count {args.task_count})"])
+    if args.task_id is not None and len(args.stage or []) != 1:
+        raise ConfigError(["--task-id/--task-count need exactly one --stage"])
+    cfg = _load(args, stages=args.stage or list(STAGE_NAMES))  # every stage named runs here, in this process
+    if not cfg.enabled_stages:
+        raise ConfigError([f"{args.config}: every stage is disabled (enable: false); nothing to run"])
     stages = args.stage or cfg.enabled_stages
     disabled = [s for s in stages if s not in cfg.enabled_stages]
     if disabled:
         raise ConfigError([f"{s}.enable: stage is disabled in this config; enable it to run it"
                            for s in disabled])
-    if (args.task_id is None) != (args.task_count is None):
-        raise ConfigError(["--task-id and --task-count go together"])
-    if args.task_id is not None and len(stages) != 1:
-        raise ConfigError(["--task-id/--task-count need exactly one --stage"])
     results: dict[str, Any] = {}
+    lines: list[str] = []
+    status = EXIT_OK
     for name in [s for s in STAGE_NAMES if s in stages]:
         if args.task_id is not None:
             task_ids, task_count = [args.task_id], args.task_count
@@ -82,33 +91,75 @@ def cmd_run(args: argparse.Namespace) -> int:
             stage_plan = plan_stage(cfg, name)
             if stage_plan.task_ids is None or stage_plan.task_count == 0:
                 log.error("%s: nothing to do: no input found in %s", name, stage_plan.input)
-                return EXIT_TASK_FAILED
+                lines.append(f"{name}: not run: no input found in {stage_plan.input}")
+                status = EXIT_TASK_FAILED
+                break
             task_ids, task_count = stage_plan.task_ids, stage_plan.task_count
         log.info("%s: running tasks %s of %d", name, compact_ranges(task_ids), task_count)
         failed: list[int] = []
+        summaries: list[dict[str, Any]] = []
         for task_id in task_ids:
             try:
-                results[f"{name}[{task_id}]"] = run_stage_task(cfg, name, task_id, task_count)
+                summaries.append(run_stage_task(cfg, name, task_id, task_count))
+                results[f"{name}[{task_id}]"] = summaries[-1]
             except StageError as exc:
                 log.error("%s: task %d/%d failed: %s", name, task_id, task_count, exc)
                 failed.append(task_id)
             except Exception:  # keep going with the other tasks; the exit code reports it
                 log.exception("%s: task %d/%d failed", name, task_id, task_count)
                 failed.append(task_id)
+        lines.append(summary_line(cfg, name, summaries, len(task_ids), failed))
         if failed:
             log.error("%s: %d task(s) failed: %s; rerun them with --stage %s --task-id N --task-count %d",
                       name, len(failed), compact_ranges(failed), name, task_count)
-            return EXIT_TASK_FAILED
+            status = EXIT_TASK_FAILED
+            break
     if args.summary_json:
         print(json.dumps(results, indent=2, default=str))
-    return EXIT_OK
+    elif not args.quiet:
+        print("\n".join(lines))
+    return status
+
+
+def summary_line(cfg: PipelineConfig, name: str, summaries: list[dict[str, Any]], tasks: int,
+                 failed: list[int]) -> str:
+    """One line per stage for the end of ``mmprep run``: where the output is, what was done or skipped."""
+    block = cfg.stage(name)
+    where = getattr(block, "output_dir", None) or getattr(block, "output_wdinfo_path", None)
+
+    def total(key: str) -> int:
+        return sum(int(s.get(key) or 0) for s in summaries)
+
+    if not summaries:
+        done = "no task finished"
+    elif name == "download_parquet":
+        done = f"{total('parts')} parquet part(s), {total('fetched_or_verified')} file(s) fetched or verified"
+    elif name == "download_images":
+        done = (f"{total('successes'):,} of {total('urls'):,} images; shards: {total('downloaded_shards')} "
+                f"downloaded, {total('skipped_shards')} already complete, {total('redone_shards')} redone; "
+                f"{total('retried_urls')} URL(s) retried")
+    elif name == "reorganize_tar":
+        done = (f"tars: {total('written')} written, {total('skipped_complete')} already complete "
+                f"({summaries[0]['usable_samples']:,} samples in {summaries[0]['output_tars']} tar(s))")
+    elif name == "precache_encodings":
+        done = (f"tars: {total('encoded_tars')} encoded ({total('samples'):,} samples), "
+                f"{total('already_done')} already done")
+        if any(s.get("nothing_to_encode") for s in summaries):
+            done += "; nothing to encode (only a short .INCOMPLETE tar)"
+    else:
+        done = f"{summaries[0]['full_tars']} full tar(s), {summaries[0]['total_key_count']:,} samples listed"
+    state = f"{len(failed)} of {tasks} task(s) FAILED ({compact_ranges(failed)})" if failed else \
+        f"{tasks} task(s) ok"
+    return f"{name}: {state}; {done} -> {where}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the run report from what the stages left on disk (see :mod:`.report`)."""
     from .report import write_report  # matplotlib is imported only when a report is asked for
 
-    cfg = _load(args)
+    cfg = _load(args, stages=[])  # runs no stage: model paths are not its business
+    if not cfg.enabled_stages:
+        raise ConfigError([f"{args.config}: every stage is disabled (enable: false); nothing to report"])
     path = write_report(cfg, args.out, overrides=args.overrides, dag_id=args.dag_id, run_id=args.run_id)
     print(path)
     return EXIT_OK
@@ -124,7 +175,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except (FileNotFoundError, UnsafePickleError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if args.json else format_report(report, max_tars=args.max_tars))
     return EXIT_TASK_FAILED if report["problems"] else EXIT_OK
 
 
@@ -137,7 +188,19 @@ def cmd_clear(args: argparse.Namespace) -> int:
     import requests
 
     base = (args.api_url or os.environ.get("AIRFLOW_API_URL") or "http://localhost:8080").rstrip("/")
-    session = requests.Session()
+    try:
+        return _clear(args, base, requests.Session())
+    except requests.RequestException as exc:
+        reason = "connection refused or timed out" if isinstance(exc, requests.ConnectionError) \
+            else type(exc).__name__
+        print(f"error: cannot reach the Airflow API server at {base} ({reason}); start it or pass --api-url "
+              "(or set AIRFLOW_API_URL)", file=sys.stderr)
+        return EXIT_TASK_FAILED
+
+
+def _clear(args: argparse.Namespace, base: str, session: Any) -> int:
+    import os
+
     token = args.token or os.environ.get("AIRFLOW_API_TOKEN")
     username = args.username or os.environ.get("AIRFLOW_API_USERNAME")
     if not token and username:
@@ -194,40 +257,51 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mmprep", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("-q", "--quiet", action="store_true")
+    parser.add_argument("--version", action="version", version=f"mmprep {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log lines (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    # the same flags after the subcommand (`mmprep run CFG -q`); SUPPRESS keeps a value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("config", help="NeMo-style download_multimodal.yaml")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. dataset_repo_id=org/name")
         return p
 
-    with_config(sub.add_parser("validate", help="check the config; one line per problem")).set_defaults(
+    with_config(add("validate", help="check the config; one line per problem")).set_defaults(
         func=cmd_validate)
-    p_plan = with_config(sub.add_parser("plan", help="show enabled stages, folders and task ids"))
+    p_plan = with_config(add("plan", help="show enabled stages, folders and task ids"))
     p_plan.add_argument("--json", action="store_true")
     p_plan.set_defaults(func=cmd_plan)
-    p_run = with_config(sub.add_parser("run", help="run stages locally"))
+    p_run = with_config(add("run", help="run stages locally"))
     p_run.add_argument("--stage", action="append", choices=STAGE_NAMES, help="stage to run (repeatable)")
     p_run.add_argument("--task-id", type=int)
     p_run.add_argument("--task-count", type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
-    p_report = with_config(sub.add_parser("report", help="write report.html: counts, failures, plots, "
-                                                         "resume commands"))
+    p_report = with_config(add("report", help="write report.html: counts, failures, plots, resume commands"))
     p_report.add_argument("--out", help="where to write it (default: report.html beside wdinfo.pkl)")
     p_report.add_argument("--dag-id", help="DAG id for the 'mmprep clear' lines (default: run.name)")
     p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
     p_report.set_defaults(func=cmd_report)
-    p_inspect = sub.add_parser("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
+    p_inspect = add("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
     p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl")
     p_inspect.add_argument("--json", action="store_true", help="machine-readable report")
     p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
     p_inspect.add_argument("--pickle-samples", type=int, default=1, help=".pickle members read per tar")
+    p_inspect.add_argument("--max-tars", type=int, default=20,
+                           help="per-tar lines shown (problems always; 0: all); --json lists every tar")
     p_inspect.set_defaults(func=cmd_inspect)
-    p_clear = sub.add_parser("clear", help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
+    p_clear = add("clear", help="clear chosen task ids of a stage in an Airflow DAG run (REST API)")
     p_clear.add_argument("dag_id")
     p_clear.add_argument("run_id")
     p_clear.add_argument("--stage", required=True, choices=STAGE_NAMES)
@@ -261,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
+    except BrokenPipeError:  # `mmprep inspect ... | head`: the reader has what it wanted, no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
+        return EXIT_OK
 
 
 if __name__ == "__main__":

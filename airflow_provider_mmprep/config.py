@@ -38,6 +38,9 @@ _IGNORED_TOP_LEVEL = {"run", "merge_source_tar", "data_dir", "base_results_dir",
                       "container_mounts", "env_vars", "defaults", "hydra"}
 
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+#: Task count a ``node_array_size`` range refers to when ``override_task_count`` is not given (NeMo's docs:
+#: tasks "50-99" of a run of 100 are resumed with ``override_task_count: 100``).
+RANGE_DEFAULT_TASK_COUNT = 100
 
 
 class ConfigError(Exception):
@@ -67,10 +70,11 @@ class TaskSelection(BaseModel):
 def resolve_task_selection(node_array_size: int | str, override_task_id: int | None,
                            override_task_count: int | None) -> TaskSelection:
     """Apply NeMo's meaning: an int N runs tasks 0..N-1 (or only ``override_task_id`` of
-    ``override_task_count``); a range "a-b" runs tasks a..b of ``override_task_count`` (default b+1)."""
+    ``override_task_count``); a range "a-b" resumes tasks a..b of the original run's
+    ``override_task_count`` (default :data:`RANGE_DEFAULT_TASK_COUNT`, NeMo's example of 100 tasks)."""
     if isinstance(node_array_size, str):
         low, high = (int(x) for x in _RANGE_RE.match(node_array_size).groups())  # validated already
-        count = override_task_count if override_task_count is not None else high + 1
+        count = override_task_count if override_task_count is not None else RANGE_DEFAULT_TASK_COUNT
         return TaskSelection(task_ids=list(range(low, high + 1)), task_count=count)
     if override_task_id is not None:
         count = override_task_count if override_task_count is not None else node_array_size
@@ -149,6 +153,8 @@ class DownloadImagesConfig(_Block):
     max_image_pixels: int = Field(default=89_478_485, gt=0)  # decompression-bomb limit, checked from the header
     max_redirects: int = Field(default=5, ge=0)
     max_connections_per_host: int = Field(default=32, gt=0)  # politeness cap per host
+    # the task fails when more than this share of its URLs failed (1.0: only when every URL failed)
+    max_failed_share: float = Field(default=1.0, ge=0.0, le=1.0)
     runner: Runner = "local"
 
     @field_validator("download_num_processes")
@@ -437,31 +443,56 @@ def _has(cfg: DictConfig, key: str) -> bool:
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     """Load the YAML and merge dotlist overrides (``key.sub=value``) over it, without resolving."""
+    import yaml
+
     path = Path(path)
     try:
-        cfg = OmegaConf.load(path)
+        text = path.read_text(encoding="utf-8")
+        parsed = yaml.safe_load(text)
+        cfg = OmegaConf.create(text) if isinstance(parsed, dict) else None
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file not found"]) from None
-    except Exception as exc:  # yaml.YAMLError and friends: point at the file
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a config file"]) from None
+    except Exception as exc:  # yaml.YAMLError, undecodable bytes and friends: point at the file
         raise ConfigError([f"{path}: not a valid YAML file: {str(exc).splitlines()[0]}"]) from None
+    if parsed is None:
+        raise ConfigError([f"{path}: the file is empty; expected NeMo's download_multimodal.yaml"])
     if not isinstance(cfg, DictConfig):
-        raise ConfigError([f"{path}: expected a mapping at the top level"])
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(parsed).__name__}"])
     defaults = OmegaConf.create({"launcher_scripts_path": str(BUNDLED_LAUNCHER_SCRIPTS_PATH)})
-    try:
-        override_cfg = OmegaConf.from_dotlist(list(overrides or []))
-    except Exception as exc:
-        raise ConfigError([f"overrides: cannot parse {overrides!r}: {str(exc).splitlines()[0]}"]) from None
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError([f"overrides: expected key=value, got {item!r}"])
+    override_cfg = OmegaConf.create({})
+    for item in overrides or []:
+        try:
+            override_cfg = OmegaConf.merge(override_cfg, OmegaConf.from_dotlist([item]))
+        except Exception as exc:
+            key, _, value = item.partition("=")
+            if not value.startswith(("*", "&", "!")):  # YAML would read these as alias/anchor/tag
+                raise ConfigError([f"overrides: cannot parse {item!r}: {str(exc).splitlines()[0]}"]) from None
+            # a glob such as parquet_pattern=*.parquet: YAML reads a leading '*' as an alias; it is meant
+            # as a plain string
+            OmegaConf.update(override_cfg, key, value, merge=True)
     OmegaConf.set_struct(cfg, False)
     return OmegaConf.merge(defaults, cfg, override_cfg)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *,
-                load_precache: bool = True) -> PipelineConfig:
-    """Load, resolve and validate the pipeline config; raise :class:`ConfigError` listing every problem."""
+                load_precache: bool = True, stages: list[str] | None = None) -> PipelineConfig:
+    """Load, resolve and validate the pipeline config; raise :class:`ConfigError` listing every problem.
+
+    Everything a stage would reject before doing work is checked here, so ``validate``/``plan`` fail
+    before anything runs: img2dataset options, the precache YAML and its model paths. ``stages`` names
+    the stages that will run in this process: model paths are then errors if precache_encodings is among
+    them and skipped if not. ``None`` (validate, plan, Airflow's plan task): errors where precache runs
+    locally (``runner: local``), warnings where a pod runs it (its volumes are not visible here).
+    """
     raw = load_raw(path, overrides)
+    if not any(_has(raw, name) for name in STAGE_NAMES):
+        raise ConfigError([f"{path}: no pipeline stage in this file (expected some of {', '.join(STAGE_NAMES)}"
+                           "; is it NeMo's download_multimodal.yaml?)"])
     problems: list[str] = []
     warnings: list[str] = []
     resolver = _Resolver()
@@ -523,6 +554,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
             problems.extend(format_pydantic_error(name, err) for err in exc.errors()
                             if f"{name}.{err['loc'][0] if err['loc'] else ''}" not in resolver.unresolved)
 
+    for name in ("reorganize_tar", "precache_encodings"):
+        block = models.get(name)
+        if block is not None and isinstance(block.node_array_size, str) and block.override_task_count is None:
+            warnings.append(f"{name}.node_array_size: range {block.node_array_size!r} without override_task_count:"
+                            f" taken as tasks of a run of {RANGE_DEFAULT_TASK_COUNT} (NeMo's example); set "
+                            f"{name}.override_task_count to the task count of the run you resume")
+    if "download_images" in models:
+        problems.extend(download_option_problems(models["download_images"]))
+
     run_model = RunConfig()
     if isinstance(run_block, dict):
         try:
@@ -537,6 +577,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
             precache = load_precache_config(precache_path, key_prefix="precache_encodings.precache_config_path")
         except ConfigError as exc:
             problems.extend(exc.problems)
+        if precache is not None and (stages is None or "precache_encodings" in stages):
+            placeholders, missing = model_path_problems(precache)
+            problems.extend(f"{precache_path}: {line}" for line in placeholders)
+            # a local runner loads the weights on this machine; a pod may mount them where we cannot look
+            if models["precache_encodings"].runner == "local" or stages is not None:
+                problems.extend(f"{precache_path}: {line}" for line in missing)
+            else:
+                warnings.extend(f"{precache_path}: {line} (checked again in the pod)" for line in missing)
 
     problems = resolver.all_problems() + problems
     for warning in warnings:
@@ -554,8 +602,67 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     )
 
 
+#: encoder_config kwargs that name model weights, for the encoders we build (NeMo's names and ours)
+_MODEL_PATH_KWARGS = ("from_pretrained", "version", "encoder_path")
+_PLACEHOLDER_RE = re.compile(r"(^|/)path/to(/|$)|<[^>]*>|^\?\?\?$|^(TODO|CHANGEME|REPLACE)", re.IGNORECASE)
+
+
+def precache_unknown_keys(data: dict[str, Any]) -> list[str]:
+    """Key paths of a precache YAML that no model field reads (warned about, like the main YAML's)."""
+    unknown = [str(k) for k in data if k not in PrecacheConfig.model_fields]
+    for index, spec in enumerate(data.get("encodings") or []):
+        if isinstance(spec, dict):
+            unknown += [f"encodings.{index}.{k}" for k in spec if k not in EncodingSpec.model_fields]
+    return unknown
+
+
+def model_path_problems(precache: PrecacheConfig) -> tuple[list[str], list[str]]:
+    """(placeholders, missing): model paths of the built-in encoders that are template placeholders
+    (``/path/to/vae.bin``), and those naming nothing on this machine (a hub id, a folder not mounted here).
+
+    mmprep fetches no weights, so both fail at precache time; a placeholder can never work, a missing path
+    may exist where the stage runs (a pod's volume), so callers decide how loud to be about it.
+    """
+    from .encoders import NEMO_ALIASES
+
+    placeholders, missing = [], []
+    for index, spec in enumerate(precache.encodings):
+        cls = NEMO_ALIASES.get(spec.encoder_config.cls, spec.encoder_config.cls)
+        if not cls.startswith("airflow_provider_mmprep."):
+            continue  # a class of the user's own: its kwargs mean what it says
+        for name in _MODEL_PATH_KWARGS:
+            value = spec.encoder_config.kwargs.get(name)
+            if not isinstance(value, str) or not value:
+                continue
+            key = f"encodings.{index}.encoder_config.{name}"
+            if _PLACEHOLDER_RE.search(value):
+                placeholders.append(f"{key}: {value!r} is a placeholder; set the local folder (or file) of "
+                                    "the weights")
+            elif not Path(value).exists():
+                kind = "a hub id, not a local path" if "/" in value and not value.startswith(("/", ".")) \
+                    else "not found on this machine"
+                missing.append(f"{key}: {value!r} is {kind}; mmprep downloads no weights, give the local "
+                               "folder (or file) holding them")
+    return placeholders, missing
+
+
+def download_option_problems(block: DownloadImagesConfig) -> list[str]:
+    """The img2dataset option problem download_images would fail on, found now (same message)."""
+    from .download.options import parse_options
+    from .stages import StageError
+
+    try:
+        parse_options(block.img2dataset_additional_arguments, threads=block.download_num_threads,
+                      processes=block.download_num_processes)
+    except StageError as exc:
+        return [str(exc)]
+    return []
+
+
 def load_precache_config(path: str | Path, key_prefix: str = "precache") -> PrecacheConfig:
-    """Load the precache YAML named by ``precache_config_path``; errors are prefixed with the file name."""
+    """Load the precache YAML named by ``precache_config_path``; errors are prefixed with the file name.
+    Keys no field reads are warned about, never dropped silently (``batch_size_per_gpu`` is not
+    ``batch_size_per_GPU``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"{key_prefix}: precache config file not found: {path}"])
@@ -566,6 +673,9 @@ def load_precache_config(path: str | Path, key_prefix: str = "precache") -> Prec
         raise ConfigError([f"{key_prefix}: cannot read {path}: {str(exc).splitlines()[0]}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{key_prefix}: {path} must hold a mapping"])
+    unknown = precache_unknown_keys(data)
+    if unknown:
+        log.warning("%s: keys not used by mmprep: %s", path, ", ".join(unknown))
     try:
         precache = PrecacheConfig.model_validate(data)
     except ValidationError as exc:

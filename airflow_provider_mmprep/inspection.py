@@ -197,8 +197,9 @@ def inspect_path(path: str | Path, root: str | Path | None = None, pickle_sample
     raise FileNotFoundError(f"{path}: no such folder or wdinfo file")
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A short human-readable rendering of :func:`inspect_path`'s result."""
+def format_report(report: dict[str, Any], max_tars: int = 20) -> str:
+    """A short human-readable rendering of :func:`inspect_path`'s result: at most ``max_tars`` per-tar lines
+    (0: all), tars with missing members first, then how many more there are (``--json`` lists all)."""
     lines = []
     if report["kind"] == "wdinfo":
         lines.append(f"{report['path']}: wdinfo, {report['tar_count']} tars x chunk_size {report['chunk_size']}"
@@ -220,10 +221,15 @@ def format_report(report: dict[str, Any]) -> str:
         dup = report["duplicate_keys_across_tars"]
         lines.append(f"  keys duplicated across tars: {dup['count']}"
                      + (f", e.g. {dup['examples'][0]['key']} in {dup['examples'][0]['tars']}" if dup["count"] else ""))
-        for tar in report["tars"]:
+        tars = report["tars"]
+        shown = tars if max_tars <= 0 or len(tars) <= max_tars else \
+            sorted(tars, key=lambda t: not t.get("missing_members"))[:max_tars]
+        for tar in sorted(shown, key=lambda t: t["tar"]):
             extra = " (incomplete)" if tar.get("marked_incomplete") else ""
             missing = f", missing {tar['missing_members']}" if tar.get("missing_members") else ""
             lines.append(f"    {tar['tar']}: {tar['samples']} samples{extra}{missing}")
+        if len(shown) < len(tars):
+            lines.append(f"    ... and {len(tars) - len(shown)} more tar(s) (--max-tars 0 or --json lists all)")
         schemas = {str(t["pickle"]) for t in report["tars"] if "pickle" in t}
     for schema in sorted(schemas):
         lines.append(f"  .pickle arrays: {schema}")

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import pyarrow.parquet as pq
 
 from .config import STAGE_NAMES, PipelineConfig
-from .fsutil import atomic_write_bytes, task_range
+from .fsutil import atomic_write_bytes
 from .manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, load_current_manifest
 from .plan import compact_ranges, list_parquet_parts, part_name
 from .safepickle import safe_loads_plain
@@ -192,7 +192,8 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
             facts.incomplete[task_id] = f"no *_stats.json in {folder.name}/"
             continue
         shards = []
-        tried_before = totals["count"]
+        tried_before, ok_before = totals["count"], totals["successes"]
+        transient, resolved, unknown_transient = 0, 0, False
         for stats_file in stats_files:
             try:
                 stats = json.loads(stats_file.read_text())
@@ -217,8 +218,14 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 tar_bytes += tar.stat().st_size
             elif int(stats.get("successes", 0)) > 0:
                 facts.incomplete[task_id] = f"{shard}_stats.json present but {shard}.tar missing"
-            if int(stats.get("failed_to_download", 0)) > 0:  # resize failures would fail again
-                dl.retryable_tasks.add(task_id)
+            # URLs still failing transiently (what retry_failed would re-fetch): transient failures of the
+            # regular shards less those a retry round settled (success or a permanent failure)
+            if "retryable" not in stats:  # stats not written by mmprep: any download failure may be retried
+                unknown_transient |= int(stats.get("failed_to_download", 0)) > 0
+            elif retry_round:
+                resolved += int(stats.get("count", 0)) - int(stats["retryable"])
+            else:
+                transient += int(stats["retryable"])
             status_dict = stats.get("status_dict")
             if retry_round:
                 pass  # failure reasons stay those of the first attempts (not counted twice)
@@ -226,12 +233,19 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
                 _count_status_dict(status_dict, stats, dl)
             else:  # no status_dict: read the two status columns of the shard's parquet
                 _collect_statuses(folder / f"{shard}.parquet", task_id, dl)
+        if unknown_transient or transient > resolved:
+            dl.retryable_tasks.add(task_id)
         if shards:
             dl.shards_by_task[task_id] = sorted(shards)
         expected = _parquet_rows(inputs[task_id])
         tried = totals["count"] - tried_before
+        succeeded = totals["successes"] - ok_before
         if expected is not None and tried < expected:  # a task stopped part-way (crash, pod evicted)
             facts.incomplete.setdefault(task_id, f"{tried:,} of {expected:,} URLs of its part have a status")
+        elif tried and (succeeded == 0 or (tried - succeeded) / tried > block.max_failed_share):
+            # the task itself failed on this (see download_images.max_failed_share)
+            facts.incomplete.setdefault(task_id, f"{tried - succeeded:,} of {tried:,} URLs failed "
+                                                 f"(max_failed_share {block.max_failed_share:g})")
     done = len(folders) - len(facts.incomplete)
     facts.rows += [
         ("tasks with output", f"{done:,} of {len(folders):,}"),
@@ -280,15 +294,22 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     facts.output = str(out)
     selection = block.task_selection
     facts.task_count, facts.task_ids = selection.task_count, selection.task_ids
-    input_tars = sorted(p.name for p in Path(block.input_dir).glob("*.tar")) \
-        if Path(block.input_dir).is_dir() else []
-    # precache keeps tar names (one output tar per input tar), so its task of a tar follows from the input
-    # order; manifests that record their own task_id take precedence.
+    # precache keeps tar names (one output tar per input tar): the stage says which inputs each task owns
+    # (leaving out the short .INCOMPLETE tar unless it is configured to encode it); manifests that record
+    # their own task_id take precedence.
     owner: dict[str, int] = {}
-    if name == "precache_encodings" and input_tars:
-        for task_id in range(selection.task_count):
-            for index in task_range(len(input_tars), task_id, selection.task_count):
-                owner[input_tars[index]] = task_id
+    has_input = Path(block.input_dir).is_dir() and any(Path(block.input_dir).glob("*.tar*"))
+    if name == "precache_encodings" and has_input:
+        from .stages.precache_encodings import task_inputs
+
+        for task_id, owned in enumerate(task_inputs(block, selection.task_count)[0]):
+            owner.update((tar.name, task_id) for tar in owned)
+        if not owner:
+            facts.notes.append(f"nothing to encode: {block.input_dir} holds only the short tar marked "
+                               f"{INCOMPLETE_SUFFIX} (fewer samples than tar_chunk_size "
+                               f"{block.tar_chunk_size:,}); set {name}.process_incomplete_tars: true to "
+                               "encode it, or lower tar_chunk_size")
+            return
     tars, unlisted = _stage_tars(out, owner)
     facts.tars = tars
     if not tars and not unlisted:

@@ -105,7 +105,7 @@ def nemo_config(tmp_path: Path) -> Callable[..., Path]:
     """Write NeMo's download_multimodal.yaml (optionally edited by text replacement) and return its path."""
 
     def write(replace: dict[str, str] | None = None, name: str = "download_multimodal.yaml") -> Path:
-        text = NEMO_CONFIG
+        text = f"launcher_scripts_path: {launcher_with_models(tmp_path / 'launcher')}\n" + NEMO_CONFIG
         for old, new in (replace or {}).items():
             assert old in text, old
             text = text.replace(old, new)
@@ -114,3 +114,21 @@ def nemo_config(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def launcher_with_models(folder: Path) -> Path:
+    """A ``launcher_scripts_path`` holding NeMo's precache_sd.yaml with its placeholder model paths pointed at
+    folders that exist (empty: nothing loads them unless a test runs precache), so configs validate."""
+    from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH
+
+    rel = Path("conf/data_preparation/multimodal/precache_sd.yaml")
+    target = folder / rel
+    if not target.is_file():
+        for model in ("vae", "clip"):
+            (folder / "models" / model).mkdir(parents=True, exist_ok=True)
+        text = (BUNDLED_LAUNCHER_SCRIPTS_PATH / rel).read_text()
+        text = text.replace("/path/to/vae.bin", str(folder / "models" / "vae"))
+        text = text.replace("openai/clip-vit-large-patch14", str(folder / "models" / "clip"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return folder

@@ -157,8 +157,12 @@ def test_task_id_params_and_fan_out_refusal() -> None:
 
 
 def test_plan_refuses_large_fan_out_and_unsafe_params(tmp_path: Path) -> None:
+    from conftest import launcher_with_models
+
     text = (DAGS_FOLDER / "download_multimodal.yaml").read_text().replace("node_array_size: 8\n  precache",
                                                                           "node_array_size: 5000\n  precache")
+    # the example's precache_sd.yaml names placeholder weights, which the plan task refuses
+    text = text.replace("${launcher_scripts_path}", str(launcher_with_models(tmp_path / "launcher")))
     path = tmp_path / "big.yaml"
     path.write_text(text)
     spec = read_dag_spec(path)
@@ -227,3 +231,17 @@ def test_hf_connection_supplies_token_and_endpoint(monkeypatch: pytest.MonkeyPat
     assert HuggingFaceHubHook("hf_not_defined").get_env() == {}  # public datasets need no connection
     secret = HuggingFaceHubHook.pod_secret("hf-token")
     assert (secret.secret, secret.key, secret.deploy_target) == ("hf-token", "token", "HF_TOKEN")
+
+
+def test_clear_without_an_api_server_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = mmprep_main(["clear", "d", "r", "--stage", "precache_encodings", "--task-ids", "1", "--token", "T",
+                        "--api-url", f"http://127.0.0.1:{port}"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot reach the Airflow API server at http://127.0.0.1:{port} (connection refused "
+                   "or timed out); start it or pass --api-url (or set AIRFLOW_API_URL)"]

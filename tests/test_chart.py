@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from airflow_provider_mmprep.config import load_config
+from airflow_provider_mmprep.config import ConfigError, load_config
 from airflow_provider_mmprep.testing.k8s_checks import (label_problems, name_problems, object_meta_problems,
                                                          quantity, supported_kube_minors, validate_strict)
 
@@ -233,10 +233,16 @@ def test_airflow_env_configmap_carries_the_gpu_settings(helm_env: dict[str, str]
 def test_pipeline_configs_in_the_configmap_load_with_mmprep(helm_env: dict[str, str], tmp_path: Path) -> None:
     data = configmap(render(helm_env), DEFAULTS["configMapName"])
     assert data == DEFAULTS["configs"]
+    from conftest import launcher_with_models
+
+    precache = launcher_with_models(tmp_path / "launcher") / "conf/data_preparation/multimodal/precache_sd.yaml"
     for file_name, text in data.items():
         path = tmp_path / file_name
         path.write_text(text)
-        cfg = load_config(path, ["dataset_repo_id=org/dataset"])
+        # NeMo's bundled precache_sd.yaml names placeholder weights: the plan refuses to start on it
+        with pytest.raises(ConfigError, match=r"from_pretrained: '/path/to/vae.bin' is a placeholder"):
+            load_config(path, ["dataset_repo_id=org/dataset"])
+        cfg = load_config(path, ["dataset_repo_id=org/dataset", f"precache_encodings.precache_config_path={precache}"])
         assert cfg.precache_encodings.runner == "kubernetes"
         root = Path(DEFAULTS["persistence"]["mountPath"])
         assert cfg.generate_wdinfo.output_wdinfo_path.is_relative_to(root)  # on the shared volume

@@ -25,8 +25,14 @@ def test_nemo_file_resolves_relative_and_launcher_interpolation(nemo_config, tmp
     assert cfg.reorganize_tar.input_dir == root / "tarfiles_raw"
     assert cfg.generate_wdinfo.tar_chunk_size == 1000  # two hops of interpolation
     assert cfg.generate_wdinfo.output_wdinfo_path == root / "wdinfo.pkl"
-    # NeMo's default precache path points into launcher_scripts_path, which defaults to our bundle
+    # NeMo's default precache path points into launcher_scripts_path (the fixture sets one whose
+    # precache_sd.yaml names existing model folders; without it, it defaults to our bundle)
     assert cfg.precache_encodings.precache_config_path == (
+        tmp_path / "launcher" / "conf/data_preparation/multimodal/precache_sd.yaml")
+    bundled = load_config(nemo_config(), [*REQUIRED, f"dataset_output_root={tmp_path}/root",
+                                          f"launcher_scripts_path={BUNDLED_LAUNCHER_SCRIPTS_PATH}"],
+                          load_precache=False)
+    assert bundled.precache_encodings.precache_config_path == (
         BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/precache_sd.yaml")
     assert [e.key for e in cfg.precache.encodings] == ["autoencoderkl_image", "clip-vit-large-patch14_text"]
     # YAML 1.1 reads `resize_mode: no` as False; it must stay img2dataset's "no"
@@ -203,3 +209,152 @@ def test_cli_run_refuses_bad_usage(nemo_config, tmp_path, capsys) -> None:
     assert main(["run", *base, "--task-id", "0", "--task-count", "1"]) == 2  # needs one --stage
     assert main(["run", *base, "download_parquet.enable=false", "--stage", "download_parquet"]) == 2
     assert "download_parquet.enable: stage is disabled" in capsys.readouterr().err
+
+
+# Issue 11: everything a stage would reject is rejected by validate/plan, before anything runs
+
+
+def _errors(source) -> list[str]:
+    """The ``error:`` lines of captured stderr (log lines are interleaved with them)."""
+    text = source if isinstance(source, str) else source.readouterr().err
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("resize_mode=squash", "download_images.img2dataset_additional_arguments.resize_mode: expected one of "
+                           "no, border, keep_ratio, keep_ratio_largest, center_crop, got 'squash'"),
+    ("image_size=big", "download_images.img2dataset_additional_arguments.image_size: expected a number, "
+                       "got 'big'"),
+    ("encode_format=gif", "download_images.img2dataset_additional_arguments.encode_format: expected one of "
+                          "jpg, png, webp, got 'gif'"),
+])
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_download_options_are_validated_before_anything_runs(nemo_config, tmp_path, capsys, command,
+                                                             override, message) -> None:
+    path = str(nemo_config())
+    code = main([command, path, *REQUIRED, f"dataset_output_root={tmp_path}",
+                 f"download_images.img2dataset_additional_arguments.{override}"])
+    assert code == 2
+    assert _errors(capsys) == [f"error: {message}"]
+    assert main(["run", path, *REQUIRED, f"dataset_output_root={tmp_path}",
+                 f"download_images.img2dataset_additional_arguments.{override}"]) == 2
+    assert not (tmp_path / "parquet").exists()  # download_parquet never ran
+
+
+def test_unknown_download_option_is_warned_about_at_validate(nemo_config, tmp_path, capsys) -> None:
+    assert main(["validate", str(nemo_config()), *REQUIRED, f"dataset_output_root={tmp_path}",
+                 "download_images.img2dataset_additional_arguments.frobnicate=3"]) == 0
+    assert "download_images.img2dataset_additional_arguments.frobnicate: unknown option, ignored" \
+        in capsys.readouterr().err
+    # a disabled stage's options are not checked
+    assert main(["validate", str(nemo_config()), *REQUIRED, f"dataset_output_root={tmp_path}",
+                 "download_images.enable=false",
+                 "download_images.img2dataset_additional_arguments.resize_mode=squash"]) == 0
+
+
+def test_precache_yaml_unknown_keys_are_warned_about(tmp_path: Path, caplog) -> None:
+    from conftest import launcher_with_models
+
+    folder = launcher_with_models(tmp_path / "l")
+    good = folder / "conf/data_preparation/multimodal/precache_sd.yaml"
+    path = tmp_path / "p.yaml"
+    path.write_text(good.read_text().replace("batch_size_per_GPU: 128", "batch_size_per_gpu: 16")
+                    .replace("    precision: 16\n", "    precision: 16\n    precission: 32\n"))
+    with caplog.at_level(logging.WARNING):
+        precache = load_precache_config(path)
+    assert precache.batch_size_per_GPU == 32  # the misspelt key is not used, and that is said
+    assert f"{path}: keys not used by mmprep: batch_size_per_gpu, encodings.0.precission" in caplog.text
+
+
+def test_bundled_precache_yaml_with_placeholder_paths_does_not_validate(nemo_config, tmp_path, capsys) -> None:
+    bundled = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/precache_sd.yaml"
+    args = [str(nemo_config()), *REQUIRED, f"dataset_output_root={tmp_path}",
+            f"launcher_scripts_path={BUNDLED_LAUNCHER_SCRIPTS_PATH}"]
+    assert main(["validate", *args]) == 2
+    err = capsys.readouterr().err
+    assert _errors(err) == [f"error: {bundled}: encodings.0.encoder_config.from_pretrained: '/path/to/vae.bin' is a "
+                      "placeholder; set the local folder (or file) of the weights"]
+    # a hub id may exist in the GPU pod's volume (runner kubernetes): warned about here
+    assert "encodings.1.encoder_config.version: 'openai/clip-vit-large-patch14' is a hub id" in err
+    # precache running on this machine (local runner, or `run --stage precache_encodings`): both are errors
+    assert main(["validate", *args, "precache_encodings.runner=local"]) == 2
+    assert len(_errors(capsys)) == 2
+    # a run that leaves precache out is not held up by its model paths
+    assert main(["plan", *args, "precache_encodings.enable=false"]) == 0
+    cfg = load_config(args[0], args[1:], stages=["download_images"])
+    assert cfg.precache is not None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "the file is empty"),
+    ("# only a comment\n", "the file is empty"),
+    ("- a\n- b\n", "expected a mapping at the top level, got list"),
+    ("hello\n", "expected a mapping at the top level, got str"),
+    ("foo: 1\n", "no pipeline stage in this file"),
+])
+@pytest.mark.parametrize("command", ["validate", "plan", "run", "report"])
+def test_empty_or_non_mapping_configs_are_usage_errors(tmp_path, capsys, text, message, command) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main([command, str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: {message}"), err  # one line, no traceback
+
+
+def test_run_or_report_with_every_stage_disabled_is_a_usage_error(nemo_config, tmp_path, capsys) -> None:
+    off = [f"{s}.enable=false" for s in ("download_parquet", "download_images", "reorganize_tar",
+                                         "precache_encodings", "generate_wdinfo")]
+    args = [str(nemo_config()), f"dataset_output_root={tmp_path}", *off]
+    assert main(["validate", *args]) == 0  # a valid file, just nothing enabled
+    assert main(["run", *args]) == 2
+    assert main(["report", *args]) == 2
+    assert "every stage is disabled" in capsys.readouterr().err
+
+
+def test_range_without_override_task_count_refers_to_a_run_of_100_tasks(nemo_config, tmp_path, capsys,
+                                                                       caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        cfg = load_config(nemo_config(), [*REQUIRED, f"dataset_output_root={tmp_path}",
+                                          "precache_encodings.node_array_size=1-2"])
+    selection = cfg.precache_encodings.task_selection
+    assert (selection.task_ids, selection.task_count) == ([1, 2], 100)  # was "tasks 1-2 of 3"
+    assert "precache_encodings.node_array_size: range '1-2' without override_task_count" in caplog.text
+    assert main(["plan", str(nemo_config()), *REQUIRED, f"dataset_output_root={tmp_path}",
+                 "precache_encodings.node_array_size=1-2"]) == 0
+    assert "precache_encodings  [tasks 1-2 of 100" in capsys.readouterr().out
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    assert "of `override_task_count`, default 100" in docs
+
+
+@pytest.mark.parametrize("task_args, message", [
+    (["--task-id", "5", "--task-count", "2"], "--task-id: 5 is outside 0..1 (--task-count 2)"),
+    (["--task-id", "-1", "--task-count", "2"], "--task-id: -1 is outside 0..1 (--task-count 2)"),
+    (["--task-id", "0", "--task-count", "0"], "--task-count: expected a positive integer, got 0"),
+])
+def test_out_of_range_task_id_is_a_usage_error_before_anything_runs(nemo_config, tmp_path, capsys, task_args,
+                                                                    message) -> None:
+    code = main(["run", str(nemo_config()), *REQUIRED, f"dataset_output_root={tmp_path}",
+                 "--stage", "reorganize_tar", *task_args])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {message}"]  # before loading anything
+    assert not (tmp_path / "tarfiles_reorganized").exists()
+
+
+def test_version_and_verbosity_flags_after_the_subcommand(nemo_config, tmp_path, capsys) -> None:
+    from airflow_provider_mmprep import __version__
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"mmprep {__version__}"
+    path = str(nemo_config())
+    assert main(["validate", path, *REQUIRED, f"dataset_output_root={tmp_path}", "-q"]) == 0
+    assert main(["plan", path, "-v", *REQUIRED, f"dataset_output_root={tmp_path}"]) == 0
+    assert main(["-q", "validate", path, *REQUIRED, f"dataset_output_root={tmp_path}", "-v"]) == 0
+
+
+def test_glob_in_a_dotlist_override_is_a_plain_string(nemo_config, tmp_path) -> None:
+    cfg = load_config(nemo_config(), [*REQUIRED, f"dataset_output_root={tmp_path}",
+                                      "download_parquet.parquet_pattern=*.parquet",
+                                      "download_images.parquet_pattern=**/*-00*.parquet"])
+    assert cfg.download_parquet.parquet_pattern == "*.parquet"
+    assert cfg.download_images.parquet_pattern == "**/*-00*.parquet"

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from airflow_provider_mmprep.config import load_config
+from airflow_provider_mmprep.config import ConfigError, load_config
 from airflow_provider_mmprep.stages import StageError
 from airflow_provider_mmprep.stages.download_images import run_task
 from airflow_provider_mmprep.testing import sample_data
@@ -143,7 +143,8 @@ def test_private_and_loopback_addresses_are_refused_by_default(tmp_path: Path, h
     urls = sample_data.add_images(host, 2, size=SMALL)
     by_name = urls[1].replace("127.0.0.1", "localhost")  # a name resolving to loopback: caught at resolution
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", [urls[0], by_name])
-    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", allow_private=False))
+    with pytest.raises(StageError, match="2 of 2 URLs failed"):  # every URL failed: the task fails
+        run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", allow_private=False))
     rows = read_rows(tmp_path / "out" / "p")
     assert [r["status"] for r in rows] == ["failed_to_download"] * 2
     assert all("refused loopback address" in r["error_message"] for r in rows), rows
@@ -287,8 +288,8 @@ def test_options_unknown_warns_and_bad_values_name_the_key(tmp_path: Path, host:
     assert "img2dataset_additional_arguments.frobnicate: unknown option" in caplog.text
     (agent,) = host.user_agents
     assert agent.startswith("mmprep/") and "acme-crawl" in agent
-    with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.resize_mode: expected one of"):
-        run(write_config(tmp_path, tmp_path / "in", tmp_path / "out2", resize_mode="stretch"))
+    with pytest.raises(ConfigError, match=r"img2dataset_additional_arguments\.resize_mode: expected one of"):
+        run(write_config(tmp_path, tmp_path / "in", tmp_path / "out2", resize_mode="stretch"))  # at load
     with pytest.raises(StageError, match=r"img2dataset_additional_arguments\.url_col: column 'LINK' not found"):
         run(write_config(tmp_path, tmp_path / "in", tmp_path / "out3", url_col="LINK"))
     with pytest.raises(StageError, match="task id 3 but only 1 input part"):
@@ -370,3 +371,113 @@ def test_host_timeline_shows_how_many_requests_the_downloader_kept_in_flight(tmp
     busy = sum(answered - received for received, answered in timeline)
     window = max(a for _, a in timeline) - min(r for r, _ in timeline)
     assert 4 < busy / window <= 8.5  # about 8 in flight: the thread count, never more
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_rerun_of_a_finished_task_with_several_processes_is_a_no_op(tmp_path: Path, host: ImageHost,
+                                                                    retry_failed: bool) -> None:
+    urls = sample_data.add_images(host, 6, size=SMALL) + [host.url("/fault/404")]
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", processes=-1, number_sample_per_shard=4,
+                          retry_failed=retry_failed)
+    first = run(config)
+    assert first["downloaded_shards"] == 2 and first["successes"] == 6
+    part = tmp_path / "out" / "p"
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in part.iterdir()}
+    hits = sum(host.hits.values())
+    again = run(config)  # nothing pending: crashed with ZeroDivisionError when processes != 1
+    assert again["downloaded_shards"] == 0 and again["skipped_shards"] == 2
+    assert sum(host.hits.values()) == hits
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in part.iterdir()} == before
+
+
+def test_csv_read_as_parquet_hints_input_format(tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 2, size=SMALL)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "urls.parquet").write_text("URL,TEXT\n" + "".join(f"{u},t\n" for u in urls))  # CSV, misnamed
+    with pytest.raises(StageError) as caught:
+        run(write_config(tmp_path, inputs, tmp_path / "out"))
+    assert str(caught.value).startswith("download_images.img2dataset_additional_arguments.input_format: "
+                                        "urls.parquet is not a parquet file (")
+    assert "set input_format to its format (one of csv" in str(caught.value)
+
+
+def test_every_url_refused_fails_the_task_and_a_fixed_setting_redoes_the_shards(
+        tmp_path: Path, host: ImageHost, caplog: pytest.LogCaptureFixture) -> None:
+    urls = sample_data.add_images(host, 6, size=SMALL)
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    refused = write_config(tmp_path, tmp_path / "in", tmp_path / "out", allow_private=False,
+                           number_sample_per_shard=4)
+    with pytest.raises(StageError) as caught:
+        run(refused)
+    message = str(caught.value)
+    assert message.startswith("download_images.max_failed_share: download_images[p]: 6 of 6 URLs failed (100%); "
+                              "top reasons: refused loopback address 127.0.0.1 (6) (every URL failed)")
+    part = tmp_path / "out" / "p"
+    assert len(list(part.glob("*_stats.json"))) == 2  # what it could write is kept (every URL has a status)
+    with pytest.raises(StageError):
+        run(refused)  # a rerun with the same setting fails the same way, fetching nothing
+    assert sum(host.hits.values()) == 0
+    fixed = run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", allow_private=True,
+                             number_sample_per_shard=4))
+    assert fixed["successes"] == 6 and fixed["redone_shards"] == 2 and fixed["skipped_shards"] == 0
+    assert "redoing 2 shard(s)" in caplog.text and "allow_private_addresses" in caplog.text
+    manifest = json.loads((part / "00000.tar.manifest.json").read_text())
+    assert manifest["options_fingerprint"] == json.loads((part / "00000_stats.json").read_text())[
+        "options_fingerprint"]
+    again = run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", allow_private=True,
+                             number_sample_per_shard=4))
+    assert again["downloaded_shards"] == 0 and again["redone_shards"] == 0
+
+
+def test_failure_share_warns_with_top_reasons_and_fails_above_the_limit(
+        tmp_path: Path, host: ImageHost, caplog: pytest.LogCaptureFixture) -> None:
+    urls = sample_data.add_images(host, 3, size=SMALL) + [host.url("/fault/404"), host.url("/fault/404/b")]
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    summary = run(write_config(tmp_path, tmp_path / "in", tmp_path / "a"))  # default: fails only if all fail
+    assert summary["top_failure_reasons"] == {"HTTP 404": 2}
+    assert "download_images[p]: 2 of 5 URLs failed (40%); top reasons: HTTP 404 (2)" in caplog.text
+    with pytest.raises(StageError, match=r"2 of 5 URLs failed \(40%\).*more than max_failed_share 0.25"):
+        run(write_config(tmp_path, tmp_path / "in", tmp_path / "b", block={"max_failed_share": 0.25}))
+
+
+def test_incremental_mode_overwrite_redoes_the_part(tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 5, size=SMALL)
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=4,
+                          incremental_mode="overwrite")
+    run(config)
+    tar = tmp_path / "out" / "p" / "00000.tar"
+    before, hits = tar.read_bytes(), sum(host.hits.values())
+    again = run(config)
+    assert again["redone_shards"] == 2 and again["downloaded_shards"] == 2
+    assert sum(host.hits.values()) == 2 * hits and tar.read_bytes() == before  # fetched again, same bytes
+    with pytest.raises(ConfigError, match="incremental_mode: expected incremental or overwrite, got .append."):
+        run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", incremental_mode="append"))
+
+
+def test_changed_option_redoes_shards_in_place_and_shards_without_a_fingerprint_are_kept(
+        tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 7, size=SMALL)
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=2))
+    part = tmp_path / "out" / "p"
+    # fewer, bigger, resized shards: the old ones are redone in place, those beyond the new count removed
+    bigger = run(write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=4,
+                              image_size=32, resize_mode="center_crop"))
+    assert bigger["skipped_shards"] == 0 and bigger["redone_shards"] == 2 and bigger["successes"] == 7
+    assert sorted(p.name for p in part.glob("*.tar")) == ["00000.tar", "00001.tar"]
+    assert sorted(p.name for p in part.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json"]
+    with Image.open(io.BytesIO(tar_members(part / "00000.tar")[f"{read_rows(part)[0]['key']}.jpg"])) as image:
+        assert image.size == (32, 32)
+
+    run(write_config(tmp_path, tmp_path / "in", tmp_path / "old", number_sample_per_shard=2))
+    for stats_file in (tmp_path / "old" / "p").glob("*_stats.json"):  # as an older mmprep wrote them
+        stats = json.loads(stats_file.read_text())
+        del stats["options_fingerprint"], stats["options"]
+        stats_file.write_text(json.dumps(stats))
+    hits = sum(host.hits.values())
+    kept = run(write_config(tmp_path, tmp_path / "in", tmp_path / "old", number_sample_per_shard=2))
+    assert kept["skipped_shards"] == 4 and kept["redone_shards"] == 0  # nothing is fetched again on upgrade
+    assert sum(host.hits.values()) == hits

@@ -116,3 +116,44 @@ def test_robots_and_address_rules() -> None:
                           ("224.0.0.1", "multicast"), ("::1", "loopback"), ("::ffff:192.168.0.1", "private")]:
         assert address_refusal(address) == kind, address
     assert address_refusal("93.184.216.34") is None
+
+
+@pytest.mark.parametrize(("address", "kind"), [
+    ("100.100.100.200", "shared (carrier-grade NAT)"),  # a cloud metadata address; is_private is False for it
+    ("100.64.0.1", "shared (carrier-grade NAT)"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("192.0.2.7", "private"), ("198.18.0.1", "private"), ("240.0.0.1", "reserved"),
+    ("fd12::1", "private"), ("fe80::1%eth0", "link-local"),
+    ("64:ff9b::a9fe:a9fe", "link-local (IPv4 169.254.169.254 embedded)"),  # NAT64
+    ("64:ff9b::a00:1", "private (IPv4 10.0.0.1 embedded)"),
+    ("64:ff9b::6464:64c8", "shared (carrier-grade NAT) (IPv4 100.100.100.200 embedded)"),
+    ("2002:a9fe:a9fe::1", "link-local (IPv4 169.254.169.254 embedded)"),  # 6to4
+    ("2002:7f00:1::", "loopback (IPv4 127.0.0.1 embedded)"),
+    ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "private (IPv4 10.0.0.1 embedded)"),  # Teredo client
+    ("::ffff:100.100.100.200", "shared (carrier-grade NAT)"),
+])
+def test_every_non_global_address_is_refused(address: str, kind: str) -> None:
+    assert address_refusal(address) == kind
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808",
+                                     "2002:808:808::1"])
+def test_global_addresses_and_their_ipv6_forms_pass(address: str) -> None:
+    assert address_refusal(address) is None
+
+
+def test_a_literal_metadata_address_is_never_contacted() -> None:
+    import asyncio
+
+    from airflow_provider_mmprep.download.fetcher import Fetcher
+
+    async def fetch_all() -> list:
+        async with Fetcher(parse_options({"timeout": 2}, threads=2, processes=1)) as fetcher:
+            return [await fetcher.fetch(url) for url in ("http://100.100.100.200/latest/meta-data/",
+                                                          "http://[64:ff9b::a9fe:a9fe]/latest/")]
+
+    results = asyncio.run(fetch_all())
+    assert [r.error for r in results] == [
+        "refused shared (carrier-grade NAT) address 100.100.100.200",
+        "refused link-local (IPv4 169.254.169.254 embedded) address 64:ff9b::a9fe:a9fe"]
+    assert not any(r.transient for r in results)

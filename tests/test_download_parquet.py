@@ -167,3 +167,21 @@ def test_token_comes_from_config_or_environment(nemo_config, use_hub, tmp_path, 
     run_stage_task(_cfg(nemo_config, tmp_path / "b", "download_parquet.hf_token=hf_from_config"),
                    "download_parquet", 0, 1)
     assert "Bearer hf_from_config" in use_hub.hub.authorizations
+
+
+def test_unreachable_hub_is_one_line(nemo_config, tmp_path, capsys, monkeypatch) -> None:
+    import httpx
+
+    from huggingface_hub import HfApi
+
+    def refuse(*args, **kwargs):
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(HfApi, "list_repo_files", refuse)  # as after huggingface_hub's own retries
+    code = main(["run", str(nemo_config()), f"dataset_repo_id={REPO}", f"dataset_output_root={tmp_path}",
+                 "--stage", "download_parquet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "download_parquet: cannot reach the dataset hub at http://127.0.0.1:9 (ConnectError: [Errno 111] " \
+           "Connection refused)" in err

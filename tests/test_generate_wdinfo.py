@@ -142,3 +142,25 @@ def test_reorganized_output_feeds_wdinfo(tmp_path: Path) -> None:
     assert reorganized["short_tar"]["name"] in info["not_listed"]  # the fixture does not divide by 5
     for rel in info["tar_files"]:
         assert len(list(wds.WebDataset(os.path.join(out, rel), shardshuffle=False))) == 5
+
+
+def test_dataset_smaller_than_one_tar_says_what_happened_and_what_to_change(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from airflow_provider_mmprep.stages import precache_encodings
+
+    root = tmp_path / "ds"
+    make_download_output(root / "tarfiles_raw", parts=1, shards_per_part=1, samples_per_shard=(5, 5))
+    cfg = load_config(NEMO_YAML, ["dataset_repo_id=org/data", f"dataset_output_root={root}",
+                                  "reorganize_tar.tar_chunk_size=1000", "precache_encodings.node_array_size=1"],
+                      load_precache=False)
+    reorganize_tar.run_task(cfg, 0, 1)
+    assert (root / "tarfiles_reorganized" / "00000.tar.INCOMPLETE").exists()
+    summary = precache_encodings.run_task(cfg.model_copy(update={"precache": object()}), 0, 1)
+    assert summary["encoded_tars"] == 0 and summary["nothing_to_encode"]
+    assert "only the short tar 00000.tar" in caplog.text and "process_incomplete_tars" in caplog.text
+    assert "already encoded" not in caplog.text
+    with pytest.raises(StageError) as caught:
+        run_task(cfg, 0, 1)
+    message = str(caught.value)
+    assert message.startswith("generate_wdinfo.tar_chunk_size: no full tar: the dataset has only 5 usable")
+    assert "Lower tar_chunk_size (at most 5)" in message and "no .tar files found" not in message

@@ -131,3 +131,30 @@ def test_console_entry_point_runs(shard_folder: Path) -> None:
                            "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["tar_count"] == 3
+
+
+def test_text_report_caps_per_tar_lines_on_big_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "many"
+    for index in range(30):
+        samples = [(f"k{index}_{i}", {"jpg": b"j", "txt": b"t"}) for i in range(2)]
+        if index == 25:
+            samples.append((f"k{index}_x", {"jpg": b"j"}))  # a tar with a problem is always shown
+        write_tar(folder / f"{index:05d}.tar", samples)
+    main(["inspect", str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    tar_lines = [line for line in lines if line.startswith("    0")]
+    assert len(tar_lines) == 20
+    assert any(line.startswith("    00025.tar: 3 samples, missing") for line in tar_lines)
+    assert "    ... and 10 more tar(s) (--max-tars 0 or --json lists all)" in lines
+    main(["inspect", str(folder), "--max-tars", "0"])
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("    0")]) == 30
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    for index in range(400):
+        write_tar(folder / f"{index:05d}.tar", [(f"k{index}", {"jpg": b"j", "txt": b"t"})])
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(f"{sys.executable} -m airflow_provider_mmprep.cli -q inspect {folder} --json | head -1",
+                          shell=True, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout == "{\n" and "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr

@@ -550,3 +550,16 @@ def test_manifests_stay_small_beside_their_offsets_sidecar(tmp_path: Path) -> No
     for tar in tars + sorted(out.glob("*.tar")):
         assert len(tar.with_name(tar.name + ".manifest.json").read_bytes()) < 600
         assert len(tar.with_name(tar.name + ".offsets.json").read_bytes()) > 1000
+
+
+def test_inputs_without_any_sample_point_at_the_downloads(tmp_path: Path) -> None:
+    raw = tmp_path / "raw" / "part0"
+    raw.mkdir(parents=True)
+    for shard in range(2):  # what download_images leaves when every URL of a part failed: empty tars
+        with tarfile.open(raw / f"{shard:05d}.tar", "w"):
+            pass
+    with pytest.raises(StageError) as caught:
+        run_task(make_cfg(tmp_path / "raw", tmp_path / "out", 2), 0, 1)
+    assert str(caught.value).startswith(f"reorganize_tar.input_dir: the 2 tar(s) under {tmp_path / 'raw'} hold "
+                                        "no sample at all: did every download fail?")
+    assert "file_ext_in_tar" not in str(caught.value)

@@ -355,3 +355,58 @@ def test_retry_shards_do_not_count_urls_twice(run_root) -> None:
     text = _text(build_report_html(cfg))
     assert "URLs tried 40" in text and "images downloaded 30 (75.0%)" in text
     assert "failed to download 6" in text and "failed to resize 4" in text
+
+
+def test_precache_task_owning_only_the_marked_short_tar_has_nothing_to_redo(run_root) -> None:
+    _, _, cfg = run_root  # precache's output for 00003.tar is missing, as precache leaves a marked tar out
+    (Path(cfg.reorganize_tar.output_dir) / "00003.tar.INCOMPLETE").touch()
+    text = _text(build_report_html(cfg))
+    assert "input 00003.tar has no finished output tar" not in text
+    assert "--stage precache_encodings" not in text
+
+
+def test_input_smaller_than_one_tar_says_nothing_to_encode(run_root) -> None:
+    _, _, cfg = run_root
+    reorganized = Path(cfg.reorganize_tar.output_dir)
+    for index in range(3):
+        (reorganized / f"{index:05d}.tar").unlink()
+        (reorganized / f"{index:05d}.tar.manifest.json").unlink()
+    (reorganized / "00003.tar.INCOMPLETE").touch()
+    for tar in Path(cfg.precache_encodings.output_dir).iterdir():
+        tar.unlink()
+    text = _text(build_report_html(cfg))
+    assert "nothing to encode" in text and "process_incomplete_tars" in text
+    assert "--stage precache_encodings" not in text
+
+
+def _set_stats(folder: Path, **fields) -> None:
+    for stats_file in sorted(folder.glob("*_stats.json")):
+        stats = json.loads(stats_file.read_text())
+        stats.update(fields)
+        stats_file.write_text(json.dumps(stats))
+
+
+def test_download_task_whose_urls_all_failed_is_to_redo(run_root) -> None:
+    _, _, cfg = run_root
+    part = Path(cfg.download_images.output_dir) / "part1"
+    _set_stats(part, successes=0, failed_to_download=10, failed_to_resize=0, retryable=0,
+               status_dict={"refused loopback address 127.0.0.1": 10})
+    text = _text(build_report_html(cfg))
+    assert "20 of 20 URLs failed (max_failed_share 1)" in text
+    assert "--stage download_images --task-id 1 --task-count 2" in text
+    assert "--stage download_images --task-ids 1 " in text  # the clear line: task 1 only
+
+
+def test_retry_suggestion_only_while_transient_failures_remain(run_root) -> None:
+    _, _, cfg = run_root
+    out = Path(cfg.download_images.output_dir)
+    _set_stats(out / "part0", retryable=1)  # mmprep's stats: one transient failure per shard
+    _set_stats(out / "part1", retryable=0)  # only permanent failures: nothing a retry would change
+    text = _text(build_report_html(cfg))
+    assert "1 download task(s) finished with failed URLs" in text
+    assert "download_images.retry_failed=true --stage download_images --task-id 0" in text
+    # a retry round settled both transient failures of part0: nothing left to suggest
+    (out / "part0" / "00002_stats.json").write_text(json.dumps({
+        "count": 2, "successes": 1, "failed_to_download": 1, "failed_to_resize": 0, "retryable": 0,
+        "retry_round": True, "status_dict": {"success": 1, "HTTP 404": 1}}))
+    assert "finished with failed URLs" not in _text(build_report_html(cfg))

@@ -11,9 +11,10 @@ few cores (see docs/download_images.md for the figures); one event loop per proc
 - retries with exponential backoff for transient failures only: connection errors, timeouts, 5xx, 408 and
   429 (``Retry-After`` honoured when it fits within ``timeout``);
 - ``X-Robots-Tag`` directives honoured;
-- loopback, private, link-local (cloud metadata), multicast and reserved addresses refused, checked on the
-  address the connection actually uses (a resolver filter, so DNS rebinding cannot slip past), unless
-  ``allow_private_addresses``.
+- every address that is not globally routable refused (loopback, private, shared/carrier-grade NAT and
+  link-local, where cloud metadata endpoints live, multicast, reserved; IPv6 forms that embed such an IPv4
+  too), checked on the address the connection actually uses (a resolver filter, so DNS rebinding cannot
+  slip past), unless ``allow_private_addresses``.
 """
 
 from __future__ import annotations
@@ -49,20 +50,58 @@ class FetchResult:
     attempts: int = 1
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix: the IPv4 is the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215 local-use NAT64
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries by a transition mechanism, where it carries one."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64 or ip in _NAT64_LOCAL:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:  # 2002::/16
+        return ip.sixtofour
+    if ip.teredo is not None:  # 2001::/32: (server, client); the client is the host reached
+        return ip.teredo[1]
+    return None
+
+
+def _label(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    for test, what in ((ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
+                       (ip.is_link_local, "link-local"), (ip.is_multicast, "multicast")):
+        if test:
+            return what
+    if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.ip_network("100.64.0.0/10"):
+        return "shared (carrier-grade NAT)"
+    if ip.is_reserved:
+        return "reserved"
+    if ip.is_private:
+        return "private"
+    return "non-global"
+
+
 def address_refusal(address: str) -> str | None:
-    """Why ``address`` must not be fetched from (None if it is a public unicast address)."""
+    """Why ``address`` must not be fetched from (None if it is a globally routable unicast address).
+
+    Anything that is not ``is_global`` is refused (loopback, private, shared/carrier-grade NAT space that
+    holds cloud metadata endpoints, link-local, documentation and benchmarking ranges, reserved), and so is
+    a global-looking IPv6 address that embeds such an IPv4 (IPv4-mapped, NAT64, 6to4, Teredo).
+    """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return "not an IP address"
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    for test, what in ((ip.is_loopback, "loopback"), (ip.is_link_local, "link-local"),
-                       (ip.is_multicast, "multicast"), (ip.is_private, "private"),
-                       (ip.is_reserved, "reserved"), (ip.is_unspecified, "unspecified")):
-        if test:
-            return what
-    return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            if ip.ipv4_mapped is not None:  # the IPv4 address itself, written the IPv6 way
+                return None if inner.is_global and not inner.is_multicast else _label(inner)
+            if not inner.is_global or inner.is_multicast:
+                return f"{_label(inner)} (IPv4 {inner} embedded)"
+    if ip.is_global and not ip.is_multicast:
+        return None
+    return _label(ip)
 
 
 class SafeResolver(AbstractResolver):

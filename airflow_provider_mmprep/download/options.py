@@ -12,6 +12,7 @@ which only loses quality and costs CPU; ``skip_reencode: false`` given explicitl
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -36,7 +37,6 @@ _IGNORED_IMG2DATASET = {
     "output_format": "mmprep always writes webdataset shards",
     "enable_wandb": "not supported", "wandb_project": "not supported",
     "distributor": "tasks are distributed by the runner", "subjob_size": "not used",
-    "incremental_mode": "reruns always skip complete shards (incremental)",
     "oom_shard_count": "shard names are always 5 digits", "extract_exif": "not supported",
     "bbox_col": "blurring is not supported", "verify_hash": "not supported",
     "upscale_interpolation": "lanczos is used", "downscale_interpolation": "area averaging is used",
@@ -77,10 +77,34 @@ class DownloadOptions:
     max_image_pixels: int = 89_478_485
     max_redirects: int = 5
     max_connections_per_host: int = 32
+    #: img2dataset's incremental_mode: "incremental" skips complete shards made with the same options,
+    #: "overwrite" redoes the whole part on every run
+    incremental_mode: str = "incremental"
     # Prepended to every key: the part's index, so keys stay unique across the parts of a dataset (each
     # part restarts img2dataset's shard numbering, and reorganize_tar merges all parts into one order).
     key_prefix: str = ""
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def shaping(self) -> dict[str, Any]:
+        """The options that decide a shard's content: which URLs are refused, how images are checked and
+        transformed, the layout. A complete shard made with other values is stale and redone. Left out:
+        parallelism, politeness and timeouts/retries (they change only which fetches fail transiently,
+        which ``retry_failed`` handles)."""
+        names = ("url_col", "caption_col", "input_format", "save_additional_columns", "resize_mode", "image_size",
+                 "resize_only_if_bigger", "encode_format", "encode_quality", "skip_reencode", "min_image_size",
+                 "max_image_area", "max_aspect_ratio", "number_sample_per_shard", "disallowed_header_directives",
+                 "compute_hash", "allow_private_addresses", "max_image_bytes", "max_image_pixels",
+                 "max_redirects", "key_prefix")
+        body = {}
+        for name in names:
+            value = getattr(self, name)
+            body[name] = list(value) if isinstance(value, tuple) else \
+                str(value) if isinstance(value, float) and value == float("inf") else value
+        return body
+
+    def fingerprint(self) -> str:
+        """Short hash of :meth:`shaping`, recorded in each shard's stats and manifest."""
+        return hashlib.sha256(json.dumps(self.shaping(), sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def extension(self) -> str:
@@ -204,6 +228,11 @@ def parse_options(arguments: dict[str, Any] | None, *, threads: int = 64, proces
     if "disallowed_header_directives" in args:
         values["disallowed_header_directives"] = tuple(
             d.lower() for d in _as_str_list("disallowed_header_directives", take("disallowed_header_directives")))
+    if "incremental_mode" in args:
+        mode = str(take("incremental_mode")).lower()
+        if mode not in ("incremental", "overwrite"):
+            _fail("incremental_mode", f"expected incremental or overwrite, got {mode!r}")
+        values["incremental_mode"] = mode
     if "compute_hash" in args:
         algorithm = take("compute_hash")
         if algorithm in (None, "", False, "none", "None"):

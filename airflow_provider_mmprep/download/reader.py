@@ -81,10 +81,21 @@ def _check_columns(path: Path, present: list[str], options: DownloadOptions) -> 
                            f"{path.name}")
 
 
+def _open_parquet(path: Path, **kwargs: Any) -> pq.ParquetFile:
+    """Open a parquet input; a file that is not parquet (a CSV named by the pattern…) is a one-line error
+    pointing at ``input_format``."""
+    try:
+        return pq.ParquetFile(path, **kwargs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _input_error(f"{KEY_PREFIX}.input_format: {path.name} is not a parquet file "
+                           f"({str(exc).splitlines()[0]}); set input_format to its format (one of csv, tsv, "
+                           "json, jsonl, txt, optionally .gz)") from None
+
+
 def count_rows(path: Path, options: DownloadOptions) -> int | None:
     """Row count when the format records it (parquet), else None."""
     if _format_of(path, options)[0] == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        return _open_parquet(path).metadata.num_rows
     return None
 
 
@@ -94,7 +105,7 @@ def iter_batches(path: Path, options: DownloadOptions) -> Iterator[pa.RecordBatc
     columns = _wanted_columns(options)
     if fmt == "parquet":
         # no pre-buffering and no read-ahead threads: otherwise Arrow's memory grows with the file
-        parquet = pq.ParquetFile(path, pre_buffer=False)
+        parquet = _open_parquet(path, pre_buffer=False)
         _check_columns(path, parquet.schema_arrow.names, options)
         yield from parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=False)
     elif fmt in ("csv", "tsv"):

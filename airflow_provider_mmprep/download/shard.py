@@ -373,11 +373,13 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
     extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
     write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
                    every_sample_has=extensions, retry_round=job.retry, source="download_images",
+                   options_fingerprint=options.fingerprint(),
                    member_offsets=offsets_of(paths["tar"]))  # so reorganize_tar reads no header of it
     stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
              "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
              "duration": end - start, "start_time": start, "end_time": end,
              "status_dict": dict(sorted(status_dict.items(), key=lambda kv: -kv[1])),
-             "shard": job.shard_id, "retry_round": job.retry}
+             "shard": job.shard_id, "retry_round": job.retry,
+             "options_fingerprint": options.fingerprint(), "options": options.shaping()}
     atomic_write_bytes(paths["stats"], json.dumps(stats, indent=1).encode())
     return stats

@@ -58,7 +58,7 @@ class MmprepStageOperator(BaseOperator):
         return {}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        cfg = load_config(self.config_path, list(self.overrides))
+        cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name])
         context["mmprep_label"] = self.label(cfg)
         with _env(self.task_env()):
             summary = run_stage_task(cfg, self.stage_name, int(self.stage_task_id), int(self.stage_task_count))

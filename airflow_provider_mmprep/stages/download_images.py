@@ -5,20 +5,24 @@ writes ``output_dir/<part name>/{shard:05d}.tar|.parquet|_stats.json`` (plus a t
 stages). Work is cut into shards of ``number_sample_per_shard`` rows; ``download_num_processes`` worker
 processes each take whole shards and keep ``download_num_threads`` fetches in flight on one event loop.
 
-Reruns skip shards whose ``_stats.json`` exists (written last) and redo the others from scratch, so a killed
-task resumes with no duplicate and no partial shard. ``retry_failed: true`` then re-attempts only URLs whose
-latest outcome was a transient failure (timeouts, connection errors, 5xx, 429), writing them — under their
-original keys — as additional shards numbered after the existing ones.
+Reruns skip shards whose ``_stats.json`` exists (written last) and records the current shaping options,
+and redo the others from scratch, so a killed task resumes with no duplicate and no partial shard, and a
+changed setting (or ``incremental_mode: overwrite``) redoes the shards it shapes. When URLs fail, the task
+says how many and why; it fails when all did (or more than ``max_failed_share``). ``retry_failed: true``
+then re-attempts only URLs whose latest outcome was a transient failure (timeouts, connection errors, 5xx,
+429), writing them — under their original keys — as additional shards numbered after the existing ones.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import json
 import logging
 import multiprocessing
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -31,6 +35,7 @@ from ..download.reader import ShardJob, count_rows, iter_shard_jobs
 from ..download.shard import (Outcome, download_piece, download_shard, finish_shard, is_complete, piece_path,
                               shard_paths, split_rows)
 from ..fsutil import remove_stale_temporaries, sorted_files
+from ..manifest import manifest_path
 from ..plan import list_parquet_parts, part_name
 from ..progress import Progress
 from . import StageError
@@ -108,6 +113,11 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     fetched by different processes and joined in order afterwards, so no process sits idle and the tar is
     the same as one process would write.
     """
+    job_iter: Iterator[ShardJob] = iter(jobs)
+    first = next(job_iter, None)
+    if first is None:  # nothing pending (a rerun of a finished task): no pool, no process split to plan
+        return []
+    job_iter = itertools.chain([first], job_iter)
     reporter = _ProgressReporter(what, total)
     processes = options.processes
     results: list[dict[str, Any]] = []
@@ -120,13 +130,13 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
             if counts[0] % 64 == 0:
                 reporter.update(*counts)
 
-        for job in jobs:
+        for job in job_iter:
             results.append(download_shard(job, options, out_dir, count))
         reporter.update(*counts)
         reporter.progress.finish()
         return results
 
-    pieces_per_shard = 1 if parallel_hint is None or parallel_hint >= processes else -(-processes // parallel_hint)
+    pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
     # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
     # sessions are created inside each worker.
@@ -137,7 +147,6 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
                                 initargs=(done, ok)) as pool:
         pending: dict[cf.Future, tuple[int, int]] = {}
         shards: dict[int, dict[str, Any]] = {}
-        job_iter: Iterator[ShardJob] = iter(jobs)
         exhausted = False
         while pending or not exhausted:
             while not exhausted and len(pending) < processes + 1:  # bounded: about one queued piece per worker
@@ -178,6 +187,78 @@ def _complete_shards(out_dir: Path) -> list[int]:
         if stem.isdigit() and is_complete(out_dir, int(stem)):
             ids.append(int(stem))
     return sorted(ids)
+
+
+def _read_stats(out_dir: Path, shard_id: int) -> dict[str, Any]:
+    try:
+        return json.loads(shard_paths(out_dir, shard_id)["stats"].read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remove_shard(out_dir: Path, shard_id: int) -> None:
+    paths = shard_paths(out_dir, shard_id)
+    paths["stats"].unlink(missing_ok=True)  # first: the shard stops counting as complete
+    for path in (paths["tar"], manifest_path(paths["tar"]), paths["parquet"]):
+        path.unlink(missing_ok=True)
+
+
+def stale_shards(out_dir: Path, options: DownloadOptions, regular_total: int | None) -> set[int]:
+    """The complete regular shards to download again (they stay in place until their new files replace
+    them, so nothing is lost if the redo is interrupted); stale shards that the current options no longer
+    produce (beyond ``regular_total``, or retry shards) are removed now.
+
+    Stale: made with other shaping options (:meth:`DownloadOptions.shaping`; e.g. ``allow_private_addresses``
+    changed after everything was refused), or every shard under ``incremental_mode: overwrite``. A shard
+    without a recorded fingerprint (an older mmprep) is kept as it is.
+    """
+    wanted = options.fingerprint()
+    overwrite = options.incremental_mode == "overwrite"
+    stale: list[int] = []
+    changed: set[str] = set()
+    current = options.shaping()
+    for shard_id in _complete_shards(out_dir):
+        stats = _read_stats(out_dir, shard_id)
+        recorded = stats.get("options_fingerprint")
+        if overwrite or (recorded is not None and recorded != wanted):
+            stale.append(shard_id)
+            old = stats.get("options")
+            changed |= {k for k in current if not isinstance(old, dict) or old.get(k) != current[k]}
+            if stats.get("retry_round") or regular_total is None or shard_id >= regular_total:
+                _remove_shard(out_dir, shard_id)
+    if stale:
+        why = "incremental_mode: overwrite" if overwrite else f"made with other options ({', '.join(sorted(changed))})"
+        log.warning("download_images: redoing %d shard(s) in %s: %s", len(stale), out_dir, why)
+    return {s for s in stale if shard_paths(out_dir, s)["stats"].is_file()}
+
+
+def latest_failures(out_dir: Path) -> Counter:
+    """Failure reasons of the URLs whose latest outcome (retry shards included) is a failure."""
+    latest: dict[str, str | None] = {}
+    for shard_id in _complete_shards(out_dir):
+        table = pq.read_table(shard_paths(out_dir, shard_id)["parquet"], columns=["key", "status", "error_message"])
+        for key, status, error in zip(*(table.column(c).to_pylist() for c in ("key", "status", "error_message"))):
+            latest[key] = None if status == "success" else " ".join(str(error or status).split())[:120]
+    return Counter(reason for reason in latest.values() if reason is not None)
+
+
+def check_failures(out_dir: Path, summary: dict[str, Any], max_failed_share: float, what: str) -> None:
+    """Warn when URLs failed, naming the top reasons; fail the task above ``max_failed_share`` (or when
+    every URL failed), so a run that produced nothing never counts as done."""
+    urls, successes = summary["urls"], summary["successes"]
+    failed = urls - successes
+    if urls == 0 or failed <= 0:
+        return
+    reasons = latest_failures(out_dir)
+    top = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common(3))
+    message = f"{what}: {failed:,} of {urls:,} URLs failed ({failed / urls:.0%}); top reasons: {top}"
+    summary["top_failure_reasons"] = dict(reasons.most_common(5))
+    if failed == urls or failed / urls > max_failed_share:
+        limit = "every URL failed" if failed == urls else f"more than max_failed_share {max_failed_share:g}"
+        raise StageError(f"download_images.max_failed_share: {message} ({limit}). Fix the cause (e.g. "
+                         "allow_private_addresses, img2dataset options) and rerun: shards made with other "
+                         "options are redone; incremental_mode: overwrite redoes them all")
+    log.warning("%s", message)
 
 
 def retry_jobs(out_dir: Path, options: DownloadOptions, first_shard: int) -> Iterator[ShardJob]:
@@ -251,9 +332,19 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     started = time.monotonic()
     rows = count_rows(part, options)
     per_shard = options.number_sample_per_shard
-    complete = set(_complete_shards(out_dir))
     regular_total = -(-rows // per_shard) if rows is not None else None
+    redo = stale_shards(out_dir, options, regular_total)
+    complete = set(_complete_shards(out_dir)) - redo
     todo_shards = None if regular_total is None else [s for s in range(regular_total) if s not in complete]
+    retry_shards = [s for s in complete if _read_stats(out_dir, s).get("retry_round")]
+    if retry_shards and todo_shards:
+        # a regular shard is redone (its tar was lost, or its options changed): it fetches its failed URLs
+        # again, so the retry shards, which hold earlier re-fetches of some of them, would repeat keys
+        log.warning("download_images: %d regular shard(s) to redo in %s: removing its %d retry shard(s)",
+                    len(todo_shards or []), out_dir, len(retry_shards))
+        for shard_id in retry_shards:
+            _remove_shard(out_dir, shard_id)
+        complete -= set(retry_shards)
     todo = None if todo_shards is None else len(todo_shards)
     todo_rows = None if todo_shards is None else sum(min(per_shard, rows - s * per_shard) for s in todo_shards)
     log.info("download_images: part %s (%s rows) -> %s; %d shard(s) already complete", part.name,
@@ -272,6 +363,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     summary = _summary(out_dir)
     summary.update({"part": part_name(block.input_dir, part), "output_dir": str(out_dir),
-                    "downloaded_shards": len(results), "skipped_shards": len(complete), "retried_urls": retried,
-                    "seconds": round(time.monotonic() - started, 3)})
+                    "downloaded_shards": len(results), "skipped_shards": len(complete), "redone_shards": len(redo),
+                    "retried_urls": retried, "seconds": round(time.monotonic() - started, 3)})
+    check_failures(out_dir, summary, block.max_failed_share,
+                   f"download_images[{part_name(block.input_dir, part)}]")
     return summary

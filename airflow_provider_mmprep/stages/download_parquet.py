@@ -9,6 +9,7 @@ that file again, although the original is gone.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -59,17 +60,27 @@ def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
     parts = part_paths(source, count)
     batches = parquet.iter_batches(batch_size=BATCH_ROWS)
     pending = None  # a batch (or its tail) not yet written
+    rel = source.relative_to(output_dir).as_posix()
+    try:  # the same split done before, with a part lost since: write only the missing parts
+        earlier = json.loads(_split_record_path(output_dir, rel).read_text())
+    except (FileNotFoundError, ValueError):
+        earlier = {}
+    keep = {p for p in parts if p.is_file()} if earlier.get("parts") == count else set()
     for index, part in enumerate(parts):
         wanted = len(task_range(total_rows, index, count))
-        with atomic_path(part) as tmp:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                while wanted > 0:
-                    if pending is None or pending.num_rows == 0:
-                        pending = next(batches)
-                    take = min(wanted, pending.num_rows)
+        with contextlib.ExitStack() as stack:
+            writer = None
+            if part not in keep:
+                tmp = stack.enter_context(atomic_path(part))
+                writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
+            while wanted > 0:
+                if pending is None or pending.num_rows == 0:
+                    pending = next(batches)
+                take = min(wanted, pending.num_rows)
+                if writer is not None:
                     writer.write_batch(pending.slice(0, take))
-                    pending = pending.slice(take)
-                    wanted -= take
+                pending = pending.slice(take)
+                wanted -= take
     rel = source.relative_to(output_dir).as_posix()
     record_path = _split_record_path(output_dir, rel)
     try:  # an earlier split into another number of parts: its parts would duplicate rows, remove them
@@ -78,7 +89,9 @@ def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
         stale = set()
     record = {"source": rel, "rows": total_rows, "parts": count,
               "part_files": [p.relative_to(output_dir).as_posix() for p in parts]}
-    atomic_write_bytes(record_path, json.dumps(record, indent=1).encode())
+    body = json.dumps(record, indent=1).encode()
+    if not record_path.is_file() or record_path.read_bytes() != body:
+        atomic_write_bytes(record_path, body)
     source.unlink()
     for old in stale - set(record["part_files"]):
         (output_dir / old).unlink(missing_ok=True)
@@ -103,6 +116,11 @@ def _remote_files(cfg: PipelineConfig, endpoint: str | None, token: str | None) 
     except HfHubHTTPError as exc:
         raise StageError(f"dataset_repo_id: listing {cfg.dataset_repo_id!r} at {api.endpoint} failed: "
                          f"{str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # connection refused, DNS, TLS, timeouts: the hub is not reachable from here
+        reason = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise StageError(f"download_parquet: cannot reach the dataset hub at {api.endpoint} "
+                         f"({type(exc).__name__}: {reason[:200]}); check the network, HF_ENDPOINT and proxies, "
+                         "then rerun") from None
     return sorted(f for f in files if fnmatch.fnmatch(f, block.parquet_pattern))
 
 

@@ -109,19 +109,44 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
     return wdinfo, {"counts_from_manifests": from_manifest, "counts_from_headers": from_headers}
 
 
+def _short_dataset(cfg: PipelineConfig) -> int | None:
+    """The usable sample count when reorganize_tar's whole output is one short ``.INCOMPLETE`` tar (the
+    dataset is smaller than ``tar_chunk_size``), else None."""
+    if cfg.reorganize_tar is None:
+        return None
+    folder = Path(cfg.reorganize_tar.output_dir)
+    tars, files = list_tars(folder) if folder.is_dir() else ([], set())
+    marked = [t for t in files if t.endswith(".tar" + INCOMPLETE_SUFFIX)]
+    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0] + INCOMPLETE_SUFFIX not in marked):
+        return None
+    name = tars[0] if tars else marked[0]
+    body = read_manifest(folder / name)
+    return int(body["sample_count"]) if body is not None else None
+
+
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     block = cfg.stage(STAGE)
     input_dir = Path(block.input_dir)
     if not input_dir.is_dir():
         raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
     wdinfo, stats = build_wdinfo(input_dir, block.tar_chunk_size, block.file_ext_in_tar)
+    short = _short_dataset(cfg)
+    if not wdinfo["tar_files"] and short is not None:
+        raise StageError(f"{STAGE}.tar_chunk_size: no full tar: the dataset has only {short} usable sample(s), "
+                         f"fewer than tar_chunk_size {block.tar_chunk_size}, so the one short tar is marked "
+                         f"{INCOMPLETE_SUFFIX} and NeMo's loader cannot use it. Lower tar_chunk_size (at most "
+                         f"{short}) for reorganize_tar onwards and rerun them, or download more data")
     if not wdinfo["tar_sample_counts"]:
         raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
     if not wdinfo["tar_files"]:
         raise StageError(f"{STAGE}.tar_chunk_size: no tar under {input_dir} holds exactly "
                          f"{block.tar_chunk_size} samples; e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(wdinfo["not_listed"].items())[:3]))
-    atomic_write_bytes(block.output_wdinfo_path, pickle.dumps(wdinfo, protocol=4))
+    body = pickle.dumps(wdinfo, protocol=4)
+    target = Path(block.output_wdinfo_path)
+    unchanged = target.is_file() and target.stat().st_size == len(body) and target.read_bytes() == body
+    if not unchanged:  # a rerun over the same tars leaves the file (and its mtime) alone
+        atomic_write_bytes(target, body)
     not_listed = wdinfo["not_listed"]
     for rel, reason in list(not_listed.items())[:EXAMPLES]:
         log.warning("%s: %s not listed: %s", STAGE, rel, reason)
@@ -129,6 +154,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
              len(wdinfo["tar_files"]), wdinfo["chunk_size"], wdinfo["total_key_count"])
     return {
         "wdinfo": str(block.output_wdinfo_path),
+        "rewritten": not unchanged,
         "full_tars": len(wdinfo["tar_files"]),
         "chunk_size": wdinfo["chunk_size"],
         "total_key_count": wdinfo["total_key_count"],

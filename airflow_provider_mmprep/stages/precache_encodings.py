@@ -57,6 +57,16 @@ def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
     return sorted(tars + renamed, key=lambda p: p.name), short
 
 
+def task_inputs(block: PrecacheEncodingsConfig, task_count: int) -> tuple[list[list[Path]], set[str]]:
+    """The input tars each of ``task_count`` tasks owns (index = task id) and the names of the short ones.
+
+    The one place ownership is decided: run_task and the run report both ask here, so the report never
+    expects an output for a tar the task leaves out (the short ``.INCOMPLETE`` one, by default).
+    """
+    tars, short = input_tars(block)
+    return [[tars[i] for i in task_range(len(tars), t, task_count)] for t in range(task_count)], short
+
+
 def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:
     """Hash of what determines a tar's output: encoders and their settings, transform, originals, input."""
     body = {
@@ -120,8 +130,9 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
         raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
     started = time.monotonic()
-    tars, short = input_tars(block)
-    owned = [tars[i] for i in task_range(len(tars), task_id, task_count)]
+    owned_by_task, short = task_inputs(block, task_count)
+    owned = owned_by_task[task_id]
+    tars = [tar for task in owned_by_task for tar in task]
     output_dir = Path(block.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     finals = [output_dir / tar.name for tar in owned]
@@ -133,8 +144,22 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     summary: dict[str, Any] = {"input_tars": len(tars), "task_tars": len(owned),
                                "already_done": len(owned) - len(pending), "encoded_tars": 0, "samples": 0,
                                "skipped_samples": 0}
+    if not tars:
+        left_out = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+        if not left_out:
+            raise StageError(f"{STAGE}.input_dir: no .tar files in {block.input_dir} (has reorganize_tar run?)")
+        log.warning("%s: nothing to encode: %s holds only the short tar %s, with fewer samples than "
+                    "tar_chunk_size %d (left out as NeMo does). Lower tar_chunk_size (reorganize_tar onwards) so "
+                    "full tars exist, or set %s.process_incomplete_tars: true to encode it anyway",
+                    STAGE, block.input_dir, left_out[0].name[: -len(INCOMPLETE_SUFFIX)], block.tar_chunk_size, STAGE)
+        summary["nothing_to_encode"] = "only a short .INCOMPLETE tar"
+        return summary
     if not pending:
-        log.info("%s: task %d/%d: all %d tar(s) already encoded", STAGE, task_id, task_count, len(owned))
+        if owned:
+            log.info("%s: task %d/%d: all %d tar(s) already encoded", STAGE, task_id, task_count, len(owned))
+        else:
+            log.info("%s: task %d/%d: no tar to encode (%d tar(s) for %d tasks)", STAGE, task_id, task_count,
+                     len(tars), task_count)
         return summary
     try:
         import torch  # noqa: F401  (the precache extra)

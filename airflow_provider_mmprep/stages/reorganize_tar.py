@@ -359,8 +359,9 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     if _is_complete(final, digest, short):
         return "skipped", 0, 0
     marker = final.with_name(final.name + INCOMPLETE_SUFFIX)
-    if short:  # marker first: a reader never sees the short tar without it
-        marker.touch()
+    if short:  # marker first: a reader never sees the short tar without it (an existing one is kept as is)
+        if not marker.exists():
+            marker.touch()
     else:
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
@@ -425,6 +426,10 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         for rel, problems in plan.damaged.items():
             log.warning("%s: damaged input %s: %s (its readable samples are used)", STAGE, rel,
                         "; ".join(problems))
+        if not plan.total and not plan.missing_members and not plan.damaged:
+            raise StageError(f"{STAGE}.input_dir: the {len(plan.inputs)} tar(s) under {input_dir} hold no sample "
+                             "at all: did every download fail? (download_images says why in its log, its "
+                             "shards' *_stats.json and the run report)")
         if not plan.total:
             raise StageError(f"{STAGE}.file_ext_in_tar: no sample in the {len(plan.inputs)} tar(s) under "
                              f"{input_dir} has all of {block.file_ext_in_tar}"
