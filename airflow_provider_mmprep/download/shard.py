@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
 from ..manifest import write_manifest
+from ..tarindex import offsets_of
 from ..tarwriter import copy_range
 from .options import DownloadOptions
 from .reader import ShardJob
@@ -268,7 +269,8 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
     extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
     write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
                    every_sample_has=extensions, retry_round=job.retry, source="download_images",
-                   options_fingerprint=options.fingerprint())
+                   options_fingerprint=options.fingerprint(),
+                   member_offsets=offsets_of(paths["tar"]))  # so reorganize_tar reads no header of it
     stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
              "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
              "duration": end - start, "start_time": start, "end_time": end,
