@@ -74,9 +74,9 @@ def test_outputs_are_byte_identical_across_process_counts_with_stragglers(tmp_pa
                                              if not p.name.endswith("_stats.json")}  # stats hold timings
     assert outputs[1, PER_SHARD] == outputs[2, PER_SHARD]
     assert sorted(outputs[1, PER_SHARD]) == [f"0000{i}.{ext}" for i in range(3)
-                                              for ext in ("parquet", "tar", "tar.manifest.json")]
+                                              for ext in ("parquet", "tar", "tar.manifest.json", "tar.offsets.json")]
     # one shard cut in three pieces fetched by three processes, joined: the tar one process writes
-    assert outputs[1, 3 * PER_SHARD] == outputs[3, 3 * PER_SHARD] and len(outputs[3, 3 * PER_SHARD]) == 3
+    assert outputs[1, 3 * PER_SHARD] == outputs[3, 3 * PER_SHARD] and len(outputs[3, 3 * PER_SHARD]) == 4
 
 
 MEMORY_PROBE = r"""

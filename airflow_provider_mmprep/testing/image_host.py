@@ -313,6 +313,8 @@ class ImageHost:
                     "Connection: close\r\n\r\n")
             writer.write(head.encode())
             for offset in range(0, len(image), rate):
+                if writer.is_closing():  # the client gave up
+                    return False
                 writer.write(image[offset: offset + rate])
                 await writer.drain()
                 await asyncio.sleep(every)
