@@ -5,6 +5,10 @@ at least ``sample_count``; producers may add fields (extensions, encodings and s
 ``every_sample_has`` is a promise: each of the ``sample_count`` samples has a member of every extension
 listed, so a consumer that needs only those can count usable samples without reading the tar.
 A manifest whose tar is missing, or older than its tar, is ignored by readers.
+
+Member offsets (every member's name, header and data offsets, size, mtime: what indexing a tar from its
+headers yields) are large, so they live in a second sidecar ``<tar name>.offsets.json``, written before the
+manifest, which names it: readers that want only counts (generate_wdinfo, the report) never parse them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from .fsutil import atomic_write_bytes
 
 MANIFEST_SUFFIX = ".manifest.json"
+OFFSETS_SUFFIX = ".offsets.json"
 #: NeMo's mark of a short tar: an empty ``<tar>.INCOMPLETE`` beside it (or the tar renamed so).
 INCOMPLETE_SUFFIX = ".INCOMPLETE"
 
@@ -26,12 +31,33 @@ def manifest_path(tar_path: str | Path) -> Path:
     return tar_path.with_name(tar_path.name + MANIFEST_SUFFIX)
 
 
-def write_manifest(tar_path: str | Path, sample_count: int, **fields: Any) -> None:
-    """Record ``sample_count`` (and any extra JSON-able fields) for a tar that already exists."""
+def write_manifest(tar_path: str | Path, sample_count: int, member_offsets: dict[str, Any] | None = None,
+                   **fields: Any) -> None:
+    """Record ``sample_count`` (and any extra JSON-able fields) for a tar that already exists; with
+    ``member_offsets`` (:func:`.tarindex.member_offsets`), write them to their sidecar first and name it."""
     tar_path = Path(tar_path)
-    body = {"tar": tar_path.name, "sample_count": int(sample_count), "tar_size": tar_path.stat().st_size,
-            **fields}
+    tar_size = tar_path.stat().st_size
+    body = {"tar": tar_path.name, "sample_count": int(sample_count), "tar_size": tar_size, **fields}
+    if member_offsets is not None:
+        sidecar = tar_path.with_name(tar_path.name + OFFSETS_SUFFIX)
+        atomic_write_bytes(sidecar, json.dumps({**member_offsets, "tar_size": tar_size}).encode())
+        body["member_offsets"] = {"version": member_offsets["version"], "file": sidecar.name}
     atomic_write_bytes(manifest_path(tar_path), json.dumps(body, sort_keys=True).encode())
+
+
+def read_offsets(tar_path: str | Path, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The member offsets a (current) manifest ``body`` names, or None when it names none, or their
+    sidecar is missing, unreadable or written for another version of the tar (then read the headers)."""
+    named = body.get("member_offsets")
+    if not isinstance(named, dict) or not isinstance(named.get("file"), str):
+        return None
+    try:
+        record = json.loads(Path(tar_path).with_name(Path(named["file"]).name).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("tar_size") != body.get("tar_size"):
+        return None
+    return record
 
 
 def load_current_manifest(manifest_file: str, tar_size: int) -> tuple[dict[str, Any], float] | None:

@@ -1,27 +1,40 @@
-"""reorganize_tar throughput against ``cat`` of the same input tars, measured in the same run.
+"""reorganize_tar, whole process, against ``cat`` of the same input tars, measured in the same run.
 
-Builds ≥300 MB of download_images-style shards (random-byte .jpg of 50–150 KB, .txt, .json; uneven
-sample counts; several parts) in a temporary folder, then alternates, ``--repeat`` times:
+Inputs (``--sources``, each about ``--images`` JPEGs of ~75 KB, so ≥ 2 GB by default):
+  * ``img2dataset``: shards written by img2dataset itself (installed in its own virtualenv by
+    ``bench_download_images.ensure_img2dataset``), fetched from the loopback image host: the shards most
+    users arrive with, with no manifest of ours, so every member header is read;
+  * ``mmprep``: the same URLs through our download_images, whose manifests record ``member_offsets``, so
+    reorganize_tar reads no header at all;
+  * ``synthetic``: download-style tars written directly (no download; for quick runs while developing).
+
+For each source, task count (``--tasks``, run at once as separate processes, as a node array on one
+machine would) and page-cache state (``--modes``), it alternates ``--repeat`` times
   * ``cat <all input tars> > out`` (the anchor: read every byte once, write every byte once), and
-  * reorganize_tar task 0 of 1 into a fresh folder, with a chunk size that divides no input count,
-``sync`` before each timed run so neither pays the other's write-back; once with a warm page cache (a
-warm-up read first) and once cold (our input files evicted with ``posix_fadvise(DONTNEED)`` before each
-run). Prints throughputs (input MB/s), CPU seconds and the ratio per round, then the medians.
+  * ``python -m airflow_provider_mmprep.cli run CONFIG --stage reorganize_tar --task-id i --task-count N``
+    (whole processes: interpreter start, imports, config, indexing, copying), chunk size ``--chunk``
+    (prime: it divides no input count),
+with ``sync`` before each timed run so neither pays the other's write-back. Warm: the inputs were just
+read. Cold: ``echo 3 > /proc/sys/vm/drop_caches`` after the sync when this user may (it says which),
+else ``posix_fadvise(DONTNEED)`` on every input tar. It prints the medians and the ratio
+cat time / reorganize time (1.0 = as fast as cat; targets: ≥ 0.8 on img2dataset's shards, ≥ 0.9 on ours).
 
-With ``--tasks N`` (default 4), also runs N tasks one after another, cold, as N pods would: once over
-inputs carrying download_images' manifests and once without them.
+It also prints the header-indexing rate of :func:`tarindex.index_tar` (warm, one core, min of 5): on
+each source's tars and on a header-dense tar (1-3 KB members), target ≥ 1 M headers/s; and the general
+one-header-at-a-time parser's rate beside it.
 
-Also measures generate_wdinfo over a folder of 100,000 tiny tars with manifests (the "under 2 s" goal).
+    /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--images 28000] [--sources ...]
+        [--tasks 1,4] [--modes warm,cold] [--repeat 3] [--keep]
 
-    /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--mb 320] [--repeat 5] [--keep]
+Results on the project's 2-core machine are in ``docs/reorganize-wdinfo-inspect.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -30,41 +43,72 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
-from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_config  # noqa: E402
-from airflow_provider_mmprep.manifest import MANIFEST_SUFFIX, write_manifest  # noqa: E402
-from airflow_provider_mmprep.stages import generate_wdinfo, reorganize_tar  # noqa: E402
-from airflow_provider_mmprep.tarindex import index_tar  # noqa: E402
+from airflow_provider_mmprep.manifest import write_manifest  # noqa: E402
+from airflow_provider_mmprep.tarindex import find_tars, index_tar  # noqa: E402
 from airflow_provider_mmprep.testing.shards import download_style_samples, write_tar  # noqa: E402
 
-NEMO_YAML = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
+TARGETS = {"img2dataset": 0.8, "mmprep": 0.9, "synthetic": 0.8}
 
 
-def make_input(root: Path, megabytes: int) -> tuple[list[Path], int, int]:
+# --- inputs ---------------------------------------------------------------------------------------------
+
+def make_synthetic(root: Path, megabytes: int) -> None:
     rng = random.Random(7)
-    tars, total, samples, shard = [], 0, 0, 0
+    total, shard = 0, 0
     while total < megabytes * 1_000_000:
         part, index = divmod(shard, 9)
-        count = rng.randint(90, 170)
         path = write_tar(root / f"part-{part:03d}" / f"{index:05d}.tar",
-                         download_style_samples(index, count, rng, (50_000, 150_000)))
-        tars.append(path)
+                         download_style_samples(index, rng.randint(90, 170), rng, (50_000, 150_000)))
         total += path.stat().st_size
-        samples += count
         shard += 1
-    return tars, total, samples
 
 
-def sync() -> None:
+def make_downloaded(work: Path, images: int, sources: list[str], per_shard: int) -> dict[str, Path]:
+    """Fetch ``images`` URLs from the loopback host with img2dataset and/or our download_images."""
+    import bench_download_images as dl  # its host, img2dataset install and command lines, not copies
+
+    args = argparse.Namespace(processes=2, threads=64, per_shard=per_shard, skip_reencode=True)
+    parquet_dir = work / "parquet"
+    parquet_dir.mkdir(parents=True, exist_ok=True)
+    folders = {}
+    with dl.image_host(images, parquet_dir / "urls.parquet") as (sizes, _timeline):
+        print(f"loopback host: {images} JPEGs of {sizes[0] // 1024}-{sizes[-1] // 1024} KB", flush=True)
+        for source in sources:
+            out = work / source
+            started = time.perf_counter()
+            if source == "img2dataset":
+                result = dl.run_img2dataset(dl.ensure_img2dataset(), parquet_dir / "urls.parquet", out,
+                                            dl.MODES["no"], args)
+            else:
+                result = dl.run_mmprep(parquet_dir, out, dl.MODES["no"], args)
+            print(f"{source}: {result['ok']} images downloaded in {time.perf_counter() - started:.0f}s",
+                  flush=True)
+            folders[source] = out
+    return folders
+
+
+# --- page cache -------------------------------------------------------------------------------------------
+
+def drop_caches_allowed() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def make_cold(tars: list[Path], drop: bool) -> None:
     os.sync()
-
-
-def evict(paths: list[Path]) -> None:
-    """Drop these files' pages from the page cache (clean pages only, after a sync): a cold read of
-    exactly our inputs, without touching the rest of the machine's cache."""
-    os.sync()
-    for path in paths:
+    if drop:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+        return
+    for path in tars:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -72,172 +116,178 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def child_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def make_warm(tars: list[Path]) -> None:
+    for path in tars:
+        with open(path, "rb") as handle:
+            while handle.read(1 << 24):
+                pass
+    os.sync()
 
 
-def time_cat(tars: list[Path], out: Path, cold: bool) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of ``cat tars > out``."""
-    evict(tars) if cold else sync()
-    cpu, started = child_cpu(), time.perf_counter()
+# --- the two contenders -------------------------------------------------------------------------------
+
+def time_cat(tars: list[Path], out: Path) -> float:
+    started = time.perf_counter()
     with open(out, "wb") as handle:
         subprocess.run(["cat", *map(str, tars)], stdout=handle, check=True)
     elapsed = time.perf_counter() - started
-    cpu = child_cpu() - cpu
     out.unlink()
-    return elapsed, cpu
-
-
-def time_reorganize(cfg, tars: list[Path], out_dir: Path, cold: bool) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process, all threads) of reorganize_tar task 0 of 1."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    evict(tars) if cold else sync()
-    cpu, started = time.process_time(), time.perf_counter()
-    reorganize_tar.run_task(cfg, 0, 1)
-    return time.perf_counter() - started, time.process_time() - cpu
-
-
-def compare(label: str, cfg, tars: list[Path], total: int, work: Path, out_dir: Path, repeat: int,
-            cold: bool) -> float:
-    if not cold:
-        time_cat(tars, work / "warmup.out", cold=False)  # page cache warm for both contenders
-    cat, reorg = [], []
-    for round_no in range(repeat):
-        order = ("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")
-        for which in order:
-            if which == "cat":
-                cat.append(time_cat(tars, work / "cat.out", cold))
-            else:
-                reorg.append(time_reorganize(cfg, tars, out_dir, cold))
-        cat_mbs, reorg_mbs = total / 1e6 / cat[-1][0], total / 1e6 / reorg[-1][0]
-        print(f"{label} round {round_no + 1} ({'/'.join(order)}): cat {cat_mbs:6.0f} MB/s "
-              f"(cpu {cat[-1][1]:.2f}s)  reorganize {reorg_mbs:6.0f} MB/s (cpu {reorg[-1][1]:.2f}s)  "
-              f"ratio {reorg_mbs / cat_mbs:.2f}x")
-    cat_wall = statistics.median(t for t, _ in cat)
-    reorg_wall = statistics.median(t for t, _ in reorg)
-    cat_cpu = statistics.median(c for _, c in cat)
-    reorg_cpu = statistics.median(c for _, c in reorg)
-    ratio = cat_wall / reorg_wall
-    print(f"{label} median: cat {total / 1e6 / cat_wall:.0f} MB/s ({cat_wall:.3f}s wall, {cat_cpu:.3f}s cpu), "
-          f"reorganize {total / 1e6 / reorg_wall:.0f} MB/s ({reorg_wall:.3f}s wall, {reorg_cpu:.3f}s cpu): "
-          f"throughput ratio {ratio:.2f}x of cat (target >= 0.8x); cpu ratio {reorg_cpu / cat_cpu:.2f}x")
-    return ratio
-
-
-def time_tasks(cfg, tars: list[Path], out_dir: Path, tasks: int) -> float:
-    """Wall seconds of ``tasks`` reorganize_tar tasks run one after another, inputs evicted before each: on a
-    cluster every task starts on its own node with a cold cache."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    elapsed = 0.0
-    for task_id in range(tasks):
-        evict(tars)
-        started = time.perf_counter()
-        reorganize_tar.run_task(cfg, task_id, tasks)
-        elapsed += time.perf_counter() - started
     return elapsed
 
 
-def compare_tasks(cfg, tars: list[Path], total: int, work: Path, out_dir: Path, tasks: int, repeat: int) -> None:
-    """``tasks`` tasks over inputs that carry download_images' manifests (each task reads only the inputs
-    feeding its outputs) and over the same inputs without them (each task reads every input's headers),
-    against one cold ``cat``."""
-    manifests = [t.with_name(t.name + MANIFEST_SUFFIX) for t in tars]
-    for tar, manifest in zip(tars, manifests):  # what download_images writes beside each shard
-        count = len(index_tar(tar).samples)
-        write_manifest(tar, count, extensions=["jpg", "json", "txt"], every_sample_has=["jpg", "json", "txt"])
-    cat, with_m, without_m = [], [], []
-    for _ in range(repeat):
-        cat.append(time_cat(tars, work / "cat.out", cold=True)[0])
-        with_m.append(time_tasks(cfg, tars, out_dir, tasks))
-        for manifest in manifests:
-            manifest.rename(manifest.with_name("." + manifest.name))
-        without_m.append(time_tasks(cfg, tars, out_dir, tasks))
-        for manifest in manifests:
-            manifest.with_name("." + manifest.name).rename(manifest)
-    cat_wall, with_wall, without_wall = (statistics.median(x) for x in (cat, with_m, without_m))
-    print(f"cold, {tasks} tasks in turn (median of {repeat}): cat {total / 1e6 / cat_wall:.0f} MB/s; with manifests "
-          f"{with_wall:.2f}s in all = {cat_wall / with_wall:.2f}x cat; without manifests {without_wall:.2f}s = "
-          f"{cat_wall / without_wall:.2f}x cat (every task reads every input's headers)")
-    for manifest in manifests:
-        manifest.unlink()
+def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path:
+    config = {"run": {"name": "bench"}, "reorganize_tar": {
+        "enable": True, "input_dir": str(input_dir), "output_dir": str(out_dir), "tar_chunk_size": chunk,
+        "file_ext_in_tar": [".jpg", ".txt", ".json"]}}  # every member: both sides copy the same bytes
+    path = work / f"reorganize_{input_dir.name}.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def time_reorganize(config: Path, out_dir: Path, tasks: int) -> float:
+    """Wall seconds of ``tasks`` whole reorganize_tar processes started together, until the last ends."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    started = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config),
+                               "--stage", "reorganize_tar", "--task-id", str(i), "--task-count", str(tasks)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i in range(tasks)]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - started
+    for proc, err in zip(procs, errors):
+        if proc.returncode:
+            raise SystemExit(f"reorganize_tar failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return elapsed
+
+
+def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, drop: bool, repeat: int,
+            chunk: int) -> dict:
+    tars = find_tars(input_dir)
+    total = sum(p.stat().st_size for p in tars)
+    out_dir = work / "reorganized"
+    config = write_config(work, input_dir, out_dir, chunk)
+    cat, reorg = [], []
+    for round_no in range(repeat):
+        for which in (("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")):
+            shutil.rmtree(out_dir, ignore_errors=True)
+            make_cold(tars, drop) if cold else make_warm(tars)
+            if which == "cat":
+                cat.append(time_cat(tars, work / "cat.out"))
+            else:
+                reorg.append(time_reorganize(config, out_dir, tasks))
+    cat_s, reorg_s = statistics.median(cat), statistics.median(reorg)
+    result = {"source": source, "tasks": tasks, "cache": "cold" if cold else "warm", "mb": total / 1e6,
+              "tars": len(tars), "cat_s": cat_s, "reorganize_s": reorg_s, "ratio": cat_s / reorg_s,
+              "target": TARGETS[source]}
+    print(f"{source:11s} {tasks} task(s) {result['cache']}: {len(tars)} tars, {total / 1e6:.0f} MB; "
+          f"cat {cat_s:.2f}s ({total / 1e6 / cat_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in cat)}], "
+          f"reorganize {reorg_s:.2f}s ({total / 1e6 / reorg_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in reorg)}]"
+          f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]})", flush=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+# --- header indexing --------------------------------------------------------------------------------------
+
+def header_rate(tars: list[Path], reference: bool = False, rounds: int = 5) -> tuple[int, float]:
+    """(headers, best seconds) of indexing ``tars`` warm in this process."""
+    headers = sum(len(s.members) for t in tars for s in index_tar(t).samples)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for tar in tars:
+            index_tar(tar, reference=reference)
+        best = min(best, time.perf_counter() - started)
+    return headers, best
+
+
+def report_header_rates(work: Path, folders: dict[str, Path]) -> dict:
+    dense = write_tar(work / "dense" / "00000.tar",
+                      download_style_samples(0, 40_000, random.Random(1), (1_000, 3_000)))
+    rates = {}
+    for label, tars in [*((s, find_tars(f)) for s, f in folders.items()), ("dense 1-3 KB members", [dense])]:
+        make_warm(tars)
+        headers, seconds = header_rate(tars)
+        _, general = header_rate(tars, reference=True, rounds=2)
+        rates[label] = headers / seconds
+        print(f"header indexing, {label}: {headers} headers in {seconds * 1000:.0f} ms = "
+              f"{headers / seconds / 1e6:.2f} M headers/s (target >= 1); general parser "
+              f"{headers / general / 1e6:.2f} M headers/s", flush=True)
+    shutil.rmtree(work / "dense")
+    return rates
 
 
 def bench_wdinfo(work: Path, tar_count: int) -> None:
-    """generate_wdinfo over ``tar_count`` tiny tars that all have manifests."""
+    """generate_wdinfo over ``tar_count`` tiny tars that all have manifests (goal: under 2 s)."""
+    from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, load_config
+    from airflow_provider_mmprep.stages import generate_wdinfo
+
     folder = work / "wdinfo_input"
     folder.mkdir()
     template = work / "template.tar"
     write_tar(template, [(f"{i:05d}", {"pickle": b"x"}) for i in range(3)])
     data = template.read_bytes()
-    started = time.perf_counter()
     for i in range(tar_count):
         tar = folder / f"{i:06d}.tar"
         tar.write_bytes(data)
         write_manifest(tar, 3)
-    print(f"(made {tar_count} tars + manifests in {time.perf_counter() - started:.1f}s)")
-    cfg = load_config(NEMO_YAML, ["dataset_repo_id=x/y", f"dataset_output_root={work}",
-                                  f"generate_wdinfo.input_dir={folder}", "generate_wdinfo.tar_chunk_size=3",
-                                  f"generate_wdinfo.output_wdinfo_path={work}/wdinfo.pkl"],
-                      load_precache=False)
+    yaml = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
+    cfg = load_config(yaml, ["dataset_repo_id=x/y", f"dataset_output_root={work}",
+                             f"generate_wdinfo.input_dir={folder}", "generate_wdinfo.tar_chunk_size=3",
+                             f"generate_wdinfo.output_wdinfo_path={work}/wdinfo.pkl"], load_precache=False)
     times = []
     for _ in range(3):
         started = time.perf_counter()
         summary = generate_wdinfo.run_task(cfg, 0, 1)
         times.append(time.perf_counter() - started)
     assert summary["full_tars"] == tar_count, summary
-    print(f"generate_wdinfo, {tar_count} tars with manifests: "
-          f"{' '.join(f'{t:.2f}s' for t in times)} (median {statistics.median(times):.2f}s; goal < 2 s)")
+    print(f"generate_wdinfo, {tar_count} tars with manifests: median {statistics.median(times):.2f}s (goal < 2 s)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=320, help="input size to generate (MB)")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--chunk", type=int, default=97, help="tar_chunk_size (prime: divides no input count)")
-    parser.add_argument("--wdinfo-tars", type=int, default=100_000)
-    parser.add_argument("--mode", choices=["warm", "cold", "both"], default="both",
-                        help="warm: inputs in page cache; cold: inputs evicted (fadvise) before every run")
-    parser.add_argument("--ext", default=".jpg,.txt,.json",
-                        help="file_ext_in_tar (default all members, so both sides copy the same bytes)")
-    parser.add_argument("--threads", type=int, default=0, help="reorganize_tar.write_threads (0 = auto)")
-    parser.add_argument("--tasks", type=int, default=4,
-                        help="also run this many tasks in turn, cold, with and without input manifests (0: skip)")
+    parser.add_argument("--sources", default="img2dataset,mmprep", help="comma list of img2dataset, mmprep, synthetic")
+    parser.add_argument("--images", type=int, default=28_000, help="URLs to download (~75 KB each)")
+    parser.add_argument("--per-shard", type=int, default=5_000, help="number_sample_per_shard of both downloaders")
+    parser.add_argument("--synthetic-mb", type=int, default=2_000)
+    parser.add_argument("--tasks", default="1,4", help="comma list of task counts")
+    parser.add_argument("--modes", default="warm,cold")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=997, help="tar_chunk_size (prime: divides no input count)")
+    parser.add_argument("--wdinfo-tars", type=int, default=0, help="also time generate_wdinfo over this many tars")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: measure its inputs again")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
+    sources = args.sources.split(",")
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
+    keep = args.keep or args.reuse is not None
     try:
-        started = time.perf_counter()
-        tars, total, samples = make_input(work / "raw", args.mb)
-        print(f"input: {len(tars)} tars, {samples} samples, {total / 1e6:.0f} MB "
-              f"(made in {time.perf_counter() - started:.1f}s); chunk size {args.chunk}")
-        out_dir = work / "reorganized"
-        cfg = load_config(NEMO_YAML, ["dataset_repo_id=x/y", f"dataset_output_root={work}",
-                                      f"reorganize_tar.input_dir={work / 'raw'}",
-                                      f"reorganize_tar.output_dir={out_dir}",
-                                      f"reorganize_tar.tar_chunk_size={args.chunk}",
-                                      f"reorganize_tar.file_ext_in_tar=[{args.ext}]",
-                                      f"reorganize_tar.write_threads={args.threads}"],
-                          load_precache=False)
-        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
-              f"write_threads={cfg.reorganize_tar.write_threads or 'auto'}")
-        if args.mode in ("warm", "both"):
-            compare("warm", cfg, tars, total, work, out_dir, args.repeat, cold=False)
-        if args.mode in ("cold", "both"):
-            compare("cold", cfg, tars, total, work, out_dir, args.repeat, cold=True)
-        if args.tasks > 1:
-            compare_tasks(cfg, tars, total, work, out_dir, args.tasks, max(1, args.repeat // 2))
-        written = sum(p.stat().st_size for p in out_dir.glob("*.tar"))
-        print(f"output: {len(list(out_dir.glob('*.tar')))} tars, {written / 1e6:.0f} MB; "
-              f"load average after: {os.getloadavg()[0]:.2f}")
-        shutil.rmtree(work / "raw")
-        shutil.rmtree(out_dir)
+        downloaded = [s for s in sources if s != "synthetic" and not (work / s).is_dir()]
+        folders = make_downloaded(work, args.images, downloaded, args.per_shard) if downloaded else {}
+        folders.update({s: work / s for s in sources if s != "synthetic" and s not in folders})
+        if "synthetic" in sources and not (work / "synthetic").is_dir():
+            make_synthetic(work / "synthetic", args.synthetic_mb)
+        if "synthetic" in sources:
+            folders["synthetic"] = work / "synthetic"
+        folders = {s: folders[s] for s in sources}
+        drop = drop_caches_allowed()
+        print(f"cold cache by {'echo 3 > /proc/sys/vm/drop_caches' if drop else 'posix_fadvise(DONTNEED) per input'}; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; chunk size {args.chunk}", flush=True)
+        results = [compare(source, folder, work, int(tasks), mode == "cold", drop, args.repeat, args.chunk)
+                   for source, folder in folders.items()
+                   for tasks in args.tasks.split(",") for mode in args.modes.split(",")]
+        rates = report_header_rates(work, folders)
+        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | target |\n|---|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['source']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
+                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | >= {r['target']} |")
+        print(json.dumps({"results": results, "header_rates": rates}))
         if args.wdinfo_tars:
             bench_wdinfo(work, args.wdinfo_tars)
     finally:
-        if args.keep:
-            print(f"kept {work}")
+        if keep:
+            print(f"kept {work} (--reuse {work} measures it again)")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 
 from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, PipelineConfig, load_config
-from airflow_provider_mmprep.manifest import read_manifest
+from airflow_provider_mmprep.manifest import read_manifest, read_offsets
 from airflow_provider_mmprep.stages import StageError
 from airflow_provider_mmprep.stages.reorganize_tar import run_task
 from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
@@ -299,7 +299,7 @@ def test_with_download_manifests_each_task_reads_only_the_inputs_feeding_its_out
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     raw = tmp_path / "raw"
     tars = make_download_output(raw, parts=3, shards_per_part=4, samples_per_shard=(3, 11), seed=7,
-                                manifests=True)
+                                manifests=True, member_offsets=False)
     run_all(make_cfg(raw, tmp_path / "reference", 5, "reorganize_tar.strict=true"), 2)  # strict: full plan
     reference = digests(tmp_path / "reference")
 
@@ -335,12 +335,221 @@ def test_inputs_without_a_usable_manifest_are_counted_from_their_headers(tmp_pat
 def test_a_manifest_its_tar_contradicts_fails_the_task_that_reads_it(tmp_path: Path) -> None:
     raw = tmp_path / "raw"
     tars = make_download_output(raw, parts=1, shards_per_part=4, samples_per_shard=(5, 5), seed=9,
-                                manifests=True)
+                                manifests=True, member_offsets=False)
     manifest = tars[0].with_name(tars[0].name + ".manifest.json")
     body = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**body, "sample_count": 6}))  # current (same tar size) but wrong
     with pytest.raises(StageError, match=r"part-000/00000.tar has 5 usable sample\(s\) but its manifest says 6"):
         run_task(make_cfg(raw, tmp_path / "out", 5), 0, 2)
+
+
+def no_header_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way of reading a tar's headers fail the test."""
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+    from airflow_provider_mmprep import tarindex
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a header was read: {args[:1]}")
+
+    for module, name in ((stage, "index_tar"), (tarindex, "index_tar"), (tarindex, "_members"),
+                         (tarindex, "_members_reference")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+def without_manifests(raw: Path, copy: Path) -> Path:
+    import shutil
+
+    shutil.copytree(raw, copy, ignore=shutil.ignore_patterns("*.manifest.json", "*.offsets.json"))
+    return copy
+
+
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_shards_with_member_offsets_are_reorganized_without_reading_a_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int) -> None:
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=2, shards_per_part=4, samples_per_shard=(3, 11), seed=11, manifests=True)
+    run_all(make_cfg(without_manifests(raw, tmp_path / "bare"), tmp_path / "reference", 4), 1)  # from headers
+
+    with monkeypatch.context() as patch:
+        no_header_reads(patch)
+        out = tmp_path / "out"
+        summaries = run_all(make_cfg(raw, out, 4), tasks)
+        assert digests(out) == digests(tmp_path / "reference")
+        assert sum(s["samples_written"] for s in summaries) == summaries[0]["usable_samples"]
+        # reorganize_tar's own outputs carry offsets too: re-chunking them reads no header either
+        again = run_all(make_cfg(out, tmp_path / "again", 3), tasks)
+        assert sum(s["samples_written"] for s in again) == summaries[0]["usable_samples"]
+    run_all(make_cfg(without_manifests(out, tmp_path / "out_bare"), tmp_path / "again_ref", 3), 1)
+    assert digests(tmp_path / "again") == digests(tmp_path / "again_ref")
+
+
+def test_recorded_offsets_match_the_tars(tmp_path: Path) -> None:
+    from airflow_provider_mmprep.tarindex import index_from_offsets, index_tar
+
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(4, 9), seed=12, manifests=True)
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 5, "reorganize_tar.file_ext_in_tar=[.jpg,.txt]"), 0, 1)
+    tars = sorted(raw.rglob("*.tar")) + sorted(out.glob("*.tar"))
+    for tar in tars:
+        body = read_manifest(tar)
+        recorded = index_from_offsets(tar, tar.stat().st_size, read_offsets(tar, body))
+        read = index_tar(tar)
+        assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in read.samples]
+        assert body["member_offsets"] == {"version": 1, "file": tar.name + ".offsets.json"}
+        assert len(recorded.samples) == body["sample_count"]
+        with tarfile.open(tar) as t:  # and tarfile, the oracle, agrees on where each member's data is
+            assert [(m.name, m.offset_data, m.size) for m in t.getmembers()] == [
+                (m.name, m.offset, m.size) for s in recorded.samples for m in s.members]
+
+
+def edit_offsets(tar: Path, **changes) -> None:
+    sidecar = tar.with_name(tar.name + ".offsets.json")
+    record = json.loads(sidecar.read_text())
+    for key, change in changes.items():
+        record[key] = change(record[key])
+    sidecar.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("damage", ["past_end", "misaligned", "overlap", "count"])
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_offsets_the_tar_contradicts_fail_the_task_naming_it(tmp_path: Path, damage: str, tasks: int) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(5, 5), seed=13,
+                                manifests=True)
+    size = tars[0].stat().st_size
+    if damage == "past_end":  # a manifest written for a longer tar that still claims this tar's size
+        edit_offsets(tars[0], size=lambda sizes: sizes[:-1] + [size])
+    elif damage == "misaligned":
+        edit_offsets(tars[0], header=lambda heads: [heads[0] + 100] + heads[1:],
+                     data=lambda datas: [datas[0] + 100] + datas[1:])
+    elif damage == "overlap":
+        edit_offsets(tars[0], size=lambda sizes: [sizes[0] + 2048] + sizes[1:])
+    else:
+        manifest = tars[0].with_name(tars[0].name + ".manifest.json")
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sample_count": 4}))
+    with pytest.raises(StageError, match=r"reorganize_tar\.input_dir: .*part-000/00000\.tar"):
+        run_all(make_cfg(raw, tmp_path / "out", 5), tasks)
+
+
+def test_download_images_records_offsets_that_reorganize_uses(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.stages import download_images
+    from airflow_provider_mmprep.tarindex import index_from_offsets, index_tar
+    from airflow_provider_mmprep.testing import sample_data
+    from airflow_provider_mmprep.testing.image_host import ImageHost
+
+    with ImageHost(latency=(0.0, 0.01), seed=3) as host:
+        urls = sample_data.add_images(host, 23, size=(96, 64)) + [host.url("/fault/ok?missing=1") + "x"]
+        sample_data.write_url_parquet(tmp_path / "in" / "part0.parquet", urls,
+                                      captions=[f"caption {i}" for i in range(len(urls))])
+        config = {"run": {"name": "t"}, "download_images": {
+            "enable": True, "input_dir": str(tmp_path / "in"), "output_dir": str(tmp_path / "raw"),
+            "download_num_processes": 1, "download_num_threads": 4, "allow_private_addresses": True,
+            "img2dataset_additional_arguments": {"number_sample_per_shard": 7, "timeout": 1.5}}}
+        (tmp_path / "dl.yaml").write_text(json.dumps(config))
+        download_images.run_task(load_config(tmp_path / "dl.yaml", load_precache=False), 0, 1)
+    tars = sorted((tmp_path / "raw").rglob("*.tar"))
+    assert len(tars) == 4
+    for tar in tars:
+        body = read_manifest(tar)
+        recorded = index_from_offsets(tar, tar.stat().st_size, read_offsets(tar, body))
+        assert [(s.key, s.members) for s in recorded.samples] == [(s.key, s.members) for s in index_tar(tar).samples]
+        assert len(recorded.samples) == body["sample_count"] > 0
+    run_task(make_cfg(without_manifests(tmp_path / "raw", tmp_path / "bare"), tmp_path / "reference", 5), 0, 1)
+    no_header_reads(monkeypatch)
+    run_task(make_cfg(tmp_path / "raw", tmp_path / "out", 5), 0, 1)
+    assert digests(tmp_path / "out") == digests(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_outputs_are_written_while_later_inputs_are_still_being_indexed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int) -> None:
+    """Indexing the last input waits (up to 20 s) for an output to be written: only a task that writes
+    while it indexes sees one in time."""
+    import threading
+
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=6, samples_per_shard=(8, 8), seed=14,
+                                manifests=True, member_offsets=False)
+    written = threading.Event()
+    real_index, real_produce = stage.index_tar, stage.produce_output
+    waited: list[bool] = []
+
+    def index_tar(path):
+        if Path(path) == tars[-1]:
+            waited.append(written.wait(20))
+        return real_index(path)
+
+    def produce_output(*args):
+        result = real_produce(*args)
+        written.set()
+        return result
+
+    monkeypatch.setattr(stage, "index_tar", index_tar)
+    monkeypatch.setattr(stage, "produce_output", produce_output)
+    run_task(make_cfg(raw, tmp_path / "out", 4), 0, tasks)  # task 0 of 2 owns outputs 0-5, fed by inputs 0-2
+    if tasks == 1:
+        assert waited == [True]
+    else:  # task 0 does not read the last input at all: its inputs' manifests place it
+        assert waited == [] and written.is_set()
+        written.clear()
+        run_task(make_cfg(raw, tmp_path / "out", 4), 1, tasks)
+        assert waited == [True]
+
+
+def test_a_task_on_shards_with_offsets_never_imports_numpy(tmp_path: Path) -> None:
+    """numpy is for reading headers in bulk; a pod whose inputs all carry offsets starts without it."""
+    raw = tmp_path / "raw"
+    make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(4, 9), seed=15, manifests=True)
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"run": {"name": "t"}, "reorganize_tar": {
+        "enable": True, "input_dir": str(raw), "output_dir": str(tmp_path / "out"), "tar_chunk_size": 4,
+        "file_ext_in_tar": [".jpg", ".txt"]}}))
+    script = ("import runpy, sys\nsys.argv = ['mmprep', 'run', sys.argv[1], '--stage', 'reorganize_tar']\n"
+              "try:\n    runpy.run_module('airflow_provider_mmprep.cli', run_name='__main__')\n"
+              "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
+              "print('numpy' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    run = subprocess.run([sys.executable, "-c", script, str(config)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "False" and len(list((tmp_path / "out").glob("*.tar"))) > 3
+    (raw / "part-000" / "00000.tar.manifest.json").unlink()  # one input to read: then numpy is used
+    run = subprocess.run([sys.executable, "-c", script, str(config)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "True"
+
+
+def test_a_missing_or_stale_offsets_sidecar_means_reading_headers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=3, samples_per_shard=(5, 8), seed=16, manifests=True)
+    run_task(make_cfg(without_manifests(raw, tmp_path / "bare"), tmp_path / "reference", 4), 0, 1)
+    tars[0].with_name(tars[0].name + ".offsets.json").unlink()
+    sidecar = tars[1].with_name(tars[1].name + ".offsets.json")  # written for another version of the tar
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tar_size": 512}))
+    read: list[Path] = []
+    real_index_tar = stage.index_tar
+    monkeypatch.setattr(stage, "index_tar", lambda path: read.append(Path(path)) or real_index_tar(path))
+    run_task(make_cfg(raw, tmp_path / "out", 4), 0, 1)
+    assert read == tars[:2] and digests(tmp_path / "out") == digests(tmp_path / "reference")
+
+
+def test_manifests_stay_small_beside_their_offsets_sidecar(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=2, samples_per_shard=(40, 40), seed=17,
+                                manifests=True)
+    out = tmp_path / "out"
+    run_task(make_cfg(raw, out, 30), 0, 1)
+    for tar in tars + sorted(out.glob("*.tar")):
+        assert len(tar.with_name(tar.name + ".manifest.json").read_bytes()) < 600
+        assert len(tar.with_name(tar.name + ".offsets.json").read_bytes()) > 1000
 
 
 def test_inputs_without_any_sample_point_at_the_downloads(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from airflow_provider_mmprep.tarindex import index_tar, split_key
+from airflow_provider_mmprep.tarindex import UnsafeMemberName, index_tar, split_key
 
 NAMES = ["000000001.jpg", "000000001.txt", "dir/sub/0002.seg.jpg", "dir/sub/0002.json",
          "x" * 120 + "/long.jpg", "é/ünïcode✓.txt", "y" * 99 + ".jpg"]
@@ -51,3 +51,335 @@ def test_split_key_follows_webdataset() -> None:
     assert split_key("a/b.c/d.seg.jpg") == ("a/b.c/d", "seg.jpg")
     assert split_key("noext") is None and split_key("dir/.hidden") is None
 
+
+
+# --- the bulk path (mmap walk + numpy checks) against the general parser, member for member -------------
+
+@pytest.fixture(autouse=True, params=["walk", "scan"])
+def bulk_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with the header-to-header walk alone and with the block scan taking over early."""
+    from airflow_provider_mmprep import tarindex
+
+    if request.param == "walk":
+        monkeypatch.setattr(tarindex, "DENSE_RECORD", 0)
+    else:
+        monkeypatch.setattr(tarindex, "DENSE_RECORD", 1 << 40)
+        monkeypatch.setattr(tarindex, "PROBE", 2)
+    return request.param
+
+
+def index_pair(path: Path) -> tuple[object, object]:
+    """(bulk, reference) results for one tar: the index's content, or the exception's type and text."""
+    results = []
+    for reference in (False, True):
+        try:
+            index = index_tar(path, reference=reference)
+            results.append(([(s.key, s.members) for s in index.samples], index.problems, index.skipped_members))
+        except UnsafeMemberName as exc:
+            results.append((type(exc), str(exc)))
+    return results[0], results[1]
+
+
+PAX_FLOAT = "pax with float mtimes"  # img2dataset's shards: a pax header holding the mtime before every member
+
+
+def mixed_tar(path: Path, fmt: int | str, count: int = 12) -> Path:
+    """Samples as img2dataset writes them, plus what other writers add: folders, links, empty files,
+    long and unicode names, ustar prefixes, metadata members; with PAX_FLOAT, pax mtime headers before
+    every member, some with other records beside (ignored ones, an unreadable mtime)."""
+    floats = fmt == PAX_FLOAT
+    fmt = tarfile.PAX_FORMAT if floats else fmt
+    with tarfile.open(path, "w", format=fmt, encoding="utf-8") as tar:
+        folder = tarfile.TarInfo("dir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i in range(count):
+            for ext in ("jpg", "txt", "json"):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                data = bytes([65 + i % 26]) * ((i * 517 + len(ext) * 13) % 1500)  # some empty, some not aligned
+                info.size = len(data)
+                info.mtime = 1_700_000_000 + i + (0.25 if floats else 0)
+                if floats and i % 4 == 1:
+                    info.pax_headers = {"comment": "other records", "atime": "1.5"}
+                if floats and i % 7 == 3 and ext == "txt":
+                    info.mtime = 1_700_000_000  # an int: the pax mtime below is not overwritten
+                    info.pax_headers = {"mtime": "not a time"}
+                tar.addfile(info, io.BytesIO(data))
+            if i % 5 == 2:
+                for name in (("p" * 60 + "/") * 2 + f"{i}.jpg", "é/ünïcode✓.txt", "x" * 150 + ".jpg"):
+                    if fmt == tarfile.USTAR_FORMAT and (len(name.encode()) > 100 and "/" not in name[-100:]):
+                        continue
+                    info = tarfile.TarInfo(name)
+                    info.size = 3
+                    tar.addfile(info, io.BytesIO(b"abc"))
+                link = tarfile.TarInfo(f"link{i}.jpg")
+                link.type = tarfile.SYMTYPE
+                link.linkname = "000000001.jpg"
+                tar.addfile(link)
+        meta = tarfile.TarInfo("__meta__")
+        meta.size = 2
+        tar.addfile(meta, io.BytesIO(b"{}"))
+    return path
+
+
+FORMATS = [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, PAX_FLOAT]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bulk_matches_general_parser_and_tarfile(tmp_path: Path, fmt: int) -> None:
+    path = mixed_tar(tmp_path / "t.tar", fmt)
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1]
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size, int(m.mtime)) for m in tar.getmembers()
+                    if m.isreg() and split_key(m.name) and m.name != "__meta__"]
+    assert [(m.name, m.offset, m.size, m.mtime) for _, ms in bulk[0] for m in ms] == expected
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bulk_matches_general_parser_on_every_truncation(tmp_path: Path, fmt: int) -> None:
+    source = mixed_tar(tmp_path / "t.tar", fmt, count=4).read_bytes()
+    cut = tmp_path / "cut.tar"
+    for keep in [0, 1, 511, 512, 513] + list(range(700, len(source), 337)):
+        cut.write_bytes(source[:keep])
+        bulk, reference = index_pair(cut)
+        assert bulk == reference, keep
+    assert "truncated" in " ".join(index_pair(cut)[0][1]) or keep > len(source) - 1024
+
+
+def header_offsets(path: Path) -> list[int]:
+    """Where every header block is: each member's chain start (pax, GNU long name) and its own header."""
+    with tarfile.open(path) as tar:
+        return sorted({at for m in tar.getmembers() for at in (m.offset, m.offset_data - 512)})
+
+
+def rewrite(path: Path, at: int, start: int, value: bytes, fix_checksum: bool = True) -> None:
+    """Overwrite bytes ``start..`` of the header at ``at``; recompute its checksum unless told not to."""
+    data = bytearray(path.read_bytes())
+    block = data[at:at + 512]
+    block[start:start + len(value)] = value
+    if fix_checksum:
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+    data[at:at + 512] = block
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bulk_matches_general_parser_on_corrupt_headers(tmp_path: Path, fmt: int) -> None:
+    source = mixed_tar(tmp_path / "t.tar", fmt, count=4)
+    path = tmp_path / "bad.tar"
+    for at in header_offsets(source):
+        path.write_bytes(source.read_bytes())
+        rewrite(path, at, 0, b"\xff" * 4, fix_checksum=False)  # damage without a matching checksum
+        bulk, reference = index_pair(path)
+        assert bulk == reference and "bad checksum" in bulk[1][0], at
+
+
+def test_bulk_takes_every_spelling_the_general_parser_takes(tmp_path: Path) -> None:
+    """Fields written other than ``%011o\\0``/``%06o\\0 ``: the walk hands them to the general parser."""
+    source = mixed_tar(tmp_path / "t.tar", tarfile.USTAR_FORMAT, count=3)
+    heads = header_offsets(source)
+    with tarfile.open(source) as tar:
+        sizes = {m.offset: m.size for m in tar.getmembers()}
+    assert sizes[heads[2]] % 8, "the 12th digit must matter"
+    cases = {
+        "7-digit checksum": lambda p, at: rewrite(p, at, 148, b"0000000\0", fix_checksum=False),
+        "12-digit size": lambda p, at: rewrite(p, at, 124, b"%012o" % sizes[at]),
+        "base-256 size": lambda p, at: rewrite(p, at, 124, b"\x80" + bytes(7) + (0).to_bytes(4, "big")),
+        "spaced size": lambda p, at: rewrite(p, at, 124, b"          0 "),
+        "short mtime": lambda p, at: rewrite(p, at, 136, b"1234\0\0\0\0\0\0\0\0"),
+        "bad mtime": lambda p, at: rewrite(p, at, 136, b"zzzzzzzzzzz\0"),
+        "inner NUL in name": lambda p, at: rewrite(p, at, 20, b"\0junk"),
+        "signed checksum": lambda p, at: rewrite(p, at, 90, "ü".encode("latin-1")),
+        "old V7 type": lambda p, at: rewrite(p, at, 156, b"\0"),
+        "contiguous type": lambda p, at: rewrite(p, at, 156, b"7"),
+        "ustar prefix": lambda p, at: rewrite(p, at, 345, b"pre/fix"),
+        "trailing-slash name": lambda p, at: rewrite(p, at, 0, b"000000001.jpg/\0"),
+        "unsafe name": lambda p, at: rewrite(p, at, 0, b"../000000001.jpg\0"),
+        "absolute name": lambda p, at: rewrite(p, at, 0, b"/x/000000001.jpg\0"),
+    }
+    for label, damage in cases.items():
+        for at in heads[1:4]:
+            path = tmp_path / "case.tar"
+            path.write_bytes(source.read_bytes())
+            if label == "signed checksum":  # a high byte and a checksum summed over signed bytes
+                rewrite(path, at, 90, b"\xfc")
+                data = bytearray(path.read_bytes())
+                block = data[at:at + 512]
+                block[148:156] = b" " * 8
+                signed = sum(b - 256 if b > 127 else b for b in block)
+                block[148:156] = b"%06o\0 " % signed
+                data[at:at + 512] = block
+                path.write_bytes(bytes(data))
+            else:
+                damage(path, at)
+            bulk, reference = index_pair(path)
+            assert bulk == reference, (label, at)
+
+
+def test_unsafe_name_after_a_bad_checksum_is_never_reached(tmp_path: Path) -> None:
+    source = mixed_tar(tmp_path / "t.tar", tarfile.USTAR_FORMAT, count=3)
+    heads = header_offsets(source)
+    rewrite(source, heads[5], 0, b"../evil.jpg\0")
+    rewrite(source, heads[3], 0, b"\xff", fix_checksum=False)
+    bulk, reference = index_pair(source)
+    assert bulk == reference and "bad checksum" in bulk[1][0]
+    rewrite(source, heads[3], 0, b"\x30", fix_checksum=True)  # repaired: now the unsafe name is reached
+    bulk, reference = index_pair(source)
+    assert bulk == reference and bulk[0] is UnsafeMemberName and "evil.jpg" in bulk[1]
+
+
+def test_bulk_batches_join_seamlessly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep import tarindex
+
+    path = mixed_tar(tmp_path / "t.tar", tarfile.PAX_FORMAT, count=20)
+    whole, reference = index_pair(path)
+    monkeypatch.setattr(tarindex, "WALK_BATCH", 2)
+    assert index_pair(path) == (whole, reference)
+    rewrite(path, header_offsets(path)[30], 0, b"\xff", fix_checksum=False)
+    bulk, reference = index_pair(path)
+    assert bulk == reference and bulk[1]
+
+
+def test_random_header_damage_agrees_with_general_parser(tmp_path: Path) -> None:
+    """Bytes flipped anywhere in headers: the bulk path reports exactly what the general parser does."""
+    import random
+
+    rng = random.Random(15)
+    source = mixed_tar(tmp_path / "t.tar", tarfile.GNU_FORMAT, count=6)
+    heads = header_offsets(source)
+    original = source.read_bytes()
+    path = tmp_path / "fuzz.tar"
+    for _ in range(300):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.choice(heads) + rng.randrange(512)] = rng.choice([0, 32, 47, 46, 48, 55, 56, 255, rng.randrange(256)])
+        path.write_bytes(bytes(data))
+        bulk, reference = index_pair(path)
+        assert bulk == reference
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_data_that_looks_like_headers_is_not_taken_for_them(tmp_path: Path, fmt: int) -> None:
+    """Member data holding whole tars (headers at 512-byte boundaries, chaining to each other and even to
+    the real next header): the chain is followed from the start, so none of them counts."""
+    path = tmp_path / "t.tar"
+    inner = (tmp_path / "inner.tar")
+    mixed_tar(inner, tarfile.USTAR_FORMAT, count=3)
+    payload = inner.read_bytes()
+    fake = tarfile.TarInfo("fake.jpg")
+    fake.size = 0  # a header whose successor is the very next block: the real header after this data
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT if fmt == PAX_FLOAT else fmt) as tar:
+        for i, data in enumerate([payload, payload[:4096], fake.tobuf(tarfile.USTAR_FORMAT), payload[512:]]):
+            info = tarfile.TarInfo(f"{i:03d}.tar")
+            info.size = len(data)
+            info.mtime = 1.5 if fmt == PAX_FLOAT else 1
+            tar.addfile(info, io.BytesIO(data))
+            info = tarfile.TarInfo(f"{i:03d}.txt")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"t"))
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1]
+    assert [(m.name, m.size) for _, ms in bulk[0] for m in ms] == [
+        (f"{i:03d}.{e}", n) for i, size in enumerate([len(payload), 4096, 512, len(payload) - 512])
+        for e, n in (("tar", size), ("txt", 1))]
+
+
+@pytest.mark.parametrize("batch", [2, 3, 1 << 15])
+def test_grouping_edge_names_agree_with_general_parser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       batch: int) -> None:
+    """Repeated and case-folded extensions, metadata, key-less names, folders as files: grouped as
+    webdataset does, whatever the batch boundaries."""
+    from airflow_provider_mmprep import tarindex
+
+    monkeypatch.setattr(tarindex, "WALK_BATCH", batch)
+    names = ["a.jpg", "a.txt", "a.JPG", "a.txt", "b.jpg", "__meta__", "__x.y__", "c/__x.y__", "noext", "d.",
+             ".hidden", "e/.f", "g.tar.gz", "g.txt", "g.txt", "h/i.j/k.l.m", "h/i.j/k.n", "dir/", "x.jpg",
+             "x.json", "x.txt", "y.jpg", "y.json", "Y.txt", "y.TXT"]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name)
+            tar.addfile(info, io.BytesIO(name.encode()))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
+    assert [(key, [m.ext for m in members]) for key, members in bulk[0]] == [
+        ("a", ["jpg", "txt"]), ("a", ["JPG", "txt"]), ("b", ["jpg"]), ("c/__x", ["y__"]), ("g", ["tar.gz", "txt"]),
+        ("g", ["txt"]), ("h/i.j/k", ["l.m", "n"]), ("x", ["jpg", "json", "txt"]), ("y", ["jpg", "json"]),
+        ("Y", ["txt"]), ("y", ["TXT"])]
+    assert bulk[2] == 7  # __meta__, __x.y__, noext, d., .hidden, e/.f, dir/
+
+
+def test_random_damage_to_pax_mtime_tars_agrees_with_general_parser(tmp_path: Path) -> None:
+    """img2dataset's layout (a pax mtime header before every member), bytes flipped in any header block
+    or pax record: the bulk path reports exactly what the general parser does."""
+    import random
+
+    rng = random.Random(16)
+    source = mixed_tar(tmp_path / "t.tar", PAX_FLOAT, count=6)
+    original = source.read_bytes()
+    blocks = header_offsets(source)
+    with tarfile.open(source) as tar:
+        blocks += [m.offset + 512 for m in tar.getmembers() if m.offset_data - m.offset > 512]  # pax records
+    path = tmp_path / "fuzz.tar"
+    for _ in range(300):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 2)):
+            data[rng.choice(blocks) + rng.choice([rng.randrange(40), rng.randrange(512)])] = rng.choice(
+                [0, 10, 32, 46, 48, 55, 56, 61, 120, 255, rng.randrange(256)])
+        path.write_bytes(bytes(data))
+        bulk, reference = index_pair(path)
+        assert bulk == reference
+
+
+@pytest.mark.parametrize("record", [b"11 mtime=95\n", b"12 mtime=95\n", b"13 mtime=9.5\n", b"7 a=b\n",
+                                    b"13 mtime=1e3\n", b"14 size=99999\n", b"21 path=other/x.jpg\n"])
+def test_pax_records_read_exactly_as_the_general_parser(tmp_path: Path, record: bytes) -> None:
+    """Pax records the walk reads itself (a lone mtime) or hands over (length fields that lie, other keys)."""
+    path = mixed_tar(tmp_path / "t.tar", PAX_FLOAT, count=3)
+    with tarfile.open(path) as tar:
+        first = next(m for m in tar.getmembers() if m.offset_data - m.offset > 512)
+    data = bytearray(path.read_bytes())
+    data[first.offset + 512:first.offset + 1024] = record.ljust(512, b"\0")
+    path.write_bytes(bytes(data))
+    rewrite(path, first.offset, 124, b"%011o\0" % len(record))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
+
+
+@pytest.mark.parametrize("names, expected", [
+    ([f"k.e{i}" for i in range(12)] + [f"m.e{i}" for i in range(10)] + ["m.E3", "m.e11", "n.a", "n.b"],
+     [("k", 12), ("m", 10), ("m", 2), ("n", 2)]),  # runs longer than 8: extensions sorted per run
+    (["o.a", "o.b", "p.a", "p.b", "p.A", "p.c", "q.a"], [("o", 2), ("p", 2), ("p", 2), ("q", 1)]),  # 2 apart
+])
+def test_long_samples_with_and_without_a_repeated_extension(tmp_path: Path, names: list[str],
+                                                            expected: list[tuple[str, int]]) -> None:
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    bulk, reference = index_pair(path)
+    assert bulk == reference
+    assert [(key, len(members)) for key, members in bulk[0]] == expected
+
+
+@pytest.mark.parametrize("comment", [400, 1000, 3000])
+def test_long_pax_records_before_members(tmp_path: Path, comment: int) -> None:
+    """Pax records longer than a block (ignored keys beside the mtime): the walk reads past them."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(6):
+            for ext in ("jpg", "txt"):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size, info.mtime = 700 * i + 1, 1_700_000_000.5 + i
+                info.pax_headers = {"comment": "c" * (comment * (i % 3))}
+                tar.addfile(info, io.BytesIO(b"d" * info.size))
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1] and len(bulk[0]) == 6
+    with tarfile.open(path) as tar:
+        assert [(m.name, m.offset, m.offset_data, int(m.mtime)) for m in tar.getmembers()] == [
+            (m.name, m.header_offset, m.offset, m.mtime) for _, ms in bulk[0] for m in ms]

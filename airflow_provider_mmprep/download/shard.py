@@ -1,4 +1,5 @@
-"""Download one shard and write it in img2dataset's layout, atomically and byte-reproducibly.
+"""Write a downloaded shard in img2dataset's layout, atomically and byte-reproducibly (the fetching is
+``pipeline``'s).
 
 Images arrive in any order and are streamed into the tar in key order (those finished early wait in a
 bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata
@@ -9,31 +10,28 @@ responses therefore give byte-identical tars. Each file is written under a tempo
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
 import tarfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
 from ..manifest import write_manifest
+from ..tarindex import offsets_of
 from ..tarwriter import copy_range
-from .fetcher import Fetcher
 from .options import DownloadOptions
 from .reader import ShardJob
-from .resizer import ImageRejected, process_image
 
 SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
-#: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar; beyond
-#: this they wait in a spill file.
+#: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar, over all
+#: the pieces a worker has open; beyond this they wait in a spill file.
 MEMORY_CAP_BYTES = 48 * 1024 * 1024
 
 @dataclass
@@ -61,27 +59,34 @@ def is_complete(out_dir: Path, shard_id: int) -> bool:
     return all(p.is_file() for p in paths.values())
 
 
-class _OrderedSampleWriter:
+class MemoryBudget:
+    """Bytes of finished samples held in memory while they wait for an earlier one, shared by every piece a
+    worker has open, so the bound holds however many pieces wait for stragglers."""
+
+    def __init__(self, cap: int):
+        self.cap, self.used = cap, 0
+
+
+class OrderedSampleWriter:
     """Write samples to the tar in key order while downloads finish in any order.
 
     A finished sample that is next in order goes straight into the tar; others wait in memory, and once
-    ``memory_cap`` bytes are waiting (a slow URL holds up the head of the line) further arrivals wait in a
+    the budget's bytes are waiting (a slow URL holds up the head of the line) further arrivals wait in a
     spill file instead, so memory stays bounded whatever happens. Image bytes leave the spill file by a
     kernel-side copy.
     """
 
-    def __init__(self, tar: "_TarWriter", spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
-                 memory_cap: int):
-        self.tar, self.spill, self.job, self.options, self.memory_cap = tar, spill, job, options, memory_cap
+    def __init__(self, tar: "TarWriter", spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
+                 budget: "MemoryBudget"):
+        self.tar, self.spill, self.job, self.options, self.budget = tar, spill, job, options, budget
         self.extra_rows = job.extra.to_pylist() if job.extra is not None else None
         self.waiting: dict[int, tuple[Outcome, bytes | None]] = {}
-        self.waiting_bytes = 0
         self.spill_end = 0
         self.next_index = 0  # set to the first row of the piece by the caller
         self.successes = 0
 
     def accept(self, index: int, outcome: Outcome, data: bytes | None) -> None:
-        if data is not None and index != self.next_index and self.waiting_bytes + len(data) > self.memory_cap:
+        if data is not None and index != self.next_index and self.budget.used + len(data) > self.budget.cap:
             self.spill.seek(self.spill_end)
             self.spill.write(data)
             self.spill.flush()
@@ -89,12 +94,12 @@ class _OrderedSampleWriter:
             self.spill_end += len(data)
             data = None
         elif data is not None:
-            self.waiting_bytes += len(data)
+            self.budget.used += len(data)
         self.waiting[index] = (outcome, data)
         while self.next_index in self.waiting:
             outcome, data = self.waiting.pop(self.next_index)
             if data is not None:
-                self.waiting_bytes -= len(data)
+                self.budget.used -= len(data)
             if outcome.status == SUCCESS:
                 self._write(self.next_index, outcome, data)
             self.next_index += 1
@@ -118,84 +123,6 @@ class _OrderedSampleWriter:
         self.tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
 
 
-async def _download_all(job: ShardJob, rows: range, options: DownloadOptions, writer: _OrderedSampleWriter,
-                        on_done: Callable[[bool], None] | None) -> list[Outcome]:
-    loop = asyncio.get_running_loop()
-    outcomes: dict[int, Outcome] = {}
-    indices = iter(rows)  # shared by the workers: each takes the next row, so rows finish ~in order
-    executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
-
-    # A fetch slot is freed as soon as its body has arrived; checking/resizing happens beside the fetches,
-    # with at most ``threads`` bodies waiting for it (backpressure, bounded memory).
-    waiting_bodies = asyncio.Semaphore(max(1, options.threads))
-    processing: set[asyncio.Task] = set()
-    errors: list[BaseException] = []  # e.g. a full disk while writing the tar: the shard must fail
-
-    def processed(task: asyncio.Task) -> None:
-        processing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            errors.append(task.exception())  # type: ignore[arg-type]
-
-    def finish(index: int, outcome: Outcome, data: bytes | None) -> None:
-        outcomes[index] = outcome
-        writer.accept(index, outcome, data)
-        if on_done is not None:
-            on_done(outcome.status == SUCCESS)
-
-    async def process(index: int, body: bytes) -> None:
-        data = None
-        try:
-            image = await loop.run_in_executor(executor, process_image, body, options)
-        except ImageRejected as exc:
-            outcome = Outcome(FAILED_RESIZE, str(exc))
-        except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the shard
-            outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
-        else:
-            data = image.data
-            outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
-                              image.original_height, image.hash)
-        finally:
-            waiting_bodies.release()
-        finish(index, outcome, data)
-
-    async def worker(fetcher: Fetcher) -> None:
-        for index in indices:
-            url = job.urls[index]
-            if not url:
-                finish(index, Outcome(FAILED_DOWNLOAD, "empty URL"), None)
-                continue
-            result = await fetcher.fetch(url)
-            if result.body is None:
-                finish(index, Outcome(FAILED_DOWNLOAD, result.error, result.transient), None)
-            elif not result.body:
-                finish(index, Outcome(FAILED_DOWNLOAD, "empty body"), None)
-            else:
-                await waiting_bodies.acquire()
-                task = asyncio.ensure_future(process(index, result.body))
-                processing.add(task)
-                task.add_done_callback(processed)
-
-    try:
-        async with Fetcher(options) as fetcher:
-            await asyncio.gather(*(worker(fetcher) for _ in range(min(options.threads, max(1, len(rows))))))
-            while processing:
-                await asyncio.wait(list(processing))
-        if errors:
-            raise errors[0]
-    finally:
-        executor.shutdown(wait=True)
-    return [outcomes[i] for i in rows]
-
-
-def _run_loop(coroutine: Any) -> Any:
-    try:
-        import uvloop  # optional: a faster event loop where installed
-
-        return uvloop.run(coroutine)
-    except ImportError:
-        return asyncio.run(coroutine)
-
-
 _HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
 _HEADER_REST_BEFORE_SUM = b"00000000000\0"  # mtime 0
 _HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 155).ljust(
@@ -203,7 +130,7 @@ _HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + 
 _HEADER_SUM_OF_TAIL = sum(b" " * 8) + sum(_HEADER_TAIL)
 
 
-class _TarWriter:
+class TarWriter:
     """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
     kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
 
@@ -287,36 +214,6 @@ def split_rows(count: int, pieces: int) -> list[range]:
     return ranges
 
 
-def download_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path,
-                   on_done: Callable[[bool], None] | None = None) -> list[Outcome]:
-    """Fetch rows ``rows`` of ``job``; write their samples, in key order, as tar members to ``path``."""
-    spill_path = path.with_name(path.name.replace(TMP_MARKER, f".spill{TMP_MARKER}"))
-    try:
-        with open(spill_path, "wb+") as spill:
-            tar = _TarWriter(path)
-            try:
-                writer = _OrderedSampleWriter(tar, spill, job, options, MEMORY_CAP_BYTES)
-                writer.next_index = rows.start
-                return _run_loop(_download_all(job, rows, options, writer, on_done))
-            finally:
-                tar.close(end_archive=False)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    finally:
-        spill_path.unlink(missing_ok=True)
-
-
-def download_shard(job: ShardJob, options: DownloadOptions, out_dir: Path,
-                   on_done: Callable[[bool], None] | None = None) -> dict[str, Any]:
-    """Fetch every URL of ``job`` in this process and write the shard's files in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    path = piece_path(out_dir, job.shard_id, 0)
-    outcomes = download_piece(job, range(len(job)), options, path, on_done)
-    return finish_shard(job, options, out_dir, outcomes, [path], start)
-
-
 def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcomes: list[Outcome],
                  pieces: list[Path], start: float) -> dict[str, Any]:
     """Join the pieces into ``{shard}.tar`` and write ``.parquet``, the manifest and ``_stats.json`` (last)."""
@@ -327,7 +224,7 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
         with atomic_path(paths["tar"]) as tmp_tar:
             # the first piece becomes the tar (a rename, not a copy: a shard's bytes are written once)
             os.replace(pieces[0], tmp_tar)
-            tar = _TarWriter(tmp_tar, append=True)
+            tar = TarWriter(tmp_tar, append=True)
             try:
                 for piece in pieces[1:]:
                     tar.append_file(piece)
@@ -372,7 +269,8 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
     extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
     write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
                    every_sample_has=extensions, retry_round=job.retry, source="download_images",
-                   options_fingerprint=options.fingerprint())
+                   options_fingerprint=options.fingerprint(),
+                   member_offsets=offsets_of(paths["tar"]))  # so reorganize_tar reads no header of it
     stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
              "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
              "duration": end - start, "start_time": start, "end_time": end,

@@ -15,12 +15,10 @@ then re-attempts only URLs whose latest outcome was a transient failure (timeout
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import itertools
 import json
 import logging
-import multiprocessing
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,8 +30,8 @@ import pyarrow.parquet as pq
 from ..config import PipelineConfig
 from ..download.options import DownloadOptions, parse_options
 from ..download.reader import ShardJob, count_rows, iter_shard_jobs
-from ..download.shard import (Outcome, download_piece, download_shard, finish_shard, is_complete, piece_path,
-                              shard_paths, split_rows)
+from ..download.pipeline import download_here, download_in_processes
+from ..download.shard import is_complete, shard_paths
 from ..fsutil import remove_stale_temporaries, sorted_files
 from ..manifest import manifest_path
 from ..plan import list_parquet_parts, part_name
@@ -43,41 +41,6 @@ from . import StageError
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 5.0
-
-# Counters shared with worker processes (set by the pool initializer).
-_done_counter: Any = None
-_ok_counter: Any = None
-
-
-def _init_worker(done: Any, ok: Any) -> None:
-    global _done_counter, _ok_counter
-    _done_counter, _ok_counter = done, ok
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    """Linux: end this worker when the task process dies (even by SIGKILL), instead of leaving an orphan that
-    keeps downloading into files the rerun has already discarded."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _count_in_worker(success: bool) -> None:
-    with _done_counter.get_lock():
-        _done_counter.value += 1
-    if success:
-        with _ok_counter.get_lock():
-            _ok_counter.value += 1
-
-
-def _worker_piece(job: ShardJob, rows: range, options: DownloadOptions, path: Path) -> list[Outcome]:
-    return download_piece(job, rows, options, path, _count_in_worker)
 
 
 def options_from_config(cfg: PipelineConfig) -> DownloadOptions:
@@ -106,12 +69,12 @@ class _ProgressReporter:
 
 def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, total: int | None,
              parallel_hint: int | None = None, what: str = "download_images") -> list[dict[str, Any]]:
-    """Download every job: in this process with one worker, else in a pool of ``processes`` processes.
+    """Download every job: in this process with one worker, else with ``processes`` worker processes.
 
-    The parallelism asked for is processes × threads fetches in flight. With fewer shards than processes (a
-    small part, or img2dataset's default 10,000 samples per shard) each shard is cut into contiguous pieces
-    fetched by different processes and joined in order afterwards, so no process sits idle and the tar is
-    the same as one process would write.
+    Either way URLs flow across shard boundaries on one event loop per process (download/pipeline.py). With
+    fewer shards than processes (a small part, or img2dataset's default 10,000 samples per shard) each shard
+    is cut into contiguous pieces fetched by different processes and joined in order afterwards, so no
+    process sits idle and the tar is the same as one process would write.
     """
     job_iter: Iterator[ShardJob] = iter(jobs)
     first = next(job_iter, None)
@@ -120,7 +83,6 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     job_iter = itertools.chain([first], job_iter)
     reporter = _ProgressReporter(what, total)
     processes = options.processes
-    results: list[dict[str, Any]] = []
     if processes == 1:
         counts = [0, 0]
 
@@ -130,52 +92,11 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
             if counts[0] % 64 == 0:
                 reporter.update(*counts)
 
-        for job in job_iter:
-            results.append(download_shard(job, options, out_dir, count))
+        results = download_here(job_iter, options, out_dir, count)
         reporter.update(*counts)
-        reporter.progress.finish()
-        return results
-
-    pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
-    # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__`` (a script without
-    # a main guard would re-run itself). Nothing here holds a lock or a socket at that point: the event loop and
-    # sessions are created inside each worker.
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    done, ok = context.Value("q", 0), context.Value("q", 0)
-    with cf.ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
-                                initargs=(done, ok)) as pool:
-        pending: dict[cf.Future, tuple[int, int]] = {}
-        shards: dict[int, dict[str, Any]] = {}
-        exhausted = False
-        while pending or not exhausted:
-            while not exhausted and len(pending) < processes + 1:  # bounded: about one queued piece per worker
-                job = next(job_iter, None)
-                if job is None:
-                    exhausted = True
-                    break
-                ranges = split_rows(len(job), pieces_per_shard)
-                paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
-                shards[job.shard_id] = {"job": job, "paths": paths, "outcomes": [None] * len(ranges),
-                                        "left": len(ranges), "start": time.time()}
-                for index, rows in enumerate(ranges):
-                    future = pool.submit(_worker_piece, job, rows, options, paths[index])
-                    pending[future] = (job.shard_id, index)
-            if not pending:
-                break
-            finished, _ = cf.wait(list(pending), timeout=1.0, return_when=cf.FIRST_COMPLETED)
-            for future in finished:
-                shard_id, index = pending.pop(future)
-                state = shards[shard_id]
-                state["outcomes"][index] = future.result()
-                state["left"] -= 1
-                if state["left"] == 0:
-                    del shards[shard_id]
-                    outcomes = [o for piece in state["outcomes"] for o in piece]
-                    results.append(finish_shard(state["job"], options, out_dir, outcomes, state["paths"],
-                                                state["start"]))
-            reporter.update(done.value, ok.value)
-    reporter.update(done.value, ok.value)
+    else:
+        pieces_per_shard = 1 if not parallel_hint or parallel_hint >= processes else -(-processes // parallel_hint)
+        results = download_in_processes(job_iter, options, out_dir, pieces_per_shard, reporter.update)
     reporter.progress.finish()
     return results
 

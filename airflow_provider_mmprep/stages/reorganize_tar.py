@@ -28,14 +28,14 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, write_manifest
+from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, read_offsets, write_manifest
 from ..progress import Progress
-from ..tarindex import (Member, TarIndex, UnsafeMemberName, find_tars, has_extensions, index_tar,
-                        normalize_extensions, prefetch, select_members)
+from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
+                        index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
 from ..tarwriter import RangeTarWriter
 from . import StageError
 
@@ -96,12 +96,15 @@ class ReorganizePlan:
 
     def digest(self, j: int) -> str:
         """Fingerprint of what output ``j`` must contain: a rerun over changed inputs never skips it."""
-        h = hashlib.sha256()
+        rels: dict[int, str] = {}
+        parts = []
         for sample in self.chunk(j):
-            h.update(self.rel(sample.tar).encode())
-            for m in sample.members:
-                h.update(f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n".encode())
-        return h.hexdigest()
+            rel = rels.get(sample.tar)
+            if rel is None:
+                rel = rels[sample.tar] = self.rel(sample.tar)
+            parts.append(rel)
+            parts.extend([f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n" for m in sample.members])
+        return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
 def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
@@ -112,11 +115,29 @@ def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
     return inputs
 
 
-def _index(path: Path) -> TarIndex:
+_UNREAD: Any = object()
+
+
+def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
+    """The input's index: from the ``member_offsets`` its manifest names when it has them (no header is
+    read), else from its headers. ``body`` is the manifest when the caller has read it already."""
+    if body is _UNREAD:
+        body = read_manifest(path)
     try:
+        record = read_offsets(path, body) if body is not None else None
+        if record is not None:
+            index = index_from_offsets(path, int(body["tar_size"]), record)  # type: ignore[index]
+            if index is not None:
+                if len(index.samples) != body["sample_count"]:
+                    raise ManifestContradicted(f"{path}: its manifest's member_offsets hold {len(index.samples)} "
+                                               f"sample(s) but its sample_count says {body['sample_count']}")
+                return index
         return index_tar(path)
     except UnsafeMemberName as exc:
         raise StageError(f"{STAGE}.input_dir: {exc}") from None
+    except ManifestContradicted as exc:
+        raise StageError(f"{STAGE}.input_dir: {exc}. Redo the shard that wrote it (or delete "
+                         f"{path.name}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
 
 
 def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
@@ -128,24 +149,60 @@ def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[s
     if index.problems:
         plan.damaged[rel] = index.problems
     plan.skipped_members += index.skipped_members
-    usable = 0
+    usable = not_copied = 0
+    # Samples of one tar mostly share one list of extensions: decide once per list which members to copy
+    # (None: the sample is not usable; True: all of them), not once per sample.
+    choices: dict[tuple[str, ...], list[int] | bool | None] = {}
+    append, planned = plan.samples.append, PlannedSample
     for sample in index.samples:
-        if not has_extensions(sample, wanted):
+        members = sample.members
+        exts = tuple([m.ext for m in members])
+        choice = choices.get(exts, False)
+        if choice is False:
+            if not has_extensions(sample, wanted):
+                choice = None
+            else:
+                picked = [i for i, ext in enumerate(exts) if ext.lower() in wanted]
+                choice = True if len(picked) == len(exts) else picked
+            choices[exts] = choice
+        if choice is None:
             plan.missing_members += 1
             if len(plan.missing_examples) < EXAMPLES:
                 plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
             continue
-        if sample.key in seen_keys:
+        key = sample.key
+        if key in seen_keys:
             plan.duplicate_keys += 1
             if len(plan.duplicate_examples) < EXAMPLES:
-                plan.duplicate_examples.append(f"{rel}:{sample.key}")
-        seen_keys.add(sample.key)
-        members = select_members(sample, wanted)
-        plan.members_not_copied += len(sample.members) - len(members)
+                plan.duplicate_examples.append(f"{rel}:{key}")
+        seen_keys.add(key)
+        if choice is not True:
+            not_copied += len(members) - len(choice)
+            members = [members[i] for i in choice]
         if keep:
-            plan.samples.append(PlannedSample(tar_no, sample.key, members))
+            append(planned(tar_no, key, members))
         usable += 1
+    plan.members_not_copied += not_copied
     return usable
+
+
+def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | None = None) -> Iterator[TarIndex]:
+    """The inputs' indexes in order, each made in a thread while the caller uses the one before (adds
+    its samples, copies from it), so a task's wall time tends to the larger of indexing and copying, not
+    their sum. The thread also asks the kernel to read ahead ``PREFETCH_AHEAD`` inputs (the copy reads
+    every byte anyway, and the call's cost grows with the file even when it is cached)."""
+    def index(at: int) -> TarIndex:
+        for later in paths[0 if at == 0 else at + PREFETCH_AHEAD:at + PREFETCH_AHEAD + 1]:
+            prefetch(later)
+        return _index(paths[at]) if bodies is None else _index(paths[at], bodies[at])
+
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = ahead.submit(index, 0) if paths else None
+        for at in range(len(paths)):
+            done = pending.result()  # type: ignore[union-attr]
+            if at + 1 < len(paths):
+                pending = ahead.submit(index, at + 1)
+            yield done
 
 
 def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
@@ -160,12 +217,8 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     plan = ReorganizePlan(input_dir, _inputs(input_dir, exclude), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
-    for path in plan.inputs[:PREFETCH_AHEAD]:
-        prefetch(path)
-    for tar_no, path in enumerate(plan.inputs):
-        if tar_no + PREFETCH_AHEAD < len(plan.inputs):  # the copy reads it all anyway: let the disk stream
-            prefetch(plan.inputs[tar_no + PREFETCH_AHEAD])
-        _add_tar(plan, tar_no, _index(path), wanted, seen_keys)
+    for tar_no, index in enumerate(_indexed_in_turn(plan.inputs)):
+        _add_tar(plan, tar_no, index, wanted, seen_keys)
         progress.advance()
         if on_tar_indexed is not None:
             on_tar_indexed(plan)
@@ -173,13 +226,13 @@ def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     return plan
 
 
-def counted_by_manifest(path: Path, wanted: tuple[str, ...]) -> int | None:
-    """The input's usable sample count from its producer's manifest, or None when the tar must be read.
+def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) -> int | None:
+    """The input's usable sample count from its producer's (current) manifest, or None when the tar must
+    be read.
 
-    Only a current manifest that lists ``every_sample_has`` (download_images and reorganize_tar write it)
+    Only a manifest that lists ``every_sample_has`` (download_images and reorganize_tar write it)
     covering every wanted extension says how many samples are usable without reading a header.
     """
-    body = read_manifest(path)
     if body is None:
         return None
     every = body.get("every_sample_has")
@@ -189,7 +242,8 @@ def counted_by_manifest(path: Path, wanted: tuple[str, ...]) -> int | None:
 
 
 def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
-                    task_count: int, exclude: Path | None = None) -> ReorganizePlan:
+                    task_count: int, exclude: Path | None = None,
+                    on_tar_indexed: Callable[[ReorganizePlan], None] | None = None) -> ReorganizePlan:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -197,17 +251,19 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     read. So T tasks read every header about once in all, not T times, and the outputs are byte-identical
     to a single task's. Problems (missing members, duplicate keys, damage) are reported for the inputs
     this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
-    placed their samples by it.
+    placed their samples by it. ``on_tar_indexed(plan)`` runs after each input is added, as in
+    :func:`build_plan`, with ``total_samples`` and ``first_sample`` already known.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
     plan = ReorganizePlan(input_dir, inputs, chunk_size)
-    manifest_counts = [counted_by_manifest(path, wanted) for path in inputs]
+    bodies = [read_manifest(path) for path in inputs]
+    manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
     counts: list[int] = []
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
-            unlisted[tar_no] = _index(inputs[tar_no])
+            unlisted[tar_no] = _index(inputs[tar_no], bodies[tar_no])
             count = sum(1 for sample in unlisted[tar_no].samples if has_extensions(sample, wanted))
         counts.append(count)
     starts = [0]
@@ -219,8 +275,11 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     feeding = {t for t in range(len(inputs)) if starts[t] < high and starts[t + 1] > low}
     plan.first_sample = starts[min(feeding)] if feeding else low
     seen_keys: set[str] = set()
-    for tar_no in sorted(feeding | unlisted.keys()):  # global order, so the window stays contiguous
-        index = unlisted.pop(tar_no, None) or _index(inputs[tar_no])
+    order = sorted(feeding | unlisted.keys())  # global order, so the window stays contiguous
+    to_read = [t for t in order if t not in unlisted]
+    fresh = _indexed_in_turn([inputs[t] for t in to_read], [bodies[t] for t in to_read])
+    for tar_no in order:
+        index = unlisted.pop(tar_no) if tar_no in unlisted else next(fresh)
         usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
         if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
             raise StageError(
@@ -228,6 +287,8 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
                 f"{manifest_counts[tar_no]}, and the other tasks placed their samples by the manifest. Redo "
                 f"the shard that wrote it (or delete {plan.rel(tar_no)}{MANIFEST_SUFFIX}), then rerun every "
                 f"{STAGE} task")
+        if on_tar_indexed is not None:
+            on_tar_indexed(plan)
     return plan
 
 
@@ -252,6 +313,21 @@ def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
             else:
                 runs.append([sample.tar, m.header_offset, m.end])
     return [(tar, start, end - start) for tar, start, end in runs]
+
+
+def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
+    """The output tar's ``member_offsets``: its members' records lie one after another from byte 0."""
+    names, heads, datas, sizes, mtimes = [], [], [], [], []
+    position = 0
+    for sample in samples:
+        for name, _, offset, size, header_offset, mtime in sample.members:
+            names.append(name)
+            heads.append(position)
+            datas.append(position + offset - header_offset)
+            sizes.append(size)
+            mtimes.append(mtime)
+            position += offset - header_offset + ((size + 511) & -512)
+    return member_offsets([], columns=(names, heads, datas, sizes, mtimes))
 
 
 def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
@@ -293,7 +369,8 @@ def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) 
     count = len(plan.chunk(j))
     extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
     write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
-                   extensions=extensions, every_sample_has=extensions)  # only usable samples are copied
+                   extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
+                   member_offsets=output_offsets(plan.chunk(j)))
     return "written", count, size
 
 
@@ -315,22 +392,35 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         fsutil.remove_stale_temporaries(output_dir)
     pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
     futures: dict[int, Future[tuple[str, int, int]]] = {}
+    cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
 
-    def submit_full_chunks(plan: ReorganizePlan) -> None:
-        # With one task every output is ours, so full chunks can be written while indexing goes on
-        # (the copy runs in the kernel, the indexing in Python: they overlap). Not with strict, which
-        # must see every input before writing anything.
-        for j in range(len(futures), len(plan.samples) // plan.chunk_size):
-            futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
+    def submit_ready_chunks(plan: ReorganizePlan) -> None:
+        # Outputs whose samples are all indexed are written while indexing goes on (the copy runs in the
+        # kernel, the indexing in Python: they overlap). Not with strict, which must see every input first.
+        if plan.total_samples is None:  # one task, total not known yet: every full chunk is ours
+            for j in range(len(futures), len(plan.samples) // plan.chunk_size):
+                futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
+            return
+        mine = fsutil.task_range(plan.output_count, task_id, task_count)
+        if not cleaned:  # before our first write: other tasks write beside us, so only our own leftovers
+            fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
+            cleaned.append(True)
+        reached = plan.first_sample + len(plan.samples)  # global position the window is indexed up to
+        last = plan.output_count - 1
+        for j in mine:
+            if j not in futures:
+                if min((j + 1) * plan.chunk_size, plan.total) > reached:
+                    break
+                futures[j] = pool.submit(produce_output, plan, output_dir, j, j == last and plan.short_count > 0)
 
     try:
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
             plan = build_task_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
-                                   exclude=output_dir)
+                                   exclude=output_dir, on_tar_indexed=submit_ready_chunks)
         else:
             stream = task_count == 1 and not block.strict
             plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
-                              submit_full_chunks if stream else None, exclude=output_dir)
+                              submit_ready_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
         for rel, problems in plan.damaged.items():
@@ -354,7 +444,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
-        if task_count > 1:  # other tasks write beside us right now: remove only our own leftovers
+        if task_count > 1 and not cleaned:  # other tasks write beside us right now: only our own leftovers
             fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
         last = plan.output_count - 1
         for j in mine:

@@ -13,6 +13,8 @@ Usage::
     host.hits["/img/1.jpg"]                         # how many requests each path received
     host.user_agents                                # Counter of User-Agent values received
     host.timeline                                   # with record_timeline=True: (received, answered) times
+    host.arrivals["/img/1.jpg"]                     # when the first request for a path arrived
+    host.max_in_flight                              # most requests open at once (hanging ones included)
 
 Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs distinct):
 
@@ -21,12 +23,12 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ``429``                       429 with ``Retry-After: <retry_after, default 1>``
 ``flaky/<id>?fail=N&code=C``  status C (default 503) for the first N requests of that path, then an image
 ``reset``                     the connection is reset (RST) without any reply
-``hang``                      accepts, reads the request, never answers
+``hang``                      accepts, reads the request, never answers (until the client closes)
 ``truncated``                 promises the full image in Content-Length, sends half, closes
 ``truncated-jpeg``            a well-formed reply whose body is a JPEG cut in half
 ``html``                      200 ``text/html`` page instead of an image
 ``empty``                     200 ``image/jpeg`` with an empty body
-``drip?rate=B``               200 with a full image, sent B bytes per second (default 1)
+``drip?rate=B&every=S``       200 with a full image, sent B bytes every S seconds (defaults 1 and 1)
 ``ok``                        a small valid JPEG
 ``redirect?to=/path``         302 to ``to`` (default ``/fault/ok``)
 ``redirect-loop``             302 to itself, forever
@@ -34,7 +36,8 @@ Fault routes (``/fault/<kind>[/<any id>][?params]``; the id only makes URLs dist
 ``noai``                      a valid image with ``X-Robots-Tag: noai, noimageai``
 ============================  ======================================================================
 
-Latency ``(low, high)`` delays every reply by a uniform random time from a generator seeded with ``seed``.
+Latency ``(low, high)`` delays every reply by a uniform random time from a generator seeded with ``seed``;
+``tail=(share, low, high)`` gives that share of replies a longer delay instead (a long-tailed host).
 ``record_timeline`` keeps the wall-clock time each request arrived and its reply was sent, so a benchmark can
 tell how many requests a client kept in flight and what the latencies allow at best.
 """
@@ -89,15 +92,19 @@ class ImageHost:
 
     def __init__(self, resources: dict[str, bytes] | None = None, latency: tuple[float, float] = (0.0, 0.0),
                  seed: int = 0, host: str = "127.0.0.1", port: int = 0, default_image: bytes | None = None,
-                 record_timeline: bool = False):
+                 record_timeline: bool = False, tail: tuple[float, float, float] | None = None):
         self.resources: dict[str, Resource] = {}
         for path, body in (resources or {}).items():
             self.add(path, body)
         self.latency = latency
+        self.tail = tail  # (share, low, high): that share of replies is delayed uniform(low, high) instead
         self.host, self.port = host, port
         self.hits: Counter[str] = Counter()
         self.user_agents: Counter[str] = Counter()  # User-Agent header values received
         self.timeline: list[tuple[float, float]] | None = [] if record_timeline else None
+        self.arrivals: dict[str, float] = {}  # path -> when its first request arrived
+        self.in_flight = 0  # requests received and not yet answered (hanging ones included)
+        self.max_in_flight = 0
         self._rng = random.Random(seed)
         self._default_image = default_image
         self._bomb: bytes | None = None
@@ -190,6 +197,8 @@ class ImageHost:
 
     async def _delay(self) -> None:
         low, high = self.latency
+        if self.tail is not None and self._rng.random() < self.tail[0]:
+            low, high = self.tail[1:]
         if high > 0:
             await asyncio.sleep(self._rng.uniform(low, high))
 
@@ -211,7 +220,13 @@ class ImageHost:
                         self.user_agents[line[11:].strip().decode("latin-1")] += 1
                 keep_alive = b"connection: close" not in head.lower()
                 received = time.time()
-                connection_usable = await self._respond(method, target, writer, keep_alive)
+                self.arrivals.setdefault(urlsplit(target).path, received)
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+                try:
+                    connection_usable = await self._respond(method, target, writer, keep_alive, reader)
+                finally:
+                    self.in_flight -= 1
                 if self.timeline is not None:
                     self.timeline.append((received, time.time()))
                 if not connection_usable:
@@ -240,7 +255,8 @@ class ImageHost:
             writer.write(body)
         await writer.drain()
 
-    async def _respond(self, method: str, target: str, writer: asyncio.StreamWriter, keep_alive: bool) -> bool:
+    async def _respond(self, method: str, target: str, writer: asyncio.StreamWriter, keep_alive: bool,
+                       reader: asyncio.StreamReader | None = None) -> bool:
         """Answer one request; False when the connection must end after it."""
         split = urlsplit(target)
         path, params = split.path, {k: v[-1] for k, v in parse_qs(split.query).items()}
@@ -273,8 +289,11 @@ class ImageHost:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
             return False
-        elif kind == "hang":
-            await asyncio.sleep(3600)
+        elif kind == "hang":  # until the client gives up and closes the connection
+            if reader is not None:
+                await reader.read()
+            else:
+                await asyncio.sleep(3600)
             return False
         elif kind == "truncated":
             await self._send(writer, 200, image[: len(image) // 2], "image/jpeg", keep_alive=False, method=method,
@@ -289,14 +308,16 @@ class ImageHost:
         elif kind == "empty":
             await self._send(writer, 200, b"", "image/jpeg", keep_alive=keep_alive, method=method)
         elif kind == "drip":
-            rate = max(1, int(params.get("rate", "1")))
+            rate, every = max(1, int(params.get("rate", "1"))), float(params.get("every", "1"))
             head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: {len(image)}\r\n"
                     "Connection: close\r\n\r\n")
             writer.write(head.encode())
             for offset in range(0, len(image), rate):
+                if writer.is_closing():  # the client gave up
+                    return False
                 writer.write(image[offset: offset + rate])
                 await writer.drain()
-                await asyncio.sleep(1)
+                await asyncio.sleep(every)
             return False
         elif kind == "redirect":
             await self._send(writer, 302, b"", "text/plain", {"Location": params.get("to", "/fault/ok")},

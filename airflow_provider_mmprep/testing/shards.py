@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..manifest import write_manifest
+from ..tarindex import offsets_of
 
 SampleSpec = tuple[str, Mapping[str, bytes]]  # (key, {extension without dot: data})
 
@@ -48,9 +49,10 @@ def download_style_samples(shard: int, count: int, rng: random.Random, image_byt
 
 def make_download_output(root: str | Path, parts: int, shards_per_part: int, samples_per_shard: tuple[int, int],
                          image_bytes: tuple[int, int] = (2_000, 6_000), seed: int = 0,
-                         manifests: bool = False) -> list[Path]:
+                         manifests: bool = False, member_offsets: bool = True) -> list[Path]:
     """download_images-like tree ``root/<part>/{shard:05d}.tar`` with uneven sample counts; returns tars.
-    With ``manifests``, each tar gets the manifest download_images writes beside it."""
+    With ``manifests``, each tar gets the manifest download_images writes beside it (without
+    ``member_offsets``: as versions before they were recorded did)."""
     rng = random.Random(seed)
     tars = []
     for part in range(parts):
@@ -59,7 +61,8 @@ def make_download_output(root: str | Path, parts: int, shards_per_part: int, sam
             tar = write_tar(Path(root) / f"part-{part:03d}" / f"{shard:05d}.tar",
                             download_style_samples(shard, count, rng, image_bytes))
             if manifests:
+                extra = {"member_offsets": offsets_of(tar)} if member_offsets else {}
                 write_manifest(tar, count, shard=shard, extensions=["jpg", "json", "txt"],
-                               every_sample_has=["jpg", "json", "txt"], source="download_images")
+                               every_sample_has=["jpg", "json", "txt"], source="download_images", **extra)
             tars.append(tar)
     return tars

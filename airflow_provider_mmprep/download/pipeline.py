@@ -1,0 +1,403 @@
+"""download_images' engine: one event loop and one connection pool per worker process for the whole task.
+
+Why: fetching one piece of one shard at a time, with a fresh loop per piece, left all of a process's fetch
+slots idle while the last, slowest URLs of its piece ran into their deadline (4x the clean run time when
+10% of URLs misbehave). Here URLs flow to the fetch slots across piece and shard boundaries, a shard is
+finished (tar, parquet, manifest, stats) as soon as its last row is settled, and a request that has been
+waiting for ``STALL_SECONDS`` (at most a quarter of the deadline) gives up its fetch slot ("demoted") so new work can start. A demoted request
+keeps its socket: it still counts against ``max_connections_per_host`` (aiohttp's per-host limit), so new
+work goes to other hosts, and against a hard cap on open requests.
+
+Output does not depend on timing: a piece writes its samples in key order (``shard._OrderedSampleWriter``)
+and a shard is its pieces joined in order, so tars are byte-identical whatever the process count and
+whichever URLs were slow.
+
+Bounds per worker process (documented in docs/download_images.md):
+
+- transfers started and not yet demoted: ``threads``;
+- open requests, demoted ones included: :func:`socket_cap` = ``SOCKETS_PER_SLOT`` x ``threads``, at most a
+  quarter of the file-descriptor limit;
+- finished samples waiting for an earlier, slower one: ``shard.MEMORY_CAP_BYTES`` over all open pieces,
+  then a spill file on disk;
+- bodies waiting for decode: ``threads``;
+- open pieces: ``MAX_OPEN_PIECES`` (two files each).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, Iterator
+
+from . import shard as shard_module
+from .fetcher import Fetcher
+from .options import DownloadOptions
+from .reader import ShardJob
+from .resizer import ImageRejected, process_image
+from .shard import (FAILED_DOWNLOAD, FAILED_RESIZE, SUCCESS, MemoryBudget, Outcome, OrderedSampleWriter,
+                    TarWriter, finish_shard, piece_path, split_rows)
+from ..fsutil import TMP_MARKER
+
+#: A request still unanswered after this long (or a quarter of ``timeout``, if shorter) stops holding a fetch
+#: slot; it keeps its socket.
+STALL_SECONDS = 1.0
+#: Open requests per fetch slot, demoted ones included: the hard cap on sockets is this times ``threads``.
+SOCKETS_PER_SLOT = 4
+#: Pieces a worker keeps open at once (one being dispatched, the others waiting for their stragglers).
+MAX_OPEN_PIECES = 8
+
+
+def socket_cap(threads: int) -> int:
+    """The most requests a worker process keeps open, demoted ones included."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):  # pragma: no cover - not Linux
+        soft = 1024
+    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
+        soft = 1 << 20
+    return max(threads, min(SOCKETS_PER_SLOT * threads, soft // 4))
+
+
+@dataclass
+class Piece:
+    """Rows ``rows`` of ``job``, written as tar members (no end-of-archive marker) to ``path``."""
+
+    job: ShardJob
+    number: int  # position of this piece in its shard
+    rows: range
+    path: Path
+
+
+class _OpenPiece:
+    """A piece being downloaded: its tar piece, spill file and the outcomes settled so far."""
+
+    def __init__(self, piece: Piece, options: DownloadOptions, budget: MemoryBudget):
+        self.piece = piece
+        self.spill_path = piece.path.with_name(piece.path.name.replace(TMP_MARKER, f".spill{TMP_MARKER}"))
+        self.spill = open(self.spill_path, "wb+")
+        self.tar = TarWriter(piece.path)
+        self.writer = OrderedSampleWriter(self.tar, self.spill, piece.job, options, budget)
+        self.writer.next_index = piece.rows.start
+        self.outcomes: dict[int, Outcome] = {}
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outcomes) == len(self.piece.rows)
+
+    def settle(self, index: int, outcome: Outcome, data: bytes | None) -> None:
+        self.outcomes[index] = outcome
+        self.writer.accept(index, outcome, data)
+
+    def close(self) -> list[Outcome]:
+        self.tar.close(end_archive=False)
+        self.spill.close()
+        self.spill_path.unlink(missing_ok=True)
+        return [self.outcomes[i] for i in self.piece.rows]
+
+    def discard(self) -> None:
+        for closing in (lambda: self.tar.close(end_archive=False), self.spill.close):
+            try:
+                closing()
+            except OSError:
+                pass
+        self.spill_path.unlink(missing_ok=True)
+        self.piece.path.unlink(missing_ok=True)
+
+
+async def pump(options: DownloadOptions, next_piece: Callable[[], Awaitable[Piece | None]],
+               piece_done: Callable[[Piece, list[Outcome]], None],
+               on_done: Callable[[bool], None] | None = None) -> None:
+    """Download every piece ``next_piece`` hands out (until it returns None) on one loop and one session.
+
+    ``piece_done`` gets each piece, closed, with its outcomes in row order, as soon as its last row settles.
+    A local error (a full disk while writing) stops the pump and propagates; open pieces are removed.
+    """
+    loop = asyncio.get_running_loop()
+    sockets_cap = socket_cap(options.threads)
+    stall_after = min(STALL_SECONDS, options.timeout / 4)
+    active = asyncio.Semaphore(options.threads)
+    sockets = asyncio.Semaphore(sockets_cap)
+    waiting_bodies = asyncio.Semaphore(max(1, options.threads))
+    piece_slots = asyncio.Semaphore(MAX_OPEN_PIECES)
+    budget = MemoryBudget(shard_module.MEMORY_CAP_BYTES)
+    executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
+    open_pieces: list[_OpenPiece] = []
+    tasks: set[asyncio.Task] = set()
+    errors: list[BaseException] = []
+
+    def settle(state: _OpenPiece, index: int, outcome: Outcome, data: bytes | None) -> None:
+        state.settle(index, outcome, data)
+        if on_done is not None:
+            on_done(outcome.status == SUCCESS)
+        if state.complete:
+            open_pieces.remove(state)
+            outcomes = state.close()
+            piece_slots.release()
+            piece_done(state.piece, outcomes)
+
+    def finished(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            errors.append(task.exception())  # type: ignore[arg-type]
+
+    async def fetch(fetcher: Fetcher, state: _OpenPiece, index: int, url: str) -> None:
+        demoted = False
+
+        def demote() -> None:  # only waiting: let a new transfer take the slot; the socket stays counted
+            nonlocal demoted
+            demoted = True
+            active.release()
+
+        timer = loop.call_later(stall_after, demote)
+        body = None
+        try:
+            result = await fetcher.fetch(url)
+            body = result.body
+            if body:  # backpressure: the slot is held until decode can take the body
+                await waiting_bodies.acquire()
+        finally:
+            timer.cancel()
+            if not demoted:
+                active.release()
+            sockets.release()
+        if body is None:
+            settle(state, index, Outcome(FAILED_DOWNLOAD, result.error, result.transient), None)
+            return
+        if not body:
+            settle(state, index, Outcome(FAILED_DOWNLOAD, "empty body"), None)
+            return
+        data = None
+        try:
+            image = await loop.run_in_executor(executor, process_image, body, options)
+        except ImageRejected as exc:
+            outcome = Outcome(FAILED_RESIZE, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a Pillow bug on one image must not end the task
+            outcome = Outcome(FAILED_RESIZE, f"image processing error: {type(exc).__name__}: {exc}"[:200])
+        else:
+            data = image.data
+            outcome = Outcome(SUCCESS, None, False, image.width, image.height, image.original_width,
+                              image.original_height, image.hash)
+        finally:
+            waiting_bodies.release()
+        settle(state, index, outcome, data)
+
+    try:
+        async with Fetcher(options, concurrency=sockets_cap) as fetcher:
+            while not errors:
+                await piece_slots.acquire()
+                piece = await next_piece()
+                if piece is None:
+                    break
+                state = _OpenPiece(piece, options, budget)
+                open_pieces.append(state)
+                if not piece.rows:
+                    open_pieces.remove(state)
+                    piece_slots.release()
+                    piece_done(piece, state.close())
+                    continue
+                for index in piece.rows:
+                    url = piece.job.urls[index]
+                    if not url:
+                        settle(state, index, Outcome(FAILED_DOWNLOAD, "empty URL"), None)
+                        continue
+                    await sockets.acquire()
+                    await active.acquire()
+                    if errors:
+                        active.release()
+                        sockets.release()
+                        break
+                    task = asyncio.ensure_future(fetch(fetcher, state, index, url))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            while tasks and not errors:
+                await asyncio.wait(list(tasks), return_when=asyncio.FIRST_EXCEPTION)
+        if errors:
+            raise errors[0]
+    except BaseException:
+        for task in list(tasks):
+            task.cancel()
+        for state in open_pieces:
+            state.discard()
+        raise
+    finally:
+        executor.shutdown(wait=True)
+
+
+def run_loop(coroutine: Any) -> Any:
+    try:
+        import uvloop  # optional: a faster event loop where installed
+
+        return uvloop.run(coroutine)
+    except ImportError:
+        return asyncio.run(coroutine)
+
+
+def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
+                  on_done: Callable[[bool], None] | None = None) -> list[dict[str, Any]]:
+    """Download every job in this process (one piece per shard), finishing each shard as it completes."""
+    job_iter = iter(jobs)
+    started: dict[int, float] = {}
+    results: list[dict[str, Any]] = []
+
+    async def next_piece() -> Piece | None:
+        job = next(job_iter, None)
+        if job is None:
+            return None
+        started[job.shard_id] = time.time()
+        return Piece(job, 0, range(len(job)), piece_path(out_dir, job.shard_id, 0))
+
+    def piece_done(piece: Piece, outcomes: list[Outcome]) -> None:
+        results.append(finish_shard(piece.job, options, out_dir, outcomes, [piece.path],
+                                    started.pop(piece.job.shard_id)))
+
+    run_loop(pump(options, next_piece, piece_done, on_done))
+    return results
+
+
+# --- several worker processes -------------------------------------------------------------------------------
+
+_done_counter: Any = None
+_ok_counter: Any = None
+
+
+def _count_in_worker(success: bool) -> None:
+    with _done_counter.get_lock():
+        _done_counter.value += 1
+    if success:
+        with _ok_counter.get_lock():
+            _ok_counter.value += 1
+
+
+def _die_with_parent() -> None:
+    """Linux: end this worker when the task process dies (even by SIGKILL), instead of leaving an orphan that
+    keeps downloading into files the rerun has already discarded."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker(pieces: Any, results: Any, done: Any, ok: Any, options: DownloadOptions) -> None:
+    """A worker process: pump the pieces the parent queues until it queues None; report each finished piece."""
+    global _done_counter, _ok_counter
+    _done_counter, _ok_counter = done, ok
+    _die_with_parent()
+
+    async def next_piece() -> Piece | None:
+        return await asyncio.get_running_loop().run_in_executor(None, pieces.get)
+
+    def piece_done(piece: Piece, outcomes: list[Outcome]) -> None:
+        results.put(("piece", piece.job.shard_id, piece.number, outcomes))
+
+    try:
+        run_loop(pump(options, next_piece, piece_done, _count_in_worker))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which fails the task
+        try:
+            results.put(("error", exc))
+        except Exception:  # noqa: BLE001 - not picklable: send its text
+            results.put(("error", RuntimeError(f"{type(exc).__name__}: {exc}")))
+        return
+    results.put(("finished",))
+
+
+class _Shard:
+    """A shard whose pieces are out with the workers."""
+
+    def __init__(self, job: ShardJob, paths: list[Path]):
+        self.job, self.paths, self.start = job, paths, time.time()
+        self.outcomes: list[list[Outcome] | None] = [None] * len(paths)
+        self.left = len(paths)
+
+
+def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
+                          pieces_per_shard: int, progress: Callable[[int, int], None]) -> list[dict[str, Any]]:
+    """Download every job with ``options.processes`` long-lived worker processes.
+
+    Each shard is cut into ``pieces_per_shard`` contiguous pieces; pieces go through one queue to whichever
+    worker has room, about one waiting per worker, and a shard is finished here once all its pieces are back.
+    """
+    processes = options.processes
+    # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__``. Nothing here
+    # holds a lock or a socket at that point: the event loop and sessions are created inside each worker.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    piece_queue = context.Queue(maxsize=processes)
+    result_queue = context.Queue()
+    done, ok = context.Value("q", 0), context.Value("q", 0)
+    workers = [context.Process(target=_worker, args=(piece_queue, result_queue, done, ok, options), daemon=True)
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    shards: dict[int, _Shard] = {}
+    results: list[dict[str, Any]] = []
+
+    def pieces() -> Iterator[Piece | None]:
+        for job in jobs:
+            ranges = split_rows(len(job), pieces_per_shard)
+            paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
+            shards[job.shard_id] = _Shard(job, paths)
+            for number, rows in enumerate(ranges):
+                yield Piece(job, number, rows, paths[number])
+        for _ in range(processes):
+            yield None  # one stop sign per worker
+
+    finished_workers = 0
+    try:
+        feed = pieces()
+        waiting = next(feed, None)
+        fed_all = False
+        while finished_workers < processes:
+            while not fed_all:
+                try:
+                    piece_queue.put_nowait(waiting)
+                except queue.Full:
+                    break
+                try:
+                    waiting = next(feed)
+                except StopIteration:
+                    fed_all = True
+            try:
+                message = result_queue.get(timeout=0.5)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"download worker process {dead[0].pid} ended with exit code "
+                                       f"{dead[0].exitcode}")
+                progress(done.value, ok.value)
+                continue
+            if message[0] == "error":
+                raise message[1]
+            if message[0] == "finished":
+                finished_workers += 1
+                continue
+            _kind, shard_id, number, outcomes = message
+            shard = shards[shard_id]
+            shard.outcomes[number] = outcomes
+            shard.left -= 1
+            if shard.left == 0:
+                del shards[shard_id]
+                joined = [o for piece_outcomes in shard.outcomes for o in piece_outcomes or []]
+                results.append(finish_shard(shard.job, options, out_dir, joined, shard.paths, shard.start))
+            progress(done.value, ok.value)
+        progress(done.value, ok.value)
+        return results
+    finally:
+        for worker in workers:
+            if worker.is_alive() and finished_workers < processes:
+                worker.kill()
+        for worker in workers:
+            worker.join()
+        for shard in shards.values():  # unfinished shards: remove their pieces (a rerun redoes them)
+            for path in shard.paths:
+                path.unlink(missing_ok=True)
