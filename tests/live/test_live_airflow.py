@@ -155,7 +155,6 @@ from typing import Any
 
 
 from airflow_provider_mmprep.safepickle import safe_loads_plain
-from airflow_provider_mmprep.stages import precache_encodings as precache_stage
 from airflow_provider_mmprep.testing.airflow_ui import AirflowUI, ui_available
 from airflow_provider_mmprep.testing.live_airflow import PASSWORD, USERNAME, LiveAirflow
 from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config
@@ -353,10 +352,6 @@ def _check_failed_then_resumed(live: LiveAirflow, run: dict[str, Any], clean_roo
         assert "No failed or missing tasks found." in (run["root"] / "report.html").read_text()
 
 
-@pytest.mark.xfail(not hasattr(precache_stage, "task_inputs"), strict=True,
-                   reason="the report counts the short .INCOMPLETE tar among precache's inputs and so blames "
-                          "tasks 1 and 3 for tars 00002 and 00004; fixed where the report asks the stage which "
-                          "inputs each task owns (precache_encodings.task_inputs, issue 11's branch)")
 def test_4_the_failed_runs_report_names_the_failed_task_and_how_to_resume_it(
         failed_runs: dict[str, dict[str, Any]]) -> None:
     for run in failed_runs.values():
