@@ -150,12 +150,12 @@ def serve(args: argparse.Namespace) -> int:
         env = {"HF_ENDPOINT": sources.hub.url, "MMPREP_DEMO_ROOT": str(out), "TRANSFORMERS_VERBOSITY": "error"}
         with LiveAirflow(out / "airflow_live", Path(args.dags).resolve(), env=env, port=port,
                          airflow_config={"MMPREP__RETRIES": "0", "LOGGING__LOGGING_LEVEL": "WARNING"}) as live:
-            live.wait_parsed([DEMO_DAG])
-            live.unpause(DEMO_DAG)
-            run_id = live.trigger(DEMO_DAG, {})
-            print(f"[demo] UI: {live.base_url}  (login {USERNAME} / {PASSWORD}); run {run_id} of {DEMO_DAG} "
+            live.wait_parsed([DEMO_DAG_ID])
+            live.unpause(DEMO_DAG_ID)
+            run_id = live.trigger(DEMO_DAG_ID, {})
+            print(f"[demo] UI: {live.base_url}  (login {USERNAME} / {PASSWORD}); run {run_id} of {DEMO_DAG_ID} "
                   f"started; service logs in {live.logs}", flush=True)
-            state = live.wait_run(DEMO_DAG, run_id, timeout=3600)
+            state = live.wait_run(DEMO_DAG_ID, run_id, timeout=3600)
             print(f"[demo] DAG run {run_id}: {state} in {time.monotonic() - started:.0f} s; outputs under {out}, "
                   f"wdinfo.pkl and report.html there", flush=True)
             print(f"[demo] serving the UI at {live.base_url} (login {USERNAME} / {PASSWORD}); Ctrl-C stops "
