@@ -14,6 +14,18 @@ import pytest
 from airflow_provider_mmprep.testing.hf_endpoint import HubServer
 
 
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every output file under ``folder`` by relative path (temporaries and mmprep's own state left out)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and ".mmprep" not in p.parts and not p.name.startswith(".")}
+
+
+def tree_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """Inode and mtime of every file under ``folder``: unchanged means neither rewritten nor replaced."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_hf(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's Hugging Face cache or token; never reach the real Hub."""

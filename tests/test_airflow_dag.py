@@ -27,19 +27,10 @@ airflow_home(migrate=True)
 
 from airflow_provider_mmprep.dag_factory import stage_task_kwargs  # noqa: E402
 from airflow_provider_mmprep.testing.pipeline import local_sources, write_tiny_precache_config  # noqa: E402
+from conftest import tree_bytes  # noqa: E402
 
 DAG_ID = "mmprep_demo"
 IMAGES = 100  # tar_chunk_size 25 in the demo YAML: 4 reorganized tars, one per precache task
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".mmprep" not in p.parts and not p.name.startswith(".")}
-
-
-def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
 
 
 def _task_instances(run_id: str) -> list[Any]:
@@ -122,8 +113,8 @@ def test_params_task_ids_run_only_those_and_pod_command_matches(clean_run: dict[
     labels = sorted(ti.rendered_map_index for ti in _task_instances(run.run_id)
                     if ti.task_id == "precache_encodings")
     assert labels == ["task 1/4", "task 2/4"]
-    clean = _files(clean_run["root"] / "tarfiles_precached")
-    written = _files(root / "tarfiles_precached")
+    clean = tree_bytes(clean_run["root"] / "tarfiles_precached")
+    written = tree_bytes(root / "tarfiles_precached")
     assert written and set(written) < set(clean)
     assert {name.split(".")[0] for name in written} == {"00001", "00002"}
     assert all(clean[name] == data for name, data in written.items())
@@ -136,6 +127,6 @@ def test_params_task_ids_run_only_those_and_pod_command_matches(clean_run: dict[
     result = subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", *arguments],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert result.returncode == 0, result.stderr[-2000:]
-    from_pod = _files(pod_root)
+    from_pod = tree_bytes(pod_root)
     assert from_pod and {n.split(".")[0] for n in from_pod} == {"00001"}
     assert all(written[name] == data for name, data in from_pod.items())

@@ -1,15 +1,19 @@
 """The DAGs on real Airflow services (PostgreSQL, api-server, scheduler, dag-processor, triggerer,
 LocalExecutor), driven only through public interfaces: the REST API v2, the ``airflow`` and ``mmprep`` CLIs
 and a headless browser on the UI. Scenario numbers follow issue 12. The services start once for the session
-(``conftest.py``); runs triggered here write under their own temporary output roots."""
+(the ``live`` fixture below); runs triggered here write under their own temporary output roots."""
 
 from __future__ import annotations
 
-
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,8 +23,13 @@ import yaml
 if any(importlib.util.find_spec(m) is None for m in ("airflow", "torch", "diffusers", "psycopg2", "asyncpg")):
     pytest.skip("needs the airflow (with the postgres extra) and precache extras", allow_module_level=True)
 
-from airflow_provider_mmprep.testing.live_airflow import LiveAirflow, free_port, postgres_bindir  # noqa: E402
-from airflow_provider_mmprep.testing.pipeline import LocalSources, local_sources  # noqa: E402
+from airflow_provider_mmprep.safepickle import safe_loads_plain  # noqa: E402
+from airflow_provider_mmprep.testing.airflow_ui import AirflowUI, ui_available  # noqa: E402
+from airflow_provider_mmprep.testing.live_airflow import (PASSWORD, USERNAME, LiveAirflow, free_port,  # noqa: E402
+                                                          postgres_bindir)
+from airflow_provider_mmprep.testing.pipeline import (LocalSources, local_sources,  # noqa: E402
+                                                      write_tiny_precache_config)
+from conftest import tree_bytes, tree_stamps  # noqa: E402
 
 REPO_DAGS = Path(__file__).resolve().parents[2] / "dags"
 DEMO_DAG = "mmprep_demo"
@@ -146,32 +155,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, sources: LocalSources) -> Ite
         yield services
 
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from typing import Any
-
-
-from airflow_provider_mmprep.safepickle import safe_loads_plain
-from airflow_provider_mmprep.testing.airflow_ui import AirflowUI, ui_available
-from airflow_provider_mmprep.testing.live_airflow import PASSWORD, USERNAME, LiveAirflow
-from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config
-
 
 STAGES = ["download_parquet", "download_images", "reorganize_tar", "precache_encodings", "generate_wdinfo"]
 ARTIFACTS = Path(os.environ.get("MMPREP_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
-
-
-def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and ".mmprep" not in p.parts and not p.name.startswith(".")}
-
-
-def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
 
 
 def _states(live: LiveAirflow, dag_id: str, run_id: str) -> dict[tuple[str, int], str | None]:
@@ -236,7 +222,7 @@ def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: Live
     root = tmp_path / "bad-params"  # precache's inputs and encoders are there: only the Params are wrong
     shutil.copytree(ui_run["root"] / "tarfiles_reorganized", root / "tarfiles_reorganized")
     shutil.copytree(ui_run["root"] / "models", root / "models")
-    before = _stamps(root)
+    before = tree_stamps(root)
     # the schema can express a stage name: the trigger itself is refused (the UI shows the same 400)
     refused = live.api("POST", f"/dags/{DEMO_DAG}/dagRuns", expect=None,
                        json={"logical_date": None, "conf": {"dataset_output_root": str(root),
@@ -252,7 +238,7 @@ def test_2_bad_params_fail_at_plan_naming_the_param_and_write_nothing(live: Live
         assert all(state != "success" for key, state in states.items() if key[0] != "report"), states
         log = live.task_log(DEMO_DAG, run_id, "plan")
         assert "precache_task_ids" in log and repr(value) in log, log[-3000:]
-    assert _stamps(root) == before  # nothing written, nothing touched
+    assert tree_stamps(root) == before  # nothing written, nothing touched
 
 
 # ---- 3. Scheduled runs -----------------------------------------------------------------------------------
@@ -262,8 +248,8 @@ def test_3_scheduled_runs_succeed_and_the_second_redoes_nothing(live: LiveAirflo
     try:
         first = _wait_scheduled_run(live, after=set())
         assert live.wait_run(SCHEDULED_DAG, first) == "success", _states(live, SCHEDULED_DAG, first)
-        before = _stamps(root)
-        data = _files(root)
+        before = tree_stamps(root)
+        data = tree_bytes(root)
         info = _wdinfo(root)
         # 103 images, download_num_processes: -1, tars of 30: three full tars listed, the short fourth not
         assert (info["chunk_size"], len(info["tar_files"]), info["total_key_count"]) == (30, 3, 90)
@@ -271,10 +257,10 @@ def test_3_scheduled_runs_succeed_and_the_second_redoes_nothing(live: LiveAirflo
         assert live.wait_run(SCHEDULED_DAG, second) == "success", _states(live, SCHEDULED_DAG, second)
     finally:
         live.pause(SCHEDULED_DAG)
-    after = _stamps(root)
+    after = tree_stamps(root)
     changed = sorted(k for k in before if after.get(k) != before[k] and not k.endswith("report.html"))
     assert not changed, changed  # every stage skipped its complete outputs
-    assert {k: v for k, v in _files(root).items() if k != "report.html"} == \
+    assert {k: v for k, v in tree_bytes(root).items() if k != "report.html"} == \
         {k: v for k, v in data.items() if k != "report.html"}
     runs = live.runs(SCHEDULED_DAG)
     assert {r["run_type"] for r in runs if r["dag_run_id"] in (first, second)} == {"scheduled"}
@@ -317,7 +303,7 @@ def failed_runs(live: LiveAirflow, ui_run: dict[str, Any], tmp_path_factory: pyt
         run["report"] = (run["root"] / "report.html").read_text() if (run["root"] / "report.html").is_file() \
             else ""
         run["wdinfo_before"] = (run["root"] / "wdinfo.pkl").exists()
-        run["stamps"] = _stamps(run["root"] / "tarfiles_precached")
+        run["stamps"] = tree_stamps(run["root"] / "tarfiles_precached")
         shutil.copy2(clean / "tarfiles_reorganized" / "00002.tar", run["root"] / "tarfiles_reorganized")
     return runs
 
@@ -340,11 +326,11 @@ def _check_failed_then_resumed(live: LiveAirflow, run: dict[str, Any], clean_roo
     expected = [("generate_wdinfo", 0), ("plan_generate_wdinfo", -1), ("precache_encodings", 2)]
     assert reran == expected + ([("report", -1)] if report_reruns else []), reran
     out = run["root"] / "tarfiles_precached"
-    after = _stamps(out)
+    after = tree_stamps(out)
     assert {k: v for k, v in after.items() if k in run["stamps"]} == run["stamps"]
     new = sorted(set(after) - set(run["stamps"]))
     assert new and all(name.startswith("00002.") for name in new), new
-    assert _files(out) == _files(clean_root / "tarfiles_precached")
+    assert tree_bytes(out) == tree_bytes(clean_root / "tarfiles_precached")
     ours, reference = _wdinfo(run["root"]), _wdinfo(clean_root)
     assert {k: ours[k] for k in ("tar_files", "chunk_size", "total_key_count")} == \
         {k: reference[k] for k in ("tar_files", "chunk_size", "total_key_count")}
@@ -490,7 +476,7 @@ def test_5_a_killed_download_worker_is_retried_and_the_outputs_equal_a_clean_run
     assert not [p for p in raw.rglob("*") if p.is_file() and (".tmp" in p.name or p.name.startswith("."))
                 and ".mmprep" not in p.parts]
     # every byte of the shards equals the clean run's; the stats files differ only in their timings
-    ours, reference = _files(raw), _files(clean)
+    ours, reference = tree_bytes(raw), tree_bytes(clean)
     assert set(ours) == set(reference)
     assert {k: v for k, v in ours.items() if not k.endswith("_stats.json")} == \
         {k: v for k, v in reference.items() if not k.endswith("_stats.json")}
