@@ -58,10 +58,10 @@ def socket_cap(threads: int) -> int:
         import resource
 
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY or soft <= 0:
+            soft = 1 << 20
     except (ImportError, ValueError, OSError):  # pragma: no cover - not Linux
         soft = 1024
-    if soft == getattr(resource, "RLIM_INFINITY", -1) or soft <= 0:
-        soft = 1 << 20
     return max(threads, min(SOCKETS_PER_SLOT * threads, soft // 4))
 
 
