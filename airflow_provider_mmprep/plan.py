@@ -15,8 +15,6 @@ from typing import Any
 
 from .config import PipelineConfig
 
-SINGLE_TASK_STAGES = ("download_parquet", "generate_wdinfo")
-
 
 @dataclass
 class StagePlan:

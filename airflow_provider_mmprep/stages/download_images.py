@@ -33,7 +33,7 @@ from ..download.options import DownloadOptions, parse_options
 from ..download.reader import ShardJob, count_rows, iter_shard_jobs
 from ..download.shard import is_complete, shard_paths
 from ..fsutil import remove_stale_temporaries, sorted_files
-from ..manifest import manifest_path
+from ..manifest import FinishedTar, finished_tars, manifest_path
 from ..plan import list_parquet_parts
 from ..progress import Progress
 from . import StageError
@@ -137,6 +137,18 @@ def task_problem(cfg: PipelineConfig, folder: Path, shards: list[ShardRecord], e
     if tried and (succeeded == 0 or (tried - succeeded) / tried > max_failed_share):
         return f"{tried - succeeded:,} of {tried:,} URLs failed (max_failed_share {max_failed_share:g})"
     return None
+
+
+def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
+    """The shard tars with a current manifest in every task's folder (named ``<folder>/<tar>``, each with
+    its task), and the names of those without one."""
+    tars: list[FinishedTar] = []
+    unlisted: list[str] = []
+    for task_id, folder in enumerate(task_output_dirs(cfg)[0]):
+        done, rest = finished_tars(folder)
+        tars += [t._replace(name=f"{folder.name}/{t.name}", task_id=task_id) for t in done]
+        unlisted += [f"{folder.name}/{name}" for name in rest]
+    return tars, unlisted
 
 
 def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:

@@ -88,10 +88,12 @@ def only_short_input(block: PrecacheEncodingsConfig) -> str | None:
     return left_out[0].name[: -len(INCOMPLETE_SUFFIX)] if left_out else None
 
 
-def finished_outputs(cfg: PipelineConfig, task_count: int) -> tuple[list[FinishedTar], list[str]]:
-    """The output tars with a current manifest, each with the task that owns its input (where the input
-    is still there and the manifest does not name one), and the names of the tars that lack a manifest."""
+def finished_outputs(cfg: PipelineConfig, task_count: int | None = None) -> tuple[list[FinishedTar], list[str]]:
+    """The output tars with a current manifest, each with the task of ``task_count`` (default: the
+    configured count) that owns its input (where the input is still there and the manifest does not name
+    one), and the names of the tars that lack a manifest."""
     block = cfg.stage(STAGE)
+    task_count = block.task_selection.task_count if task_count is None else task_count
     tars, unlisted = finished_tars(block.output_dir)
     owner = {tar.name: task for task, owned in enumerate(inputs_by_task(block, task_count)[0]) for tar in owned}
     return [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in tars], unlisted
