@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -107,6 +108,17 @@ class FinishedTar(NamedTuple):
     size: int
     mtime: float  # the manifest's: when the tar was finished
     task_id: int | None  # the task that wrote it, where its manifest (or its stage) says so
+
+
+@dataclass
+class TarOutputs:
+    """A tar stage's output folder against what its tasks should write, from one listing of each folder:
+    what its ``output_state`` answers (``finished_outputs`` and ``incomplete_tasks`` are parts of it)."""
+
+    tars: list[FinishedTar]  # with a current manifest, each with its task where known
+    unlisted: list[str]  # names of tars without one (being written, or left by an interrupted task)
+    incomplete: dict[int, str]  # task id -> why it has work left
+    nothing_to_do: str | None = None  # why no task has work at all (precache: only the short tar is there)
 
 
 def finished_tars(folder: str | Path) -> tuple[list[FinishedTar], list[str]]:

@@ -197,21 +197,17 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     facts.output = str(out)
     selection = block.task_selection
     facts.task_count, facts.task_ids = selection.task_count, selection.task_ids
-    if name == "precache_encodings":
-        short = precache_encodings.only_short_input(block)
-        if short is not None:
-            facts.notes.append(f"nothing to encode: {block.input_dir} holds only the short tar marked "
-                               f"{INCOMPLETE_SUFFIX} (fewer samples than tar_chunk_size "
-                               f"{block.tar_chunk_size:,}); set {name}.process_incomplete_tars: true to "
-                               "encode it, or lower tar_chunk_size")
-            return
-        tars, unlisted = precache_encodings.finished_outputs(cfg, selection.task_count)
-        incomplete = precache_encodings.incomplete_tasks(cfg, selection.task_count, (tars, unlisted))
-    else:
-        tars, unlisted = reorganize_tar.finished_outputs(cfg)
-        incomplete = reorganize_tar.incomplete_tasks(cfg, selection.task_count, (tars, unlisted))
-    facts.incomplete.update((t, why) for t, why in incomplete.items() if t in selection.task_ids)
-    facts.tars = [tuple(t) for t in tars]  # type: ignore[misc]
+    stage = precache_encodings if name == "precache_encodings" else reorganize_tar
+    state = stage.output_state(cfg, selection.task_count)
+    if state.nothing_to_do is not None:  # precache: only the short tar, left out
+        facts.notes.append(f"nothing to encode: {block.input_dir} holds only the short tar marked "
+                           f"{INCOMPLETE_SUFFIX} (fewer samples than tar_chunk_size "
+                           f"{block.tar_chunk_size:,}); set {name}.process_incomplete_tars: true to "
+                           "encode it, or lower tar_chunk_size")
+        return
+    tars, unlisted = state.tars, state.unlisted
+    facts.incomplete.update((t, why) for t, why in state.incomplete.items() if t in selection.task_ids)
+    facts.tars = list(tars)
     if not tars and not unlisted:
         facts.notes.append(f"no tars in {out} (stage not run yet, or failed)")
         return

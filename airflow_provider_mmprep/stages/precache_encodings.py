@@ -29,7 +29,8 @@ from typing import Any
 
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
 from ..fsutil import remove_stale_temporaries, sorted_files, task_range
-from ..manifest import INCOMPLETE_SUFFIX, FinishedTar, finished_tars, read_manifest, tasks_without_output
+from ..manifest import (INCOMPLETE_SUFFIX, FinishedTar, TarOutputs, finished_tars, read_manifest,
+                        tasks_without_output)
 from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
 
@@ -47,8 +48,9 @@ def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
     marker beside ``{name}.tar`` (what our reorganize_tar writes) or the shard itself renamed to
     ``{name}.tar.INCOMPLETE``. Either way it is left out unless ``process_incomplete_tars`` is set.
     """
-    tars = sorted_files(block.input_dir, "*.tar")
-    marked = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    listed = sorted_files(block.input_dir, "*.tar*")
+    tars = [p for p in listed if p.name.endswith(".tar")]
+    marked = [p for p in listed if p.name.endswith(f".tar{INCOMPLETE_SUFFIX}")]
     markers = {p.name[: -len(INCOMPLETE_SUFFIX)] for p in marked if p.stat().st_size == 0}
     renamed = [p for p in marked if p.stat().st_size > 0]
     short = markers | {p.name for p in renamed}
@@ -88,35 +90,43 @@ def only_short_input(block: PrecacheEncodingsConfig) -> str | None:
     return left_out[0].name[: -len(INCOMPLETE_SUFFIX)] if left_out else None
 
 
-def finished_outputs(cfg: PipelineConfig, task_count: int | None = None) -> tuple[list[FinishedTar], list[str]]:
-    """The output tars with a current manifest, each with the task of ``task_count`` (default: the
-    configured count) that owns its input (where the input is still there and the manifest does not name
-    one), and the names of the tars that lack a manifest."""
+def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
+    """The output tars against the inputs each of ``task_count`` tasks (default: the configured count)
+    owns. A finished tar whose manifest names no task gets the task that owns its input. A task has work
+    left when an input it owns lacks a finished output; with the inputs gone (cleaned up), the tasks no
+    output's manifest names, if any names one. Nothing to do when the input is only the short tar."""
     block = cfg.stage(STAGE)
     task_count = block.task_selection.task_count if task_count is None else task_count
-    tars, unlisted = finished_tars(block.output_dir)
-    owner = {tar.name: task for task, owned in enumerate(inputs_by_task(block, task_count)[0]) for tar in owned}
-    return [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in tars], unlisted
-
-
-def incomplete_tasks(cfg: PipelineConfig, task_count: int,
-                     outputs: tuple[list[FinishedTar], list[str]] | None = None) -> dict[int, str]:
-    """The tasks of ``task_count`` that have work left, each with why: an input it owns lacks a finished
-    output tar. With the inputs gone (cleaned up), the tasks no output's manifest names, if any names one.
-    ``outputs`` is :func:`finished_outputs`' answer where the caller has it already (no second read)."""
-    block = cfg.stage(STAGE)
     owned, _ = inputs_by_task(block, task_count)
-    if not any(owned) and only_short_input(block) is not None:
-        return {}  # nothing to encode: no task has work
-    tars, unlisted = outputs if outputs is not None else finished_outputs(cfg, task_count)
+    short_only = None if any(owned) else only_short_input(block)
+    found, unlisted = finished_tars(block.output_dir)
+    owner = {tar.name: task for task, tars_of in enumerate(owned) for tar in tars_of}
+    tars = [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in found]
+    if short_only is not None:
+        return TarOutputs(tars, unlisted, {}, nothing_to_do=f"only the short tar {short_only}")
     if not tars and not unlisted:
-        return {t: "no output tars" for t in range(task_count) if owned[t] or not any(owned)}
-    if not any(owned):
-        return tasks_without_output(tars, task_count)
-    done = {t.name for t in tars}
-    return {task: f"input {names[0]} has no finished output tar" for task, names in
-            ((task, [tar.name for tar in tars_of if tar.name not in done]) for task, tars_of in enumerate(owned))
-            if names}
+        incomplete = {t: "no output tars" for t in range(task_count) if owned[t] or not any(owned)}
+    elif not any(owned):
+        incomplete = tasks_without_output(tars, task_count)
+    else:
+        done = {t.name for t in tars}
+        incomplete = {}
+        for task, tars_of in enumerate(owned):
+            missing = [tar.name for tar in tars_of if tar.name not in done]
+            if missing:
+                incomplete[task] = f"input {missing[0]} has no finished output tar"
+    return TarOutputs(tars, unlisted, incomplete)
+
+
+def finished_outputs(cfg: PipelineConfig, task_count: int | None = None) -> tuple[list[FinishedTar], list[str]]:
+    """The output tars with a current manifest, each with its task, and the names of those without one."""
+    state = output_state(cfg, task_count)
+    return state.tars, state.unlisted
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks of ``task_count`` that have work left, each with why (see :func:`output_state`)."""
+    return output_state(cfg, task_count).incomplete
 
 
 def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, finished_tars, read_manifest, read_offsets,
-                        tasks_without_output, write_manifest)
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, read_manifest,
+                        read_offsets, tasks_without_output, write_manifest)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
@@ -324,30 +324,36 @@ def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list
     return None if by_task is None else by_task[task_id]
 
 
+def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
+    """The output tars against what each of ``task_count`` tasks (default: the configured count) writes:
+    a task has work left when one of its outputs is not finished. Where the inputs' manifests do not place
+    the outputs, the tasks no output's manifest names (if any names one)."""
+    block = cfg.stage(STAGE)
+    task_count = block.task_selection.task_count if task_count is None else task_count
+    tars, unlisted = finished_tars(block.output_dir)
+    if not tars and not unlisted:
+        return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)})
+    by_task = outputs_by_task(cfg, task_count)
+    if by_task is None:
+        return TarOutputs(tars, unlisted, tasks_without_output(tars, task_count))
+    done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
+    incomplete = {}
+    for task, outputs in enumerate(by_task):
+        missing = [p.name for p in outputs if p.name not in done]
+        if missing:
+            incomplete[task] = f"output {missing[0]} is not finished" + (
+                f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    return TarOutputs(tars, unlisted, incomplete)
+
+
 def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
     """The output tars with a current manifest, and the names of those without one (being written)."""
     return finished_tars(cfg.stage(STAGE).output_dir)
 
 
-def incomplete_tasks(cfg: PipelineConfig, task_count: int,
-                     outputs: tuple[list[FinishedTar], list[str]] | None = None) -> dict[int, str]:
-    """The tasks of ``task_count`` with an output tar not finished, each with why. Where the inputs'
-    manifests do not place the outputs, the tasks no output's manifest names (if any names one).
-    ``outputs`` is :func:`finished_outputs`' answer where the caller has it already (no second read)."""
-    tars, unlisted = outputs if outputs is not None else finished_outputs(cfg)
-    if not tars and not unlisted:
-        return {t: "no output tars" for t in range(task_count)}
-    by_task = outputs_by_task(cfg, task_count)
-    if by_task is None:
-        return tasks_without_output(tars, task_count)
-    done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
-    result = {}
-    for task, outputs in enumerate(by_task):
-        missing = [p.name for p in outputs if p.name not in done]
-        if missing:
-            result[task] = f"output {missing[0]} is not finished" + (
-                f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-    return result
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks of ``task_count`` with an output not finished, each with why (see :func:`output_state`)."""
+    return output_state(cfg, task_count).incomplete
 
 
 def lone_short_tar_samples(cfg: PipelineConfig) -> int | None:
