@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -118,6 +118,7 @@ class TarOutputs:
     tars: list[FinishedTar]  # with a current manifest, each with its task where known
     unlisted: list[str]  # names of tars without one (being written, or left by an interrupted task)
     incomplete: dict[int, str]  # task id -> why it has work left
+    marked: list[str] = field(default_factory=list)  # tars marked short (:func:`marked_short`)
     nothing_to_do: str | None = None  # why no task has work at all (precache: only the short tar is there)
 
 
@@ -149,15 +150,15 @@ def finished_tars(folder: str | Path) -> tuple[list[FinishedTar], list[str]]:
     return tars, unlisted
 
 
-def marked_short(folder: str | Path) -> list[str]:
-    """Names of the tars in ``folder`` that an empty ``<tar>.INCOMPLETE`` marker beside them marks short (a
-    tar renamed ``.tar.INCOMPLETE`` carries the mark in its own name)."""
+def marked_short(folder: str | Path, tars: list[FinishedTar]) -> list[str]:
+    """Names of the tars marked short the NeMo way: those of ``tars`` renamed ``<tar>.INCOMPLETE``, then
+    (by the tar's own name) those with an empty ``<tar>.INCOMPLETE`` marker beside them in ``folder``."""
     names = []
     if os.path.isdir(folder):
         for entry in os.scandir(folder):
             if entry.name.endswith(".tar" + INCOMPLETE_SUFFIX) and entry.is_file() and entry.stat().st_size == 0:
                 names.append(entry.name[: -len(INCOMPLETE_SUFFIX)])
-    return sorted(names)
+    return [t.name for t in tars if t.name.endswith(INCOMPLETE_SUFFIX)] + sorted(names)
 
 
 def tasks_without_output(tars: list[FinishedTar], task_count: int) -> dict[int, str]:

@@ -22,7 +22,6 @@ from typing import Any, Mapping
 import pyarrow.parquet as pq
 
 from ..config import STAGE_NAMES, PipelineConfig
-from ..manifest import INCOMPLETE_SUFFIX, marked_short
 from ..stages import download_images, download_parquet, generate_wdinfo, precache_encodings, reorganize_tar
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     state = stage.output_state(cfg, selection.task_count)
     if state.nothing_to_do is not None:  # precache: only the short tar, left out
         facts.notes.append(f"nothing to encode: {block.input_dir} holds only the short tar marked "
-                           f"{INCOMPLETE_SUFFIX} (fewer samples than tar_chunk_size "
+                           ".INCOMPLETE (fewer samples than tar_chunk_size "
                            f"{block.tar_chunk_size:,}); set {name}.process_incomplete_tars: true to "
                            "encode it, or lower tar_chunk_size")
         return
@@ -214,13 +213,12 @@ def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> Non
     samples = sum(t.sample_count for t in tars)
     chunk = block.tar_chunk_size
     short_tars = [t for t in tars if t.sample_count < chunk]
-    marked = [t.name for t in tars if t.name.endswith(INCOMPLETE_SUFFIX)] + marked_short(out)
+    marked = state.marked
     facts.rows += [("tars with manifest", fmt_int(len(tars))), ("samples", fmt_int(samples)),
                    ("bytes", fmt_bytes(sum(t.size for t in tars))),
                    (f"short tars (< tar_chunk_size {chunk:,})", fmt_int(len(short_tars))),
                    ("marked .INCOMPLETE (not listed in wdinfo as full)", fmt_int(len(marked)))]
-    unmarked_short = [t.name for t in short_tars if t.name not in marked and t.name + INCOMPLETE_SUFFIX not in marked
-                      and not t.name.endswith(INCOMPLETE_SUFFIX)]
+    unmarked_short = [t.name for t in short_tars if t.name not in marked]
     if unmarked_short:
         facts.notes.append(f"{len(unmarked_short)} tar(s) hold fewer than tar_chunk_size samples without an "
                            f".INCOMPLETE mark: {', '.join(unmarked_short[:5])}")

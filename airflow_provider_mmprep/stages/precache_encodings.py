@@ -29,7 +29,7 @@ from typing import Any
 
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
 from ..fsutil import remove_stale_temporaries, sorted_files, task_range
-from ..manifest import (INCOMPLETE_SUFFIX, FinishedTar, TarOutputs, finished_tars, read_manifest,
+from ..manifest import (INCOMPLETE_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short, read_manifest,
                         tasks_without_output)
 from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
@@ -102,8 +102,9 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
     found, unlisted = finished_tars(block.output_dir)
     owner = {tar.name: task for task, tars_of in enumerate(owned) for tar in tars_of}
     tars = [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in found]
+    marked = marked_short(block.output_dir, tars)
     if short_only is not None:
-        return TarOutputs(tars, unlisted, {}, nothing_to_do=f"only the short tar {short_only}")
+        return TarOutputs(tars, unlisted, {}, marked, nothing_to_do=f"only the short tar {short_only}")
     if not tars and not unlisted:
         incomplete = {t: "no output tars" for t in range(task_count) if owned[t] or not any(owned)}
     elif not any(owned):
@@ -115,7 +116,7 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
             missing = [tar.name for tar in tars_of if tar.name not in done]
             if missing:
                 incomplete[task] = f"input {missing[0]} has no finished output tar"
-    return TarOutputs(tars, unlisted, incomplete)
+    return TarOutputs(tars, unlisted, incomplete, marked)
 
 
 def finished_outputs(cfg: PipelineConfig, task_count: int | None = None) -> tuple[list[FinishedTar], list[str]]:

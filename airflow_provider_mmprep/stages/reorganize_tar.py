@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, read_manifest,
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short, read_manifest,
                         read_offsets, tasks_without_output, write_manifest)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
@@ -331,11 +331,12 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
     block = cfg.stage(STAGE)
     task_count = block.task_selection.task_count if task_count is None else task_count
     tars, unlisted = finished_tars(block.output_dir)
+    marked = marked_short(block.output_dir, tars)
     if not tars and not unlisted:
-        return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)})
+        return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)}, marked)
     by_task = outputs_by_task(cfg, task_count)
     if by_task is None:
-        return TarOutputs(tars, unlisted, tasks_without_output(tars, task_count))
+        return TarOutputs(tars, unlisted, tasks_without_output(tars, task_count), marked)
     done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
     incomplete = {}
     for task, outputs in enumerate(by_task):
@@ -343,7 +344,7 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
         if missing:
             incomplete[task] = f"output {missing[0]} is not finished" + (
                 f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-    return TarOutputs(tars, unlisted, incomplete)
+    return TarOutputs(tars, unlisted, incomplete, marked)
 
 
 def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
