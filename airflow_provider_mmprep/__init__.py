@@ -48,8 +48,8 @@ MMPREP_CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
                                  "/opt/airflow/dags/mmprep"),
     "gpu_resource_name": _option("Extended resource name of a GPU.", "nvidia.com/gpu"),
     "gpu_count": _option("GPUs per precache pod.", "1", "integer"),
-    "gpu_pool": _option("Airflow pool capping concurrent GPU pods (created by you; empty: default_pool).",
-                        "mmprep_gpu"),
+    "gpu_pool": _option("Airflow pool capping concurrent GPU pods (create it first: tasks in a pool that does "
+                        "not exist are never run; empty: default_pool).", "", "string", "mmprep_gpu"),
     "gpu_pool_slots": _option("Documentation only: the size the chart suggests for gpu_pool.", "8", "integer"),
     "node_selector": _option("JSON object: node selector of GPU pods.", "{}", "string",
                              '{"nvidia.com/gpu.present": "true"}'),

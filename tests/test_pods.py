@@ -142,6 +142,16 @@ def test_pods_carry_the_settings(monkeypatch: pytest.MonkeyPatch, pipeline: Path
         assert args[args.index("--stage") + 1] == stage
 
 
+
+def test_gpu_pods_run_in_default_pool_unless_a_pool_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                             pipeline: Path) -> None:
+    """A pool that does not exist leaves tasks scheduled forever (the scheduler only warns), so a fresh
+    install without the chart's pool must use Airflow's default_pool."""
+    for settings, pool in (({}, "default_pool"), ({"gpu_pool": "mmprep_gpu"}, "mmprep_gpu")):
+        dag = build_dag(pipeline, configure(monkeypatch, settings))
+        assert dag.get_task("precache_encodings").partial_kwargs.get("pool", "default_pool") == pool
+        assert dag.get_task("reorganize_tar").partial_kwargs.get("pool", "default_pool") == "default_pool"
+
 def test_a_misspelled_pod_field_fails_with_the_validators_message(
         monkeypatch: pytest.MonkeyPatch, pipeline: Path) -> None:
     """Strict mode is what catches a typo: the same pod with `resurces` passes without it."""

@@ -422,9 +422,15 @@ class LiveAirflow:
         return self._wait(done, time.monotonic() + timeout, f"run {run_id} of {dag_id} to finish", interval=1)
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
-        """``{(task_id, map_index): task instance JSON}`` of one run."""
-        body = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
-        return {(ti["task_id"], ti["map_index"]): ti for ti in body["task_instances"]}
+        """``{(task_id, map_index): task instance JSON}`` of one run, every page of it (the API serves at
+        most ``[api] maximum_page_limit``, 100 by default, per request)."""
+        found: dict[tuple[str, int], dict[str, Any]] = {}
+        while True:
+            body = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                            params={"limit": 100, "offset": len(found), "order_by": "id"})
+            found.update(((ti["task_id"], ti["map_index"]), ti) for ti in body["task_instances"])
+            if not body["task_instances"] or len(found) >= body["total_entries"]:
+                return found
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
         """One try's log as text: each structured log event as a JSON line (messages, errors, tracebacks)."""
