@@ -272,7 +272,23 @@ class LiveAirflow:
         return self
 
     def stop(self) -> None:
-        """Stop every service (SIGTERM to its process group, SIGKILL after 20 s) and the database."""
+        """Stop every service (SIGTERM to its process group, SIGKILL after 20 s) and the database.
+
+        A second SIGTERM/Ctrl-C while this runs (``timeout`` forwarding the signal it got, a user pressing
+        Ctrl-C twice) is held off until the end: raised half-way, it left services and PostgreSQL running."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            self._stop()
+            return
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._stop()
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+
+    def _stop(self) -> None:
         for service, process in list(self.processes.items()):
             if process.poll() is None:
                 try:
