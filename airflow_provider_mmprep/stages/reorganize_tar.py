@@ -36,7 +36,7 @@ from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, read_o
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
-from ..tarwriter import RangeTarWriter
+from ..tarwriter import TarWriter
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -336,8 +336,8 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
     try:
         with fsutil.atomic_path(final) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            writer = TarWriter(fd)
             try:
-                writer = RangeTarWriter(fd)
                 for tar, start, length in record_runs(plan.chunk(j)):
                     src = sources.get(tar)
                     if src is None:
@@ -345,11 +345,12 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
                     writer.add_records(src, start, length)
                 writer.close()
             finally:
+                writer.close(end_archive=False)  # after an error: only release the file
                 os.close(fd)
     finally:
         for src in sources.values():
             os.close(src)
-    return writer.position
+    return writer.size
 
 
 def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
