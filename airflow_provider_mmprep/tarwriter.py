@@ -1,11 +1,12 @@
 """The one tar writer: member headers under a fixed-metadata policy, member data copied in the kernel.
 
-Every tar this package writes goes through :class:`TarWriter` (download_images' shards, reorganize_tar's
-re-packed tars, precache_encodings' outputs), so the header bytes and their metadata policy have one
-owner: :class:`MemberMetadata` (mode, owner ids and names, the default mtime, and how a name that does
-not fit a ustar header is stored), passed to the writer as a parameter the way webdataset's ``TarWriter``
-takes ``user``/``group``/``mode``/``mtime``/``format``. Fixed metadata is what makes two runs over the same
-input give byte-identical tars.
+Every tar a stage writes goes through :class:`TarWriter` (download_images' shards, reorganize_tar's
+re-packed tars, precache_encodings' outputs; only the test fixtures, which imitate other producers, use
+:mod:`tarfile`), so the header bytes and their metadata policy have one owner: :class:`MemberMetadata`
+(mode, owner ids and names, the default mtime, and how a name that does not fit a ustar header is stored),
+passed to the writer as a parameter the way webdataset's ``TarWriter`` takes
+``user``/``group``/``mode``/``mtime``/``format``. Fixed metadata is what makes two runs over the same input
+give byte-identical tars.
 
 Headers are built directly for the common case (an ASCII name of at most 100 bytes, a size and mtime that
 fit their octal fields): :mod:`tarfile`'s generic builder costs more than the rest of writing a
