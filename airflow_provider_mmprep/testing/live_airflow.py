@@ -21,6 +21,7 @@ CLI (:meth:`airflow`) and whatever the caller runs against :attr:`LiveAirflow.ba
 from __future__ import annotations
 
 import atexit
+import functools
 import glob
 import json
 import os
@@ -33,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..procutil import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -127,16 +130,6 @@ class PostgresCluster:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _interrupt_on_sigterm() -> None:
@@ -261,7 +254,7 @@ class LiveAirflow:
             self.processes[service] = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.workdir, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM))
             log.close()
         deadline = time.monotonic() + timeout
         self._wait(lambda: self._get_ok("/api/v2/monitor/health"), deadline, "the API server to answer")
