@@ -91,6 +91,24 @@ def test_every_stage_runs_labels_instances_and_writes_wdinfo(clean_run: dict[str
     assert clean_run["run_id"] in page and "No failed or missing tasks found." in page
 
 
+def test_after_a_clean_run_every_stage_says_nothing_is_left_and_the_demo_counts_its_tars(
+        clean_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.config import load_config
+    from airflow_provider_mmprep.demo import count_tars
+    from airflow_provider_mmprep.plan import plan_stage
+    from airflow_provider_mmprep.stages import get_stage_runner
+
+    monkeypatch.setenv("MMPREP_DEMO_ROOT", str(clean_run["root"]))
+    cfg = load_config(DAGS_FOLDER / "demo_multimodal.yaml")
+    for stage in cfg.enabled_stages:
+        module = sys.modules[get_stage_runner(stage).__module__]
+        assert module.incomplete_tasks(cfg, plan_stage(cfg, stage).task_count) == {}, stage
+    root = clean_run["root"]
+    assert count_tars(cfg, "download_images") == (len(list((root / "tarfiles_raw").glob("*/*.tar"))), IMAGES)
+    assert count_tars(cfg, "reorganize_tar") == (4, IMAGES)
+    assert count_tars(cfg, "precache_encodings") == (4, IMAGES)
+
+
 def test_wdinfo_asset_event_recorded(clean_run: dict[str, Any]) -> None:
     from airflow import settings
     from airflow.models.asset import AssetEvent, AssetModel

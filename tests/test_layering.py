@@ -13,8 +13,10 @@ CORE_MODULES = ["airflow_provider_mmprep.config", "airflow_provider_mmprep.plan"
 
 
 def _stage_modules() -> list[str]:
-    folder = Path(__file__).parents[1] / "airflow_provider_mmprep" / "stages"
-    return [f"airflow_provider_mmprep.stages.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"]
+    """Every module of the stage core's packages: the stages and the run report."""
+    root = Path(__file__).parents[1] / "airflow_provider_mmprep"
+    return [f"airflow_provider_mmprep.{package}.{p.stem}" for package in ("stages", "report")
+            for p in (root / package).glob("*.py") if p.stem != "__init__"]
 
 
 def test_core_imports_no_airflow_and_no_torch() -> None:

@@ -124,6 +124,33 @@ def _remote_files(cfg: PipelineConfig, endpoint: str | None, token: str | None) 
     return sorted(f for f in files if fnmatch.fnmatch(f, block.parquet_pattern))
 
 
+def expected_outputs(cfg: PipelineConfig, task_id: int = 0, task_count: int = 1) -> list[Path]:
+    """The parquet parts in ``output_dir`` now (which exist is the hub's business): download_images fans
+    out over these."""
+    block = cfg.stage("download_parquet")
+    return list_parquet_parts(block.output_dir, block.parquet_pattern)
+
+
+def part_rows(part: Path | None) -> int | None:
+    """A part's row count from its parquet footer (no data read), or None if unknown or unreadable."""
+    if part is None:
+        return None
+    try:
+        return pq.ParquetFile(part).metadata.num_rows
+    except Exception:  # a truncated file must not stop the caller
+        return None
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int = 1) -> dict[int, str]:
+    """``{0: why}`` when no part is there or one is unreadable, else ``{}``."""
+    parts = expected_outputs(cfg)
+    if not parts:
+        return {0: "no parquet output"}
+    if any(part_rows(part) is None for part in parts):
+        return {0: "unreadable parquet output"}
+    return {}
+
+
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
 
@@ -161,7 +188,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             progress.advance()
         progress.finish()
 
-    parts = list_parquet_parts(output_dir, block.parquet_pattern)
+    parts = expected_outputs(cfg)
     log.info("download_parquet: %d parquet part(s) ready in %s (download_images fans out over these)",
              len(parts), output_dir)
     return {"files": len(remote), "fetched_or_verified": len(to_fetch), "split": split_files,

@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterator
 
 from .. import fsutil
 from ..config import PipelineConfig
-from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest, read_offsets, write_manifest
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short, read_manifest,
+                        read_offsets, tasks_without_output, write_manifest)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
@@ -299,6 +300,78 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
 
 def output_path(output_dir: Path, j: int) -> Path:
     return output_dir / f"{j:05d}.tar"
+
+
+def outputs_by_task(cfg: PipelineConfig, task_count: int) -> list[list[Path]] | None:
+    """The output tars each of ``task_count`` tasks writes (index = task id), placed as
+    :func:`build_task_plan` places them, from the inputs' manifests alone; None when an input's manifest
+    does not say how many usable samples it holds (the headers would have to be read)."""
+    block = cfg.stage(STAGE)
+    input_dir, output_dir = Path(block.input_dir), Path(block.output_dir)
+    if not input_dir.is_dir():
+        return None
+    wanted = normalize_extensions(block.file_ext_in_tar)
+    total = 0
+    for path in _inputs(input_dir, output_dir):
+        count = counted_by_manifest(read_manifest(path), wanted)
+        if count is None:
+            return None
+        total += count
+    output_count = -(-total // block.tar_chunk_size)
+    return [[output_path(output_dir, j) for j in fsutil.task_range(output_count, t, task_count)]
+            for t in range(task_count)]
+
+
+def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path] | None:
+    """The output tars task ``task_id`` of ``task_count`` writes, or None when only reading the inputs'
+    headers would tell (see :func:`outputs_by_task`)."""
+    by_task = outputs_by_task(cfg, task_count)
+    return None if by_task is None else by_task[task_id]
+
+
+def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
+    """The output tars against what each of ``task_count`` tasks (default: the configured count) writes:
+    a task has work left when one of its outputs is not finished. Where the inputs' manifests do not place
+    the outputs, the tasks no output's manifest names (if any names one)."""
+    block = cfg.stage(STAGE)
+    task_count = block.task_selection.task_count if task_count is None else task_count
+    tars, unlisted = finished_tars(block.output_dir)
+    marked = marked_short(block.output_dir, tars)
+    if not tars and not unlisted:
+        return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)}, marked)
+    by_task = outputs_by_task(cfg, task_count)
+    if by_task is None:
+        return TarOutputs(tars, unlisted, tasks_without_output(tars, task_count), marked)
+    done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
+    incomplete = {}
+    for task, outputs in enumerate(by_task):
+        missing = [p.name for p in outputs if p.name not in done]
+        if missing:
+            incomplete[task] = f"output {missing[0]} is not finished" + (
+                f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    return TarOutputs(tars, unlisted, incomplete, marked)
+
+
+def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
+    """The output tars with a current manifest, and the names of those without one (being written)."""
+    return finished_tars(cfg.stage(STAGE).output_dir)
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks of ``task_count`` with an output not finished, each with why (see :func:`output_state`)."""
+    return output_state(cfg, task_count).incomplete
+
+
+def lone_short_tar_samples(cfg: PipelineConfig) -> int | None:
+    """The usable sample count when the whole output is one short ``.INCOMPLETE`` tar (the dataset is
+    smaller than ``tar_chunk_size``), else None."""
+    folder = Path(cfg.stage(STAGE).output_dir)
+    tars = fsutil.sorted_files(folder, "*.tar")
+    marked = fsutil.sorted_files(folder, "*.tar" + INCOMPLETE_SUFFIX)
+    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0].name + INCOMPLETE_SUFFIX != marked[0].name):
+        return None
+    body = read_manifest(tars[0] if tars else marked[0])
+    return int(body["sample_count"]) if body is not None else None
 
 
 def _is_complete(tar: Path, digest: str, short: bool) -> bool:
