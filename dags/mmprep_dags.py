@@ -9,6 +9,6 @@ from pathlib import Path
 
 from airflow.configuration import conf
 
-from airflow_provider_mmprep.dag_builder import load_dags
+from airflow_provider_mmprep.airflow.dag import load_dags
 
 load_dags(conf.get("mmprep", "config_dir", fallback="") or Path(__file__).parent, globals())
