@@ -246,3 +246,36 @@ def test_clear_without_an_api_server_is_one_line(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot reach the Airflow API server at http://127.0.0.1:{port} (connection refused "
                    "or timed out); start it or pass --api-url (or set AIRFLOW_API_URL)"]
+
+
+def test_mmprep_section_is_read_with_airflows_typed_getters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[mmprep] through Airflow's conf: its booleans, integers and JSON, its refusals, and the defaults the
+    provider declares where an option is not set (an empty JSON option means none)."""
+    from airflow.exceptions import AirflowConfigException
+
+    from airflow_provider_mmprep.airflow.settings import MMPREP_CONFIG_OPTIONS, option_default
+
+    for option in MMPREP_CONFIG_OPTIONS:
+        monkeypatch.delenv(f"AIRFLOW__MMPREP__{option.upper()}", raising=False)
+    defaults = ClusterDefaults.from_airflow_config()
+    assert (defaults.in_cluster, defaults.deferrable, defaults.gpu_count, defaults.retries) == (True, False, 1, 2)
+    assert defaults.tolerations == json.loads(option_default("tolerations")) != []
+    assert defaults.node_selector == {} and defaults.worker_image == option_default("worker_image")
+
+    for name, value in {"IN_CLUSTER": "false", "DEFERRABLE": "t", "GPU_COUNT": "4", "RETRIES": "0",
+                        "TOLERATIONS": "", "NODE_SELECTOR": '{"a": "b"}'}.items():
+        monkeypatch.setenv(f"AIRFLOW__MMPREP__{name}", value)
+    cluster = ClusterDefaults.from_airflow_config()
+    assert (cluster.in_cluster, cluster.deferrable, cluster.gpu_count, cluster.retries) == (False, True, 4, 0)
+    assert cluster.tolerations == [] and cluster.node_selector == {"a": "b"}
+
+    for name, value, message in (("IN_CLUSTER", "maybe", '"in_cluster" key in "mmprep"'),
+                                 ("GPU_COUNT", "two", '"gpu_count" key in "mmprep"'),
+                                 ("WORKER_RESOURCES", "{cpu: 8}", r"\[mmprep\] 'worker_resources'")):
+        with monkeypatch.context() as patch:
+            patch.setenv(f"AIRFLOW__MMPREP__{name}", value)
+            with pytest.raises(AirflowConfigException, match=message):
+                ClusterDefaults.from_airflow_config()
+    monkeypatch.setenv("AIRFLOW__MMPREP__NODE_SELECTOR", "[1]")
+    with pytest.raises(ValueError, match=r"\[mmprep\] node_selector: expected a JSON dict, got \[1\]"):
+        ClusterDefaults.from_airflow_config()

@@ -141,3 +141,10 @@ def max_map_length() -> int:
     from airflow.configuration import conf
 
     return conf.getint("core", "max_map_length", fallback=1024)
+
+
+def config_dir() -> str:
+    """``[mmprep] config_dir``: the folder the DAG loader scans for pipeline YAMLs (empty: the loader's own)."""
+    from airflow.configuration import conf
+
+    return conf.get(SECTION, "config_dir", fallback="") or ""
