@@ -16,8 +16,6 @@ from typing import Any
 from .config import PipelineConfig
 from .task_ids import compact_ranges
 
-SINGLE_TASK_STAGES = ("download_parquet", "generate_wdinfo")
-
 
 @dataclass
 class StagePlan:

@@ -23,7 +23,7 @@ AIRFLOW_SIDE = ("airflow/", "operators/", "hooks/", "demo.py", "testing/")
 
 
 def _stage_modules() -> list[str]:
-    folder = PACKAGE / "stages"
+    folder = Path(__file__).parents[1] / "airflow_provider_mmprep" / "stages"
     return [f"airflow_provider_mmprep.stages.{p.stem}" for p in folder.glob("*.py") if p.stem != "__init__"]
 
 
