@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
+from .task_ids import compact_ranges
 
 
 @dataclass
@@ -44,17 +45,6 @@ class Plan:
         return {"dag_id": self.dag_id, "stages": [asdict(s) for s in self.stages]}
 
 
-def compact_ranges(ids: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``."""
-    runs: list[list[int]] = []
-    for task_id in sorted(set(ids)):
-        if runs and runs[-1][1] == task_id - 1:
-            runs[-1][1] = task_id
-        else:
-            runs.append([task_id, task_id])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def list_parquet_parts(input_dir: str | Path, pattern: str) -> list[Path]:
     """Parquet parts under ``input_dir`` (recursively, hidden folders skipped) whose path relative to it
     matches ``pattern`` the way huggingface_hub's ``allow_patterns`` does; sorted by relative path."""
@@ -74,6 +64,13 @@ def list_parquet_parts(input_dir: str | Path, pattern: str) -> list[Path]:
     return [root / rel for rel in sorted(found)]
 
 
+def part_name(input_dir: str | Path, part: Path) -> str:
+    """Stable folder name for one parquet part: its path relative to the input, suffix dropped."""
+    rel = part.relative_to(input_dir).as_posix()
+    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+    return stem.replace("/", "__")
+
+
 def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     """Plan one enabled stage against what is on disk now."""
     block = cfg.stage(name)
@@ -82,9 +79,7 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     if name == "download_parquet":
         return StagePlan(name, f"hf://datasets/{cfg.dataset_repo_id}", str(block.output_dir), runner, 1, [0])
     if name == "download_images":
-        from .stages.download_images import input_parts  # the stage says which inputs are its tasks'
-
-        parts = input_parts(cfg)
+        parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
         if not parts and upstream == "download_parquet":
             return StagePlan(name, str(block.input_dir), str(block.output_dir), runner, None, None,
                              waits_for="download_parquet")

@@ -25,7 +25,7 @@ from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_hom
 
 airflow_home(migrate=True)
 
-from airflow_provider_mmprep.dag_factory import stage_task_kwargs  # noqa: E402
+from airflow_provider_mmprep.task_ids import instance_kwargs  # noqa: E402
 from airflow_provider_mmprep.testing.pipeline import local_sources, write_tiny_precache_config  # noqa: E402
 from conftest import tree_bytes  # noqa: E402
 
@@ -139,9 +139,9 @@ def test_params_task_ids_run_only_those_and_pod_command_matches(clean_run: dict[
 
     # The GPU pod's command (as the DAG renders it for runner: kubernetes), run here on CPU for task 1.
     pod_root = tmp_path / "pod"
-    arguments = stage_task_kwargs("kubernetes", "precache_encodings", str(DAGS_FOLDER / "demo_multimodal.yaml"),
-                                  [f"dataset_output_root={root}",
-                                   f"precache_encodings.output_dir={pod_root}"], 1, 4)["arguments"]
+    arguments = instance_kwargs("kubernetes", "precache_encodings", str(DAGS_FOLDER / "demo_multimodal.yaml"),
+                                [f"dataset_output_root={root}",
+                                 f"precache_encodings.output_dir={pod_root}"], 1, 4)["arguments"]
     result = subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", *arguments],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -299,11 +299,11 @@ def test_options_unknown_warns_and_bad_values_name_the_key(tmp_path: Path, host:
 @pytest.mark.parametrize(("name", "size"), [("000000001.jpg", 77_600), ("000000001.txt", 0),
                                             ("123456789.json", 12_345_678)])
 def test_fast_tar_header_matches_tarfile(name: str, size: int) -> None:
-    from airflow_provider_mmprep.download.shard import TarWriter
+    from airflow_provider_mmprep.tarwriter import FIXED
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    assert TarWriter.header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    assert FIXED.header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
 def test_input_is_read_in_batches_not_whole(tmp_path: Path) -> None:

@@ -234,14 +234,14 @@ KILLER = textwrap.dedent("""\
     from airflow_provider_mmprep import tarwriter
     cfg = load_config(sys.argv[1], sys.argv[3:], load_precache=False)
     calls = 0
-    real = tarwriter.RangeTarWriter.add_records
+    real = tarwriter.TarWriter.add_records
     def add_records(self, *args):
         global calls
         calls += 1
         if calls == int(sys.argv[2]):  # die in the middle of an output tar, like a preempted pod
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *args)
-    tarwriter.RangeTarWriter.add_records = add_records
+    tarwriter.TarWriter.add_records = add_records
     reorganize_tar.run_task(cfg, 0, 1)
 """)
 

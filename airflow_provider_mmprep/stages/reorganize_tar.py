@@ -1,13 +1,13 @@
 """reorganize_tar: re-pack uneven download shards into tars of exactly ``tar_chunk_size`` samples.
 
-One global plan, built from tar headers only, orders every usable sample of every input tar (tars sorted
-by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
+One global plan (:class:`SampleOrder`), built from tar headers only, orders every usable sample of every
+input tar (tars sorted by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
 ``[j*C, (j+1)*C)`` of that order and is named ``{j:05d}.tar`` in one flat ``output_dir``; the last one
 may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMPLETE`` file beside it
 (NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
 :func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes. With several tasks, each places
 the inputs by their manifests' sample counts and reads the headers of only the inputs feeding its own
-outputs (:func:`build_task_plan`), so T tasks do not read every header T times.
+outputs (:func:`order_task_samples`), so T tasks do not read every header T times.
 
 Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
@@ -37,7 +37,7 @@ from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutp
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
-from ..tarwriter import RangeTarWriter
+from ..tarwriter import TarWriter
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -48,18 +48,23 @@ PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexin
 
 
 @dataclass
-class PlannedSample:
-    tar: int  # index into ReorganizePlan.inputs
+class PlacedSample:
+    """A usable sample's place in the global order: its input tar, key and the members to copy."""
+
+    tar: int  # index into SampleOrder.inputs
     key: str
     members: list[Member]
 
 
 @dataclass
-class ReorganizePlan:
+class SampleOrder:
+    """The global order of usable samples (the reorganize plan; not :func:`..plan.build_plan`'s stage plan),
+    cut into output tars of ``chunk_size``, with what indexing found wrong on the way."""
+
     input_dir: Path
     inputs: list[Path]
     chunk_size: int
-    samples: list[PlannedSample] = field(default_factory=list)
+    samples: list[PlacedSample] = field(default_factory=list)
     missing_members: int = 0
     missing_examples: list[str] = field(default_factory=list)
     duplicate_keys: int = 0
@@ -88,7 +93,7 @@ class ReorganizePlan:
     def rel(self, tar: int) -> str:
         return self.inputs[tar].relative_to(self.input_dir).as_posix()
 
-    def chunk(self, j: int) -> list[PlannedSample]:
+    def chunk(self, j: int) -> list[PlacedSample]:
         start = j * self.chunk_size - self.first_sample
         stop = min((j + 1) * self.chunk_size, self.total) - self.first_sample
         if start < 0 or stop > len(self.samples):
@@ -141,7 +146,7 @@ def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
                          f"{path.name}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
 
 
-def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
+def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
              seen_keys: set[str], keep: bool = True) -> int:
     """Report one indexed input's problems and, with ``keep``, append its usable samples to the plan;
     returns how many usable samples it has."""
@@ -154,7 +159,7 @@ def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[s
     # Samples of one tar mostly share one list of extensions: decide once per list which members to copy
     # (None: the sample is not usable; True: all of them), not once per sample.
     choices: dict[tuple[str, ...], list[int] | bool | None] = {}
-    append, planned = plan.samples.append, PlannedSample
+    append, planned = plan.samples.append, PlacedSample
     for sample in index.samples:
         members = sample.members
         exts = tuple([m.ext for m in members])
@@ -206,16 +211,16 @@ def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | No
             yield done
 
 
-def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
-               on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
-               exclude: Path | None = None) -> ReorganizePlan:
+def order_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
+                  on_tar_indexed: Callable[[SampleOrder], None] | None = None,
+                  exclude: Path | None = None) -> SampleOrder:
     """Index every input tar's headers and order their usable samples; raises StageError on unsafe names.
 
     ``on_tar_indexed(plan)`` runs after each input tar is added, so a caller can start writing chunks that
     are already complete while later tars are still being indexed.
     """
     wanted = normalize_extensions(file_ext_in_tar)
-    plan = ReorganizePlan(input_dir, _inputs(input_dir, exclude), chunk_size)
+    plan = SampleOrder(input_dir, _inputs(input_dir, exclude), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
     for tar_no, index in enumerate(_indexed_in_turn(plan.inputs)):
@@ -242,9 +247,9 @@ def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) ->
     return int(body["sample_count"])
 
 
-def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
-                    task_count: int, exclude: Path | None = None,
-                    on_tar_indexed: Callable[[ReorganizePlan], None] | None = None) -> ReorganizePlan:
+def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
+                       task_count: int, exclude: Path | None = None,
+                       on_tar_indexed: Callable[[SampleOrder], None] | None = None) -> SampleOrder:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -253,11 +258,11 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     to a single task's. Problems (missing members, duplicate keys, damage) are reported for the inputs
     this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
     placed their samples by it. ``on_tar_indexed(plan)`` runs after each input is added, as in
-    :func:`build_plan`, with ``total_samples`` and ``first_sample`` already known.
+    :func:`order_samples`, with ``total_samples`` and ``first_sample`` already known.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
-    plan = ReorganizePlan(input_dir, inputs, chunk_size)
+    plan = SampleOrder(input_dir, inputs, chunk_size)
     bodies = [read_manifest(path) for path in inputs]
     manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
@@ -375,7 +380,7 @@ def _is_complete(tar: Path, digest: str, short: bool) -> bool:
     return body is not None and body.get("plan_digest") == digest and marker_ok
 
 
-def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
+def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
     """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
     are adjacent in their input merge into one range (one copy call)."""
     runs: list[list[int]] = []
@@ -388,7 +393,7 @@ def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
     return [(tar, start, end - start) for tar, start, end in runs]
 
 
-def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
+def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
     """The output tar's ``member_offsets``: its members' records lie one after another from byte 0."""
     names, heads, datas, sizes, mtimes = [], [], [], [], []
     position = 0
@@ -403,14 +408,14 @@ def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
     return member_offsets([], columns=(names, heads, datas, sizes, mtimes))
 
 
-def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
+def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     """Write output tar ``j`` atomically; returns bytes written."""
     sources: dict[int, int] = {}
     try:
         with fsutil.atomic_path(final) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            writer = TarWriter(fd)
             try:
-                writer = RangeTarWriter(fd)
                 for tar, start, length in record_runs(plan.chunk(j)):
                     src = sources.get(tar)
                     if src is None:
@@ -418,14 +423,15 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
                     writer.add_records(src, start, length)
                 writer.close()
             finally:
+                writer.close(end_archive=False)  # after an error: only release the file
                 os.close(fd)
     finally:
         for src in sources.values():
             os.close(src)
-    return writer.position
+    return writer.size
 
 
-def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
+def produce_output(plan: SampleOrder, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
     """Make output ``j`` complete: ``("skipped", 0, 0)`` if it already is, else ``("written", samples, bytes)``."""
     final = output_path(output_dir, j)
     digest = plan.digest(j)
@@ -467,7 +473,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     futures: dict[int, Future[tuple[str, int, int]]] = {}
     cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
 
-    def submit_ready_chunks(plan: ReorganizePlan) -> None:
+    def submit_ready_chunks(plan: SampleOrder) -> None:
         # Outputs whose samples are all indexed are written while indexing goes on (the copy runs in the
         # kernel, the indexing in Python: they overlap). Not with strict, which must see every input first.
         if plan.total_samples is None:  # one task, total not known yet: every full chunk is ours
@@ -488,11 +494,11 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     try:
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
-            plan = build_task_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
+            plan = order_task_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
                                    exclude=output_dir, on_tar_indexed=submit_ready_chunks)
         else:
             stream = task_count == 1 and not block.strict
-            plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
+            plan = order_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
                               submit_ready_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")
