@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+
+from .storage import is_url
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,29 @@ BUNDLED_LAUNCHER_SCRIPTS_PATH = Path(__file__).parent / "launcher_conf"
 _IGNORED_TOP_LEVEL = {"run", "merge_source_tar", "data_dir", "base_results_dir", "launcher_scripts_path",
                       "override_task_id", "override_task_count", "cluster", "cluster_type", "container",
                       "container_mounts", "env_vars", "defaults", "hydra"}
+
+
+def _data_path(value: Any) -> Path | str:
+    """A folder or file of the dataset: a URL (``s3://…``) stays a string (a Path would fold its ``//``),
+    anything else is a local Path."""
+    if isinstance(value, str) and is_url(value):
+        return value
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise ValueError("expected a path or a URL (s3://bucket/prefix)")
+
+
+#: A path or URL key of the pipeline YAML (issue 17: datasets in object storage).
+DataPath = Annotated[Union[Path, str], PlainValidator(_data_path)]
+
+#: The path keys whose stage reads or writes URLs; a URL elsewhere is refused at load time (one line naming
+#: the key) instead of being taken for a local folder named ``s3:``.
+URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "download_parquet": ("output_dir",),
+    "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
+}
+#: storage_options keys whose values are secrets: they must reference the environment, never be literal
+_SECRET_OPTION_RE = re.compile(r"secret|token|password|credential|account_key|sas", re.IGNORECASE)
 
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 #: Task count a ``node_array_size`` range refers to when ``override_task_count`` is not given (NeMo's docs:
@@ -127,7 +152,7 @@ Runner = Literal["local", "kubernetes"]
 
 class DownloadParquetConfig(_Block):
     enable: bool = True
-    output_dir: Path
+    output_dir: DataPath
     parquet_subpartitions: int = Field(default=1, gt=0)
     parquet_pattern: str = "*.parquet"
     # ours
@@ -140,8 +165,8 @@ class DownloadParquetConfig(_Block):
 class DownloadImagesConfig(_Block):
     enable: bool = True
     parquet_pattern: str = "*.parquet"
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     num_parquets_downloaded: int | None = None  # NeMo's guess; we fan out over the parts present
     download_num_processes: int = -1
     download_num_threads: int = Field(default=64, gt=0)
@@ -175,8 +200,8 @@ class DownloadImagesConfig(_Block):
 
 class ReorganizeTarConfig(_FanOutBlock):
     enable: bool = True
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".jpg", ".txt"])
     # ours
@@ -188,10 +213,10 @@ class ReorganizeTarConfig(_FanOutBlock):
 
 class PrecacheEncodingsConfig(_FanOutBlock):
     enable: bool = True
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
-    precache_config_path: Path
+    precache_config_path: DataPath
     # ours: also encode the short last tar reorganize_tar marks ``.INCOMPLETE`` (left out by default, as
     # NeMo does; when encoded, its output is marked the same way so generate_wdinfo still sees it short)
     process_incomplete_tars: bool = False
@@ -200,10 +225,10 @@ class PrecacheEncodingsConfig(_FanOutBlock):
 
 class GenerateWdinfoConfig(_Block):
     enable: bool = True
-    input_dir: Path
+    input_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".pickle"])
-    output_wdinfo_path: Path
+    output_wdinfo_path: DataPath
 
 
 class RunConfig(_Block):
@@ -319,7 +344,9 @@ class PipelineConfig(BaseModel):
 
     run: RunConfig
     dataset_repo_id: str | None
-    dataset_output_root: Path | None
+    dataset_output_root: DataPath | None
+    #: our key: fsspec options for URL paths, kept unresolved (``${env:NAME}`` references resolve in storage.py)
+    storage_options: dict[str, Any] | None = Field(default=None, repr=False)
     download_parquet: DownloadParquetConfig | None = None
     download_images: DownloadImagesConfig | None = None
     reorganize_tar: ReorganizeTarConfig | None = None
@@ -497,7 +524,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     warnings: list[str] = []
     resolver = _Resolver()
 
-    unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root"}
+    unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root", "storage_options"}
                          - _IGNORED_TOP_LEVEL)
     if unknown_top:
         warnings.append(f"top level: keys not used by mmprep: {', '.join(map(str, unknown_top))}")
@@ -562,6 +589,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
                             f"{name}.override_task_count to the task count of the run you resume")
     if "download_images" in models:
         problems.extend(download_option_problems(models["download_images"]))
+    problems.extend(url_problems(models))
+    storage_options, option_problems, option_warnings = read_storage_options(raw)
+    problems.extend(option_problems)
+    warnings.extend(option_warnings)
 
     run_model = RunConfig()
     if isinstance(run_block, dict):
@@ -594,12 +625,49 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     return PipelineConfig(
         run=run_model,
         dataset_repo_id=dataset_repo_id,
-        dataset_output_root=Path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
+        dataset_output_root=_data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
+        storage_options=storage_options,
         precache=precache,
         source_path=Path(path),
         warnings=warnings,
         **models,
     )
+
+
+def url_problems(models: dict[str, Any]) -> list[str]:
+    """A URL in a path key of a stage that cannot use one yet: one line naming the key."""
+    problems = []
+    for name, block in models.items():
+        for key in ("input_dir", "output_dir", "output_wdinfo_path", "precache_config_path"):
+            value = getattr(block, key, None)
+            if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
+                problems.append(f"{name}.{key}: {value}: this stage reads and writes local paths only so far "
+                                "(object storage: download_parquet.output_dir, generate_wdinfo); use a local or "
+                                "shared-volume path")
+    return problems
+
+
+def read_storage_options(raw: DictConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The ``storage_options`` block as written (interpolations such as ``${env:AWS_SECRET_ACCESS_KEY}`` kept
+    for storage.py to resolve where the stage runs), with problems and warnings about its form."""
+    if not _has(raw, "storage_options") or raw.storage_options is None:
+        return None, [], []
+    node = raw.storage_options
+    if not isinstance(node, DictConfig):
+        return None, [f"storage_options: expected a mapping of fsspec options, got {_describe(node)}"], []
+    options = OmegaConf.to_container(node, resolve=False)
+    warnings: list[str] = []
+
+    def scan(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                scan(item, f"{path}.{key}")
+        elif isinstance(value, str) and value and "${" not in value \
+                and _SECRET_OPTION_RE.search(path.rsplit(".", 1)[-1]):
+            warnings.append(f"{path}: a literal secret in the pipeline YAML; reference an environment variable "
+                            "instead (${env:NAME}), filled from a Kubernetes secret or the worker's environment")
+    scan(options, "storage_options")
+    return options, [], warnings
 
 
 #: encoder_config kwargs that name model weights, for the encoders we build (NeMo's names and ours)

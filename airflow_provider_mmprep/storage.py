@@ -283,6 +283,47 @@ class Store:
             found.append(rel)
         return sorted(found)
 
+    def file_sizes(self, name: str = "", *, recursive: bool = True) -> dict[str, int]:
+        """Every file under ``name`` (dot-names left out, as in :meth:`list_files`) with its size, from one
+        listing (no request per file on object stores)."""
+        base = self._p(name)
+        sizes: dict[str, int] = {}
+        if self.local:
+            for rel in self.list_files(name, recursive=recursive):
+                sizes[rel] = os.stat(self._p(rel)).st_size
+            return sizes
+        with storage_errors(self.url(name)):
+            self.fs.invalidate_cache(base)
+            try:
+                top = self.fs.ls(base, detail=True)
+            except FileNotFoundError as exc:
+                if "bucket" in str(exc).lower():
+                    raise
+                return {}
+            entries = self.fs.find(base, withdirs=False, detail=True).values() if recursive else \
+                [e for e in top if e.get("type") == "file"]
+        for entry in entries:
+            rel = entry["name"][len(self._path):].lstrip("/")
+            if not any(p.startswith(".") for p in rel.split("/")):
+                sizes[rel] = int(entry["size"])
+        return dict(sorted(sizes.items()))
+
+    def read_many(self, names: Iterable[str]) -> dict[str, bytes]:
+        """The bytes of each of ``names`` that exists (missing ones left out), fetched concurrently."""
+        names = list(names)
+        if self.local:
+            out = {}
+            for rel in names:
+                with contextlib.suppress(FileNotFoundError):
+                    out[rel] = Path(self._p(rel)).read_bytes()
+            return out
+        if not names:
+            return {}
+        with storage_errors(self.url()):
+            found = self.fs.cat([self._p(rel) for rel in names], on_error="omit")
+        by_path = {self.fs._strip_protocol(k): v for k, v in found.items()}
+        return {rel: bytes(by_path[self._p(rel)]) for rel in names if self._p(rel) in by_path}
+
     # -- reads ---------------------------------------------------------------------------------------------------
     def open_read(self, name: str, *, block_size: int = 8 * 2**20) -> BinaryIO:
         """A binary reader, streaming (read-ahead) on object stores."""

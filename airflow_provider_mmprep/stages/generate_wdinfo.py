@@ -8,7 +8,11 @@ left out and reported. ``total_key_count`` is the exact number of samples in the
 Counts come from the producing stage's manifests (no tar reads); a tar without a fresh manifest is
 indexed from its headers, counting samples that have every extension of ``file_ext_in_tar``.
 Extra keys (ignored by NeMo): ``tar_sample_counts`` for every tar seen, ``not_listed`` (tar → reason),
-``dataset_root`` (absolute ``input_dir``) and ``file_ext_in_tar``.
+``dataset_root`` (absolute ``input_dir``, or its URL) and ``file_ext_in_tar``.
+
+``input_dir`` and ``output_wdinfo_path`` may be URLs (``s3://…``): the tars are then listed with their sizes
+in one listing, the manifests fetched concurrently, and a tar without one indexed through ranged reads;
+``tar_files`` stay relative to the URL, as NeMo's loader joins them.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import Any
 
 from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
-from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, read_manifest
+from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, current_manifest_body, read_manifest
 from ..progress import Progress
-from ..tarindex import UnsafeMemberName, has_extensions, index_tar, normalize_extensions
+from ..storage import Store, is_url
+from ..tarindex import TarIndex, UnsafeMemberName, has_extensions, index_tar, index_tar_reader, normalize_extensions
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -51,10 +56,16 @@ def list_tars(root: Path) -> tuple[list[str], set[str]]:
     return tars, files
 
 
-def count_from_headers(path: Path, wanted: tuple[str, ...]) -> tuple[int, str | None]:
-    """Usable samples in one tar and, if it cannot be listed as it is, why."""
+def count_from_headers(path: Path | str, wanted: tuple[str, ...], store: Store | None = None,
+                       size: int = 0) -> tuple[int, str | None]:
+    """Usable samples in one tar and, if it cannot be listed as it is, why. With ``store`` (object
+    storage), ``path`` is the tar's name in it and ``size`` its size."""
     try:
-        index = index_tar(path)
+        if store is None:
+            index: TarIndex = index_tar(path)
+        else:
+            with store.open_read(str(path), block_size=2**20) as handle:
+                index = index_tar_reader(handle, size, store.url(str(path)))
     except UnsafeMemberName as exc:
         return 0, str(exc)
     usable = sum(1 for s in index.samples if has_extensions(s, wanted))
@@ -65,10 +76,19 @@ def count_from_headers(path: Path, wanted: tuple[str, ...]) -> tuple[int, str | 
     return usable, None
 
 
-def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -> tuple[dict[str, Any], dict]:
+def build_wdinfo(input_dir: Path | str, chunk_size: int, file_ext_in_tar: list[str],
+                 storage_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict]:
     """The wdinfo dict and a stats dict (how counts were obtained)."""
     wanted = normalize_extensions(file_ext_in_tar)
-    tars, files = list_tars(input_dir)
+    store = Store(input_dir, storage_options) if is_url(input_dir) else None
+    remote_manifests: dict[str, bytes] = {}
+    if store is None:
+        tars, files = list_tars(Path(input_dir))
+    else:
+        sizes = store.file_sizes()
+        files = set(sizes)
+        tars = sorted(rel for rel in files if rel.endswith(".tar"))
+        remote_manifests = store.read_many(rel + MANIFEST_SUFFIX for rel in tars if rel + MANIFEST_SUFFIX in files)
     root = os.fspath(input_dir)
     counts: dict[str, int] = {}
     not_listed: dict[str, str] = {}
@@ -76,7 +96,11 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
     progress = Progress(f"{STAGE}: counting samples", len(tars), unit="tars", logger=log)
     for rel in tars:
         path = os.path.join(root, rel)
-        body = read_manifest(path) if rel + MANIFEST_SUFFIX in files else None
+        if store is not None:
+            raw = remote_manifests.get(rel + MANIFEST_SUFFIX)
+            body = current_manifest_body(raw, sizes[rel]) if raw is not None else None
+        else:
+            body = read_manifest(path) if rel + MANIFEST_SUFFIX in files else None
         reason: str | None = None
         if body is not None:
             from_manifest += 1
@@ -85,7 +109,8 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
                 reason = "marked short by its producer"
         else:
             from_headers += 1
-            count, reason = count_from_headers(Path(path), wanted)
+            count, reason = count_from_headers(Path(path), wanted) if store is None else \
+                count_from_headers(rel, wanted, store, sizes[rel])
         counts[rel] = count
         if rel + INCOMPLETE_SUFFIX in files:
             reason = f"marked {rel}{INCOMPLETE_SUFFIX}"
@@ -103,7 +128,7 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
         # ours; NeMo ignores extra keys
         "tar_sample_counts": counts,
         "not_listed": not_listed,
-        "dataset_root": str(input_dir.resolve()),
+        "dataset_root": store.root if store is not None else str(Path(input_dir).resolve()),
         "file_ext_in_tar": list(file_ext_in_tar),
     }
     return wdinfo, {"counts_from_manifests": from_manifest, "counts_from_headers": from_headers}
@@ -112,7 +137,7 @@ def build_wdinfo(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]) -
 def _short_dataset(cfg: PipelineConfig) -> int | None:
     """The usable sample count when reorganize_tar's whole output is one short ``.INCOMPLETE`` tar (the
     dataset is smaller than ``tar_chunk_size``), else None."""
-    if cfg.reorganize_tar is None:
+    if cfg.reorganize_tar is None or is_url(cfg.reorganize_tar.output_dir):
         return None
     folder = Path(cfg.reorganize_tar.output_dir)
     tars, files = list_tars(folder) if folder.is_dir() else ([], set())
@@ -126,10 +151,12 @@ def _short_dataset(cfg: PipelineConfig) -> int | None:
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     block = cfg.stage(STAGE)
-    input_dir = Path(block.input_dir)
-    if not input_dir.is_dir():
+    input_dir = block.input_dir
+    if is_url(input_dir):
+        Store(input_dir, cfg.storage_options).check()  # credentials and bucket, one clear line
+    elif not Path(input_dir).is_dir():
         raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
-    wdinfo, stats = build_wdinfo(input_dir, block.tar_chunk_size, block.file_ext_in_tar)
+    wdinfo, stats = build_wdinfo(input_dir, block.tar_chunk_size, block.file_ext_in_tar, cfg.storage_options)
     short = _short_dataset(cfg)
     if not wdinfo["tar_files"] and short is not None:
         raise StageError(f"{STAGE}.tar_chunk_size: no full tar: the dataset has only {short} usable sample(s), "
@@ -143,10 +170,17 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                          f"{block.tar_chunk_size} samples; e.g. "
                          + "; ".join(f"{k}: {v}" for k, v in list(wdinfo["not_listed"].items())[:3]))
     body = pickle.dumps(wdinfo, protocol=4)
-    target = Path(block.output_wdinfo_path)
-    unchanged = target.is_file() and target.stat().st_size == len(body) and target.read_bytes() == body
-    if not unchanged:  # a rerun over the same tars leaves the file (and its mtime) alone
-        atomic_write_bytes(target, body)
+    if is_url(block.output_wdinfo_path):
+        folder, _, name = str(block.output_wdinfo_path).rpartition("/")
+        out = Store(folder, cfg.storage_options)
+        unchanged = out.read_many([name]).get(name) == body
+        if not unchanged:  # one PUT: the object appears whole or not at all
+            out.write_bytes(name, body)
+    else:
+        target = Path(block.output_wdinfo_path)
+        unchanged = target.is_file() and target.stat().st_size == len(body) and target.read_bytes() == body
+        if not unchanged:  # a rerun over the same tars leaves the file (and its mtime) alone
+            atomic_write_bytes(target, body)
     not_listed = wdinfo["not_listed"]
     for rel, reason in list(not_listed.items())[:EXAMPLES]:
         log.warning("%s: %s not listed: %s", STAGE, rel, reason)
