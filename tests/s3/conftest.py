@@ -27,8 +27,15 @@ def s3_bucket(s3_server: SeaweedS3) -> str:
 
 
 @pytest.fixture
-def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
-    """The server's credentials and endpoint in the standard AWS environment variables."""
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
+    """The server's credentials and endpoint in the standard AWS environment variables.
+
+    s3fs caches clients by their arguments, not by the environment they read: the cache is cleared on both
+    sides so a test that changes the variables (wrong credentials) leaves no client behind that uses them."""
+    import s3fs
+
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
-    return s3_server
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -142,3 +142,44 @@ def test_config_takes_urls_only_where_the_stage_can_and_keeps_secrets_out(tmp_pa
     with pytest.raises(ConfigError, match="storage_options: expected a mapping"):
         load_config(NEMO_YAML, ["dataset_repo_id=org/data", f"dataset_output_root={tmp_path}", "storage_options=3"],
                     load_precache=False)
+
+
+def _inspect(capsys, *args: str) -> tuple[int, dict, str]:
+    import json
+
+    from airflow_provider_mmprep.cli import main
+
+    capsys.readouterr()
+    code = main(["inspect", *args, "--json", "--pickle-samples", "2"])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out.strip() else {}, err
+
+
+def test_inspect_on_urls_reports_what_it_reports_locally(s3_env: SeaweedS3, s3_bucket: str, tmp_path: Path,
+                                                          capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = dataset(tmp_path / "precached")
+    run_stage_task(wdinfo_cfg(str(local), str(tmp_path / "wdinfo.pkl")), "generate_wdinfo", 0, 1)
+    url = f"s3://{s3_bucket}/ds/precached"
+    s3_env.filesystem().put(f"{local}/", f"{s3_bucket}/ds/precached", recursive=True)
+    run_stage_task(wdinfo_cfg(url, f"s3://{s3_bucket}/ds/wdinfo.pkl"), "generate_wdinfo", 0, 1)
+
+    code_local, folder_local, _ = _inspect(capsys, str(local))
+    code, folder, _ = _inspect(capsys, url)
+    assert code == code_local == 1  # the damaged and the short tars are problems
+    assert folder.pop("path") == url and folder_local.pop("path") == str(local)
+    assert folder == folder_local and folder["tar_count"] == 7 and folder["tars"][0]["pickle"]
+
+    code_local, info_local, _ = _inspect(capsys, str(tmp_path / "wdinfo.pkl"))
+    code, info, _ = _inspect(capsys, f"s3://{s3_bucket}/ds/wdinfo.pkl")
+    assert code == code_local == 0 and info["root"] == url and info["counted_samples"] == 3 * CHUNK
+    for key in ("path", "root"):
+        info.pop(key), info_local.pop(key)
+    assert info == info_local
+
+    import s3fs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    s3fs.S3FileSystem.clear_instance_cache()  # a new process would build its client from the new environment
+    code, _, err = _inspect(capsys, url)
+    last = err.strip().splitlines()[-1]  # (the client's own log lines come before it)
+    assert code == 2 and last.startswith(f"error: {url}: access denied")
