@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .storage import is_url
+from .storage_config import DataPath, data_path, read_storage_options, url_problems
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +38,6 @@ BUNDLED_LAUNCHER_SCRIPTS_PATH = Path(__file__).parent / "launcher_conf"
 _IGNORED_TOP_LEVEL = {"run", "merge_source_tar", "data_dir", "base_results_dir", "launcher_scripts_path",
                       "override_task_id", "override_task_count", "cluster", "cluster_type", "container",
                       "container_mounts", "env_vars", "defaults", "hydra"}
-
-
-def _data_path(value: Any) -> Path | str:
-    """A folder or file of the dataset: a URL (``s3://…``) stays a string (a Path would fold its ``//``),
-    anything else is a local Path."""
-    if isinstance(value, str) and is_url(value):
-        return value
-    if isinstance(value, (str, Path)) and str(value):
-        return Path(value)
-    raise ValueError("expected a path or a URL (s3://bucket/prefix)")
-
-
-#: A path or URL key of the pipeline YAML (issue 17: datasets in object storage).
-DataPath = Annotated[Union[Path, str], PlainValidator(_data_path)]
-
-#: The path keys whose stage reads or writes URLs; a URL elsewhere is refused at load time (one line naming
-#: the key) instead of being taken for a local folder named ``s3:``.
-URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "download_parquet": ("output_dir",),
-    "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
-}
-#: storage_options keys whose values are secrets: they must reference the environment, never be literal
-_SECRET_OPTION_RE = re.compile(r"secret|token|password|credential|account_key|sas", re.IGNORECASE)
 
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 #: Task count a ``node_array_size`` range refers to when ``override_task_count`` is not given (NeMo's docs:
@@ -524,8 +501,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     warnings: list[str] = []
     resolver = _Resolver()
 
-    unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root", "storage_options"}
-                         - _IGNORED_TOP_LEVEL)
+    unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root"}
+                         - {"storage_options"} - _IGNORED_TOP_LEVEL)
     if unknown_top:
         warnings.append(f"top level: keys not used by mmprep: {', '.join(map(str, unknown_top))}")
 
@@ -625,49 +602,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     return PipelineConfig(
         run=run_model,
         dataset_repo_id=dataset_repo_id,
-        dataset_output_root=_data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
+        dataset_output_root=data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
         storage_options=storage_options,
         precache=precache,
         source_path=Path(path),
         warnings=warnings,
         **models,
     )
-
-
-def url_problems(models: dict[str, Any]) -> list[str]:
-    """A URL in a path key of a stage that cannot use one yet: one line naming the key."""
-    problems = []
-    for name, block in models.items():
-        for key in ("input_dir", "output_dir", "output_wdinfo_path", "precache_config_path"):
-            value = getattr(block, key, None)
-            if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
-                problems.append(f"{name}.{key}: {value}: this stage reads and writes local paths only so far "
-                                "(object storage: download_parquet.output_dir, generate_wdinfo); use a local or "
-                                "shared-volume path")
-    return problems
-
-
-def read_storage_options(raw: DictConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:
-    """The ``storage_options`` block as written (interpolations such as ``${env:AWS_SECRET_ACCESS_KEY}`` kept
-    for storage.py to resolve where the stage runs), with problems and warnings about its form."""
-    if not _has(raw, "storage_options") or raw.storage_options is None:
-        return None, [], []
-    node = raw.storage_options
-    if not isinstance(node, DictConfig):
-        return None, [f"storage_options: expected a mapping of fsspec options, got {_describe(node)}"], []
-    options = OmegaConf.to_container(node, resolve=False)
-    warnings: list[str] = []
-
-    def scan(value: Any, path: str) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                scan(item, f"{path}.{key}")
-        elif isinstance(value, str) and value and "${" not in value \
-                and _SECRET_OPTION_RE.search(path.rsplit(".", 1)[-1]):
-            warnings.append(f"{path}: a literal secret in the pipeline YAML; reference an environment variable "
-                            "instead (${env:NAME}), filled from a Kubernetes secret or the worker's environment")
-    scan(options, "storage_options")
-    return options, [], warnings
 
 
 #: encoder_config kwargs that name model weights, for the encoders we build (NeMo's names and ours)
