@@ -383,11 +383,13 @@ class Store:
         return f"{folder}/{temp}" if folder else temp
 
     @contextlib.contextmanager
-    def open_write(self, name: str, *, part_size: int = PART_SIZE) -> Iterator[BinaryIO]:
+    def open_write(self, name: str, *, part_size: int | None = None) -> Iterator[BinaryIO]:
         """A binary writer whose data appears under ``name`` only if the block ends without an exception.
 
-        Memory: at most ``part_size`` bytes buffered on object stores (uploaded as multipart parts).
+        Memory: at most ``part_size`` (default :data:`PART_SIZE`) bytes buffered on object stores (uploaded
+        as multipart parts).
         """
+        part_size = part_size or PART_SIZE
         if self.local:
             with atomic_path(self._p(name)) as tmp, open(tmp, "wb") as handle:
                 yield handle

@@ -23,6 +23,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from .. import tario
 from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
 from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, current_manifest_body, read_manifest
@@ -137,15 +138,20 @@ def build_wdinfo(input_dir: Path | str, chunk_size: int, file_ext_in_tar: list[s
 def _short_dataset(cfg: PipelineConfig) -> int | None:
     """The usable sample count when reorganize_tar's whole output is one short ``.INCOMPLETE`` tar (the
     dataset is smaller than ``tar_chunk_size``), else None."""
-    if cfg.reorganize_tar is None or is_url(cfg.reorganize_tar.output_dir):
+    if cfg.reorganize_tar is None:
         return None
-    folder = Path(cfg.reorganize_tar.output_dir)
-    tars, files = list_tars(folder) if folder.is_dir() else ([], set())
+    if is_url(cfg.reorganize_tar.output_dir):
+        folder = str(cfg.reorganize_tar.output_dir)
+        files = set(Store(folder, cfg.storage_options).file_sizes())
+        tars = sorted(f for f in files if f.endswith(".tar"))
+    else:
+        folder = Path(cfg.reorganize_tar.output_dir)
+        tars, files = list_tars(folder) if folder.is_dir() else ([], set())
     marked = [t for t in files if t.endswith(".tar" + INCOMPLETE_SUFFIX)]
     if len(marked) != 1 or len(tars) > 1 or (tars and tars[0] + INCOMPLETE_SUFFIX not in marked):
         return None
     name = tars[0] if tars else marked[0]
-    body = read_manifest(folder / name)
+    body = tario.read_manifest(tario.join(folder, name))
     return int(body["sample_count"]) if body is not None else None
 
 
