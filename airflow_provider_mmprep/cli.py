@@ -19,8 +19,9 @@ from typing import Any, Sequence
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 from .config import STAGE_NAMES, ConfigError, PipelineConfig, load_config  # noqa: E402
-from .plan import build_plan, compact_ranges, plan_stage  # noqa: E402
+from .plan import build_plan, plan_stage  # noqa: E402
 from .stages import StageError, run_stage_task  # noqa: E402
+from .task_ids import TASK_COUNT_FLAG, TASK_ID_FLAG, compact_ranges, parse_id_list  # noqa: E402
 
 log = logging.getLogger("mmprep")
 
@@ -181,78 +182,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
-    """Clear chosen map indices of one stage in one DAG run via Airflow's REST API (``airflow tasks clear``
-    has no map-index flag). Task ids are translated to map indices through the run's ``plan_<stage>``
-    XCom, since a run that selected tasks "50-99" maps task 50 at index 0."""
-    import os
-
+    """Clear chosen task ids of one stage in one DAG run via Airflow's REST API (see :mod:`.clear_client`)."""
     import requests
 
-    base = (args.api_url or os.environ.get("AIRFLOW_API_URL") or "http://localhost:8080").rstrip("/")
+    from .clear_client import AirflowRestClient, ClearError, clear_task_ids
+
     try:
-        return _clear(args, base, requests.Session())
+        wanted = parse_id_list(args.task_ids)
+    except ValueError as exc:
+        print(f"error: --task-ids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    base = (args.api_url or os.environ.get("AIRFLOW_API_URL") or "http://localhost:8080").rstrip("/")
+    client = AirflowRestClient(base, requests.Session())
+    try:
+        client.authenticate(args.token or os.environ.get("AIRFLOW_API_TOKEN"),
+                            args.username or os.environ.get("AIRFLOW_API_USERNAME"),
+                            os.environ.get("AIRFLOW_API_PASSWORD", ""))
+        cleared, indices = clear_task_ids(client, args.dag_id, args.run_id, args.stage, wanted,
+                                          dry_run=args.dry_run, only_failed=args.only_failed,
+                                          downstream=not args.no_downstream)
+    except ClearError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if exc.usage else EXIT_TASK_FAILED
     except requests.RequestException as exc:
         reason = "connection refused or timed out" if isinstance(exc, requests.ConnectionError) \
             else type(exc).__name__
         print(f"error: cannot reach the Airflow API server at {base} ({reason}); start it or pass --api-url "
               "(or set AIRFLOW_API_URL)", file=sys.stderr)
         return EXIT_TASK_FAILED
-
-
-def _clear(args: argparse.Namespace, base: str, session: Any) -> int:
-    import os
-
-    token = args.token or os.environ.get("AIRFLOW_API_TOKEN")
-    username = args.username or os.environ.get("AIRFLOW_API_USERNAME")
-    if not token and username:
-        password = os.environ.get("AIRFLOW_API_PASSWORD", "")
-        reply = session.post(f"{base}/auth/token", json={"username": username, "password": password},
-                             timeout=30)
-        if reply.status_code >= 400:
-            print(f"error: {base}/auth/token refused {username!r}: HTTP {reply.status_code}", file=sys.stderr)
-            return EXIT_USAGE
-        token = reply.json()["access_token"]
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    wanted: set[int] = set()
-    for piece in args.task_ids.split(","):
-        low, _, high = piece.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
-            print(f"error: --task-ids: expected ids and ranges like 50-99,120, got {args.task_ids!r}",
-                  file=sys.stderr)
-            return EXIT_USAGE
-        wanted.update(range(int(low), int(high or low) + 1))
-    run_path = f"{base}/api/v2/dags/{args.dag_id}/dagRuns/{args.run_id}"
-    reply = session.get(f"{run_path}/taskInstances/plan_{args.stage}/xcomEntries/return_value",
-                        params={"deserialize": "true"}, timeout=30)
-    if reply.status_code >= 400:
-        print(f"error: cannot read the plan of {args.stage} in run {args.run_id!r} of {args.dag_id!r} "
-              f"(HTTP {reply.status_code}): {reply.text[:300]}", file=sys.stderr)
-        return EXIT_USAGE
-    indices = []
-    for index, item in enumerate(reply.json().get("value") or []):
-        if "stage_task_id" in item:
-            task_id = int(item["stage_task_id"])
-        else:  # a pod's arguments: ... --task-id N ...
-            arguments = item.get("arguments", [])
-            task_id = int(arguments[arguments.index("--task-id") + 1])
-        if task_id in wanted:
-            indices.append(index)
-            wanted.discard(task_id)
-    if wanted:
-        print(f"error: task ids {compact_ranges(sorted(wanted))} of {args.stage} did not run in {args.run_id!r}",
-              file=sys.stderr)
-        return EXIT_USAGE
-    body = {"dry_run": args.dry_run, "only_failed": args.only_failed, "dag_run_id": args.run_id,
-            "task_ids": [[args.stage, i] for i in indices], "include_downstream": not args.no_downstream,
-            "reset_dag_runs": True}
-    reply = session.post(f"{base}/api/v2/dags/{args.dag_id}/clearTaskInstances", json=body, timeout=60)
-    if reply.status_code >= 400:
-        print(f"error: clearTaskInstances failed (HTTP {reply.status_code}): {reply.text[:500]}", file=sys.stderr)
-        return EXIT_TASK_FAILED
-    cleared = reply.json().get("task_instances", [])
     verb = "would clear" if args.dry_run else "cleared"
-    print(f"{verb} {len(cleared)} task instance(s): {args.stage} map indices {compact_ranges(indices)}"
+    print(f"{verb} {cleared} task instance(s): {args.stage} map indices {compact_ranges(indices)}"
           f"{' and downstream' if not args.no_downstream else ''}")
     return EXIT_OK
 
@@ -285,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.set_defaults(func=cmd_plan)
     p_run = with_config(add("run", help="run stages locally"))
     p_run.add_argument("--stage", action="append", choices=STAGE_NAMES, help="stage to run (repeatable)")
-    p_run.add_argument("--task-id", type=int)
-    p_run.add_argument("--task-count", type=int)
+    p_run.add_argument(TASK_ID_FLAG, type=int)
+    p_run.add_argument(TASK_COUNT_FLAG, type=int)
     p_run.add_argument("--summary-json", action="store_true", help="print task summaries as JSON")
     p_run.set_defaults(func=cmd_run)
     p_report = with_config(add("report", help="write report.html: counts, failures, plots, resume commands"))
@@ -338,8 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
     except BrokenPipeError:  # `mmprep inspect ... | head`: the reader has what it wanted, no traceback
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
         return EXIT_OK
 

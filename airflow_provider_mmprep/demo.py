@@ -15,6 +15,7 @@ and keeps everything serving until Ctrl-C, then stops all it started.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pickle
 import shutil
@@ -22,6 +23,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
 
 DEMO_DAG_ID = "mmprep_demo"
 REPO_DAGS = Path(__file__).resolve().parents[1] / "dags"
@@ -43,16 +48,11 @@ def migrate_db() -> None:
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, stdout=subprocess.DEVNULL)
 
 
-def count_tars(folder: Path) -> tuple[int, int]:
-    """(tar files, samples) from the per-tar manifests stages write."""
-    from .manifest import read_manifest
-
-    tars = sorted(folder.rglob("*.tar"))
-    samples = 0
-    for tar in tars:
-        manifest = read_manifest(tar)
-        samples += int(manifest.get("sample_count", 0)) if manifest else 0
-    return len(tars), samples
+def count_tars(cfg: PipelineConfig, stage: str) -> tuple[int, int]:
+    """(tar files, samples) in one stage's output, as the stage reports its finished tars (their manifests'
+    counts)."""
+    tars, unlisted = importlib.import_module(f"{__package__}.stages.{stage}").finished_outputs(cfg)
+    return len(tars) + len(unlisted), sum(t.sample_count for t in tars)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(Path(args.dags) / "demo_multimodal.yaml")
     report = default_report_path(cfg)  # written by the DAG's final `report` task
     print(f"\n[demo] DAG run {getattr(run, 'run_id', '?')}: {state} in {time.monotonic() - started:.0f} s")
-    for label, folder in (("downloaded shards", cfg.download_images.output_dir),
-                          ("reorganized shards", cfg.reorganize_tar.output_dir),
-                          ("precached shards", cfg.precache_encodings.output_dir)):
-        tars, samples = count_tars(Path(folder))
-        print(f"[demo] {label:18} {folder}: {tars} tars, {samples} samples")
+    for label, stage in (("downloaded shards", "download_images"), ("reorganized shards", "reorganize_tar"),
+                         ("precached shards", "precache_encodings")):
+        tars, samples = count_tars(cfg, stage)
+        print(f"[demo] {label:18} {cfg.stage(stage).output_dir}: {tars} tars, {samples} samples")
     wdinfo = Path(cfg.generate_wdinfo.output_wdinfo_path)
     if wdinfo.is_file():
         info = pickle.loads(wdinfo.read_bytes())  # our own file, just written

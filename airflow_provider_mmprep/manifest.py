@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .fsutil import atomic_write_bytes
 
@@ -24,6 +25,8 @@ MANIFEST_SUFFIX = ".manifest.json"
 OFFSETS_SUFFIX = ".offsets.json"
 #: NeMo's mark of a short tar: an empty ``<tar>.INCOMPLETE`` beside it (or the tar renamed so).
 INCOMPLETE_SUFFIX = ".INCOMPLETE"
+#: A finished tar's names: the short one may carry the NeMo suffix itself.
+TAR_SUFFIXES = (".tar", ".tar" + INCOMPLETE_SUFFIX)
 
 
 def manifest_path(tar_path: str | Path) -> Path:
@@ -102,3 +105,72 @@ def read_manifest(tar_path: str | Path) -> dict[str, Any] | None:
         return None
     loaded = load_current_manifest(tar_name + MANIFEST_SUFFIX, size)
     return loaded[0] if loaded else None
+
+
+class FinishedTar(NamedTuple):
+    """A tar with a current manifest, as a stage's ``finished_outputs`` reports it."""
+
+    name: str
+    sample_count: int
+    size: int
+    mtime: float  # the manifest's: when the tar was finished
+    task_id: int | None  # the task that wrote it, where its manifest (or its stage) says so
+
+
+@dataclass
+class TarOutputs:
+    """A tar stage's output folder against what its tasks should write, from one listing of each folder:
+    what its ``output_state`` answers (``finished_outputs`` and ``incomplete_tasks`` are parts of it)."""
+
+    tars: list[FinishedTar]  # with a current manifest, each with its task where known
+    unlisted: list[str]  # names of tars without one (being written, or left by an interrupted task)
+    incomplete: dict[int, str]  # task id -> why it has work left
+    marked: list[str] = field(default_factory=list)  # tars marked short (:func:`marked_short`)
+    nothing_to_do: str | None = None  # why no task has work at all (precache: only the short tar is there)
+
+
+def finished_tars(folder: str | Path) -> tuple[list[FinishedTar], list[str]]:
+    """The tars directly in ``folder`` (``.tar``, or renamed ``.tar.INCOMPLETE``) that have a current manifest,
+    by name, and the names of those that lack one (being written, or left by an interrupted task).
+
+    The flat folder of tars + manifests + NeMo markers that reorganize_tar and precache_encodings write:
+    their ``finished_outputs`` answer with this.
+    """
+    tars: list[FinishedTar] = []
+    unlisted: list[str] = []
+    if not os.path.isdir(folder):
+        return tars, unlisted
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.name.endswith(TAR_SUFFIXES) or entry.name.startswith(".") or not entry.is_file():
+            continue
+        tar_size = entry.stat().st_size
+        if entry.name.endswith(INCOMPLETE_SUFFIX) and tar_size == 0:
+            continue  # an empty marker beside its tar, not a tar
+        loaded = load_current_manifest(entry.path + MANIFEST_SUFFIX, tar_size)
+        if loaded is None:
+            unlisted.append(entry.name)
+            continue
+        body, mtime = loaded
+        task = body.get("task_id")
+        tars.append(FinishedTar(entry.name, int(body["sample_count"]), tar_size, mtime,
+                                int(task) if task is not None else None))
+    return tars, unlisted
+
+
+def marked_short(folder: str | Path, tars: list[FinishedTar]) -> list[str]:
+    """Names of the tars marked short the NeMo way: those of ``tars`` renamed ``<tar>.INCOMPLETE``, then
+    (by the tar's own name) those with an empty ``<tar>.INCOMPLETE`` marker beside them in ``folder``."""
+    names = []
+    if os.path.isdir(folder):
+        for entry in os.scandir(folder):
+            if entry.name.endswith(".tar" + INCOMPLETE_SUFFIX) and entry.is_file() and entry.stat().st_size == 0:
+                names.append(entry.name[: -len(INCOMPLETE_SUFFIX)])
+    return [t.name for t in tars if t.name.endswith(INCOMPLETE_SUFFIX)] + sorted(names)
+
+
+def tasks_without_output(tars: list[FinishedTar], task_count: int) -> dict[int, str]:
+    """Tasks no finished tar's manifest names, when manifests name their task at all (else nothing)."""
+    seen = {t.task_id for t in tars}
+    if seen == {None}:
+        return {}
+    return {t: "no output tar records this task" for t in range(task_count) if t not in seen}

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-
-SINGLE_TASK_STAGES = ("download_parquet", "generate_wdinfo")
+from .task_ids import compact_ranges
 
 
 @dataclass
@@ -44,17 +43,6 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"dag_id": self.dag_id, "stages": [asdict(s) for s in self.stages]}
-
-
-def compact_ranges(ids: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``."""
-    runs: list[list[int]] = []
-    for task_id in sorted(set(ids)):
-        if runs and runs[-1][1] == task_id - 1:
-            runs[-1][1] = task_id
-        else:
-            runs.append([task_id, task_id])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def list_parquet_parts(input_dir: str | Path, pattern: str) -> list[Path]:

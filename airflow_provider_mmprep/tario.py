@@ -95,6 +95,13 @@ def size(path: PathOrUrl) -> int:
     return folder.size(name)
 
 
+def read_bytes(path: PathOrUrl) -> bytes:
+    if not is_url(path):
+        return Path(path).read_bytes()
+    folder, name = _split(str(path))
+    return folder.read_bytes(name)
+
+
 def touch(path: PathOrUrl) -> None:
     """An empty file (NeMo's ``.INCOMPLETE`` marker)."""
     if not is_url(path):

@@ -3,16 +3,19 @@ mapped no-op ``@task``s, in the same run of the same services (PostgreSQL, Local
 
     .venv/bin/python benchmarks/bench_fanout.py [--tasks 1024] [--parallelism 4]
 
-The mmprep DAG runs only ``precache_encodings`` with ``node_array_size: N`` over an empty input folder, so
-every instance does the stage's real bookkeeping (config load, task range, nothing to encode) and the time
-measured is Airflow's per-instance overhead plus ours. Prints trigger-to-success seconds and task instances
+The mmprep DAG runs only ``precache_encodings`` (``runner: local``) with ``node_array_size: N`` over one
+input tar that was encoded before the timed run (``mmprep run`` as task 0 of N), so every instance does the
+stage's real resume bookkeeping (config load, its share of the inputs, the finished output's fingerprint
+check, nothing left to encode) and the time measured is Airflow's per-instance overhead plus ours. Prints trigger-to-success seconds and task instances
 per second for both, and the ratio (goal: ours within 1.2x of plain Airflow's per-instance time).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from airflow_provider_mmprep.testing.live_airflow import LiveAirflow  # noqa: E402
 from airflow_provider_mmprep.testing.pipeline import write_tiny_precache_config  # noqa: E402
+from airflow_provider_mmprep.testing.precache_fixtures import write_shard  # noqa: E402
 
 REPO_DAGS = Path(__file__).resolve().parents[1] / "dags"
 
@@ -54,9 +58,10 @@ FANOUT_YAML = textwrap.dedent("""\
     dataset_output_root: {root}
     precache_encodings:
       enable: True
-      input_dir: ${{..dataset_output_root}}/empty
+      runner: local
+      input_dir: ${{..dataset_output_root}}/tars
       output_dir: ${{..dataset_output_root}}/precached
-      tar_chunk_size: 1000
+      tar_chunk_size: 4
       node_array_size: {tasks}
       precache_config_path: ${{..dataset_output_root}}/models/precache.yaml
     """)
@@ -69,7 +74,10 @@ def timed_run(live: LiveAirflow, dag_id: str, timeout: float) -> tuple[float, in
     state = live.wait_run(dag_id, run_id, timeout=timeout)
     elapsed = time.monotonic() - started
     if state != "success":
-        raise SystemExit(f"{dag_id} run {run_id} ended {state}")
+        failed = [(task, index) for (task, index), ti in live.task_instances(dag_id, run_id).items()
+                  if ti["state"] != "success"]
+        logs = "".join(live.task_log(dag_id, run_id, task, index)[-3000:] for task, index in failed[:2])
+        raise SystemExit(f"{dag_id} run {run_id} ended {state}; not successful: {failed[:10]}\n{logs}")
     return elapsed, len(live.task_instances(dag_id, run_id))
 
 
@@ -82,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dags, root = work / "dags", work / "data"
         dags.mkdir()
-        (root / "empty").mkdir(parents=True)
+        write_shard(root / "tars" / "00000.tar", [f"{k:09d}" for k in range(4)], random.Random(0), [(64, 64)])
         write_tiny_precache_config(root / "models")
         shutil.copy(REPO_DAGS / "mmprep_dags.py", dags)
         (dags / "fanout.yaml").write_text(FANOUT_YAML.format(root=root, tasks=args.tasks))
+        mmprep = Path(sys.executable).parent / "mmprep"
+        subprocess.run([str(mmprep), "run", str(dags / "fanout.yaml"), "--stage", "precache_encodings",
+                        "--task-id", "0", "--task-count", str(args.tasks)], check=True, capture_output=True)
         (dags / "plain_fanout.py").write_text(PLAIN_DAG.replace("{tasks}", str(args.tasks)))
         config = {"MMPREP__RETRIES": "0", "CORE__MAX_MAP_LENGTH": str(max(1024, args.tasks)),
                   "LOGGING__LOGGING_LEVEL": "WARNING"}

@@ -7,8 +7,7 @@ parse this file.
 
 from pathlib import Path
 
-from airflow.configuration import conf
+from airflow_provider_mmprep.airflow.dag import load_dags
+from airflow_provider_mmprep.airflow.settings import config_dir
 
-from airflow_provider_mmprep.dag_builder import load_dags
-
-load_dags(conf.get("mmprep", "config_dir", fallback="") or Path(__file__).parent, globals())
+load_dags(config_dir() or Path(__file__).parent, globals())

@@ -25,7 +25,7 @@ from airflow_provider_mmprep.testing.airflow_env import DAGS_FOLDER, airflow_hom
 
 airflow_home(migrate=True)
 
-from airflow_provider_mmprep.dag_factory import stage_task_kwargs  # noqa: E402
+from airflow_provider_mmprep.task_ids import instance_kwargs  # noqa: E402
 from airflow_provider_mmprep.testing.pipeline import local_sources, write_tiny_precache_config  # noqa: E402
 from conftest import tree_bytes  # noqa: E402
 
@@ -91,6 +91,24 @@ def test_every_stage_runs_labels_instances_and_writes_wdinfo(clean_run: dict[str
     assert clean_run["run_id"] in page and "No failed or missing tasks found." in page
 
 
+def test_after_a_clean_run_every_stage_says_nothing_is_left_and_the_demo_counts_its_tars(
+        clean_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_provider_mmprep.config import load_config
+    from airflow_provider_mmprep.demo import count_tars
+    from airflow_provider_mmprep.plan import plan_stage
+    from airflow_provider_mmprep.stages import get_stage_runner
+
+    monkeypatch.setenv("MMPREP_DEMO_ROOT", str(clean_run["root"]))
+    cfg = load_config(DAGS_FOLDER / "demo_multimodal.yaml")
+    for stage in cfg.enabled_stages:
+        module = sys.modules[get_stage_runner(stage).__module__]
+        assert module.incomplete_tasks(cfg, plan_stage(cfg, stage).task_count) == {}, stage
+    root = clean_run["root"]
+    assert count_tars(cfg, "download_images") == (len(list((root / "tarfiles_raw").glob("*/*.tar"))), IMAGES)
+    assert count_tars(cfg, "reorganize_tar") == (4, IMAGES)
+    assert count_tars(cfg, "precache_encodings") == (4, IMAGES)
+
+
 def test_wdinfo_asset_event_recorded(clean_run: dict[str, Any]) -> None:
     from airflow import settings
     from airflow.models.asset import AssetEvent, AssetModel
@@ -121,9 +139,9 @@ def test_params_task_ids_run_only_those_and_pod_command_matches(clean_run: dict[
 
     # The GPU pod's command (as the DAG renders it for runner: kubernetes), run here on CPU for task 1.
     pod_root = tmp_path / "pod"
-    arguments = stage_task_kwargs("kubernetes", "precache_encodings", str(DAGS_FOLDER / "demo_multimodal.yaml"),
-                                  [f"dataset_output_root={root}",
-                                   f"precache_encodings.output_dir={pod_root}"], 1, 4)["arguments"]
+    arguments = instance_kwargs("kubernetes", "precache_encodings", str(DAGS_FOLDER / "demo_multimodal.yaml"),
+                                [f"dataset_output_root={root}",
+                                 f"precache_encodings.output_dir={pod_root}"], 1, 4)["arguments"]
     result = subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", *arguments],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
     assert result.returncode == 0, result.stderr[-2000:]

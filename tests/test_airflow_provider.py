@@ -28,9 +28,10 @@ airflow_home(migrate=False)  # parsing and pods need no DB
 from airflow_provider_mmprep import get_provider_info  # noqa: E402
 from airflow_provider_mmprep.cli import main as mmprep_main  # noqa: E402
 from airflow_provider_mmprep.config import ConfigError  # noqa: E402
-from airflow_provider_mmprep.dag_factory import (check_fan_out, parse_task_ids, plan_run,  # noqa: E402
-                                                 read_dag_spec, stage_task_kwargs)
-from airflow_provider_mmprep.operators.cluster import ClusterDefaults  # noqa: E402
+from airflow_provider_mmprep.airflow.settings import ClusterDefaults  # noqa: E402
+from airflow_provider_mmprep.task_ids import instance_kwargs  # noqa: E402
+from airflow_provider_mmprep.task_mapping import (check_fan_out, parse_task_ids, plan_run,  # noqa: E402
+                                                  read_dag_spec)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_dagbag_imports_every_yaml_fast() -> None:
 
 
 def test_disabled_stage_absent_schedule_from_yaml_retries_with_backoff(tmp_path: Path) -> None:
-    from airflow_provider_mmprep.dag_builder import build_dag
+    from airflow_provider_mmprep.airflow.dag import build_dag
 
     text = (DAGS_FOLDER / "demo_multimodal.yaml").read_text()
     path = tmp_path / "pipe.yaml"
@@ -114,8 +115,8 @@ def _cluster() -> ClusterDefaults:
 def test_kpo_pods_render_gpu_selector_tolerations_pvc_and_task_id() -> None:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-    from airflow_provider_mmprep.dag_builder import build_dag
-    from airflow_provider_mmprep.operators.pods import pod_partial_kwargs
+    from airflow_provider_mmprep.airflow.dag import build_dag
+    from airflow_provider_mmprep.airflow.pods import pod_partial_kwargs
 
     config = DAGS_FOLDER / "download_multimodal.yaml"
     dag = build_dag(config, _cluster())
@@ -123,8 +124,8 @@ def test_kpo_pods_render_gpu_selector_tolerations_pvc_and_task_id() -> None:
     assert mapped.partial_kwargs["pool"] == "mmprep_gpu"
     kwargs = pod_partial_kwargs("precache_encodings", _cluster())
     for task_id in (0, 3, 7):
-        arguments = stage_task_kwargs("kubernetes", "precache_encodings", str(config), ["dataset_repo_id=a/b"],
-                                      task_id, 8)["arguments"]
+        arguments = instance_kwargs("kubernetes", "precache_encodings", str(config), ["dataset_repo_id=a/b"],
+                                    task_id, 8)["arguments"]
         op = KubernetesPodOperator(task_id="precache_encodings", arguments=arguments, **kwargs)
         pod = op.build_pod_request_obj(dry_run=True)
         container = pod.spec.containers[0]
@@ -245,3 +246,36 @@ def test_clear_without_an_api_server_is_one_line(capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot reach the Airflow API server at http://127.0.0.1:{port} (connection refused "
                    "or timed out); start it or pass --api-url (or set AIRFLOW_API_URL)"]
+
+
+def test_mmprep_section_is_read_with_airflows_typed_getters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[mmprep] through Airflow's conf: its booleans, integers and JSON, its refusals, and the defaults the
+    provider declares where an option is not set (an empty JSON option means none)."""
+    from airflow.exceptions import AirflowConfigException
+
+    from airflow_provider_mmprep.airflow.settings import MMPREP_CONFIG_OPTIONS, option_default
+
+    for option in MMPREP_CONFIG_OPTIONS:
+        monkeypatch.delenv(f"AIRFLOW__MMPREP__{option.upper()}", raising=False)
+    defaults = ClusterDefaults.from_airflow_config()
+    assert (defaults.in_cluster, defaults.deferrable, defaults.gpu_count, defaults.retries) == (True, False, 1, 2)
+    assert defaults.tolerations == json.loads(option_default("tolerations")) != []
+    assert defaults.node_selector == {} and defaults.worker_image == option_default("worker_image")
+
+    for name, value in {"IN_CLUSTER": "false", "DEFERRABLE": "t", "GPU_COUNT": "4", "RETRIES": "0",
+                        "TOLERATIONS": "", "NODE_SELECTOR": '{"a": "b"}'}.items():
+        monkeypatch.setenv(f"AIRFLOW__MMPREP__{name}", value)
+    cluster = ClusterDefaults.from_airflow_config()
+    assert (cluster.in_cluster, cluster.deferrable, cluster.gpu_count, cluster.retries) == (False, True, 4, 0)
+    assert cluster.tolerations == [] and cluster.node_selector == {"a": "b"}
+
+    for name, value, message in (("IN_CLUSTER", "maybe", '"in_cluster" key in "mmprep"'),
+                                 ("GPU_COUNT", "two", '"gpu_count" key in "mmprep"'),
+                                 ("WORKER_RESOURCES", "{cpu: 8}", r"\[mmprep\] 'worker_resources'")):
+        with monkeypatch.context() as patch:
+            patch.setenv(f"AIRFLOW__MMPREP__{name}", value)
+            with pytest.raises(AirflowConfigException, match=message):
+                ClusterDefaults.from_airflow_config()
+    monkeypatch.setenv("AIRFLOW__MMPREP__NODE_SELECTOR", "[1]")
+    with pytest.raises(ValueError, match=r"\[mmprep\] node_selector: expected a JSON dict, got \[1\]"):
+        ClusterDefaults.from_airflow_config()

@@ -11,7 +11,8 @@ import pytest
 from airflow_provider_mmprep.cli import main
 from airflow_provider_mmprep.config import (BUNDLED_LAUNCHER_SCRIPTS_PATH, ConfigError, load_config,
                                             load_precache_config)
-from airflow_provider_mmprep.plan import build_plan, compact_ranges
+from airflow_provider_mmprep.plan import build_plan
+from airflow_provider_mmprep.task_ids import compact_ranges
 
 REQUIRED = ["dataset_repo_id=org/dataset"]
 

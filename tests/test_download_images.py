@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from airflow_provider_mmprep.config import ConfigError, load_config
-from airflow_provider_mmprep.stages import StageError
+from airflow_provider_mmprep.stages import StageError, download_images
 from airflow_provider_mmprep.stages.download_images import run_task
 from airflow_provider_mmprep.testing import sample_data
 from airflow_provider_mmprep.testing.image_host import ImageHost
@@ -299,11 +299,11 @@ def test_options_unknown_warns_and_bad_values_name_the_key(tmp_path: Path, host:
 @pytest.mark.parametrize(("name", "size"), [("000000001.jpg", 77_600), ("000000001.txt", 0),
                                             ("123456789.json", 12_345_678)])
 def test_fast_tar_header_matches_tarfile(name: str, size: int) -> None:
-    from airflow_provider_mmprep.download.shard import TarWriter
+    from airflow_provider_mmprep.tarwriter import FIXED
 
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
-    assert TarWriter.header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    assert FIXED.header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
 
 
 def test_input_is_read_in_batches_not_whole(tmp_path: Path) -> None:
@@ -357,6 +357,24 @@ def test_keys_are_unique_across_parts(tmp_path: Path, host: ImageHost) -> None:
         keys += [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) == 6
     assert all(len(k) == 14 and k.isdigit() for k in keys)
+
+
+def test_the_stage_says_which_part_and_folder_each_task_has_and_which_tasks_have_work_left(
+        tmp_path: Path, host: ImageHost) -> None:
+    urls = sample_data.add_images(host, 6, size=SMALL)
+    for index in range(2):
+        sample_data.write_url_parquet(tmp_path / "in" / f"p{index}.parquet", urls[index * 3:(index + 1) * 3])
+    config = write_config(tmp_path, tmp_path / "in", tmp_path / "out", number_sample_per_shard=2)
+    cfg = load_config(config, load_precache=False)
+    assert [download_images.task_inputs(cfg, t, 2) for t in range(2)] == [[tmp_path / "in" / "p0.parquet"],
+                                                                           [tmp_path / "in" / "p1.parquet"]]
+    assert download_images.incomplete_tasks(cfg, 2) == {0: "no *_stats.json in p0/", 1: "no *_stats.json in p1/"}
+    summaries = [run(config, task_id=t, task_count=2) for t in range(2)]
+    assert [download_images.expected_outputs(cfg, t, 2) for t in range(2)] == [[Path(s["output_dir"])]
+                                                                                for s in summaries]
+    assert download_images.incomplete_tasks(cfg, 2) == {}
+    (tmp_path / "out" / "p1" / "00001_stats.json").unlink()  # the pod died before its last shard was done
+    assert download_images.incomplete_tasks(cfg, 2) == {1: "2 of 3 URLs of its part have a status"}
 
 
 def test_host_timeline_shows_how_many_requests_the_downloader_kept_in_flight(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from airflow_provider_mmprep.cli import main
 from airflow_provider_mmprep.config import load_config
 from airflow_provider_mmprep.plan import list_parquet_parts, plan_stage
-from airflow_provider_mmprep.stages import StageError, run_stage_task
+from airflow_provider_mmprep.stages import StageError, download_parquet, run_stage_task
 from airflow_provider_mmprep.stages.download_parquet import split_parquet
 
 from conftest import make_table, parquet_bytes
@@ -120,6 +120,24 @@ def test_changing_the_subpartition_count_replaces_old_parts(nemo_config, use_hub
                              "download_parquet", 0, 1)
     names = sorted(p.name for p in list_parquet_parts(tmp_path / "parquet", "data/*.parquet"))
     assert summary["parts"] == 4 and all("-of-002" in n for n in names), names
+
+
+def test_the_stage_says_which_parts_are_there_and_whether_its_task_has_work_left(nemo_config, tmp_path) -> None:
+    cfg = _cfg(nemo_config, tmp_path)
+    assert download_parquet.expected_outputs(cfg) == []
+    assert download_parquet.incomplete_tasks(cfg) == {0: "no parquet output"}
+    out = tmp_path / "parquet" / "data"
+    out.mkdir(parents=True)
+    for rel, body in _repo_files().items():
+        if rel.startswith("data/"):
+            (out / Path(rel).name).write_bytes(body)
+    parts = download_parquet.expected_outputs(cfg)
+    assert parts == [out / "train-00000.parquet", out / "train-00001.parquet"]
+    assert [download_parquet.part_rows(p) for p in parts] == [2500, 1001]
+    assert download_parquet.incomplete_tasks(cfg) == {}
+    parts[1].write_bytes(parts[1].read_bytes()[:100])  # truncated
+    assert download_parquet.part_rows(parts[1]) is None
+    assert download_parquet.incomplete_tasks(cfg) == {0: "unreadable parquet output"}
 
 
 def test_split_streams_many_row_groups_exactly(tmp_path: Path) -> None:

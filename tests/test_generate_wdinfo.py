@@ -14,7 +14,7 @@ from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, Pipeli
 from airflow_provider_mmprep.manifest import write_manifest
 from airflow_provider_mmprep.safepickle import safe_loads
 from airflow_provider_mmprep.stages import StageError
-from airflow_provider_mmprep.stages import reorganize_tar
+from airflow_provider_mmprep.stages import generate_wdinfo, reorganize_tar
 from airflow_provider_mmprep.stages.generate_wdinfo import run_task
 from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
 
@@ -85,6 +85,24 @@ def test_wdinfo_lists_only_full_tars_with_exact_counts(tmp_path: Path) -> None:
     assert "INCOMPLETE" in info["not_listed"]["00004.tar"]
     assert nemo_style_check(wdinfo, folder) == 12
     assert not [p for p in wdinfo.parent.iterdir() if p.name.startswith(".")]  # atomic: no temporaries
+
+
+def test_the_stage_says_whether_its_task_has_work_left(tmp_path: Path) -> None:
+    folder = tmp_path / "precached"
+    precached_tar(folder / "00000.tar", CHUNK, 0)
+    wdinfo = tmp_path / "out" / "wdinfo.pkl"
+    cfg = make_cfg(folder, wdinfo)
+    assert generate_wdinfo.expected_outputs(cfg) == [wdinfo]
+    assert generate_wdinfo.incomplete_tasks(cfg) == {0: "no wdinfo.pkl"}
+    run_task(cfg, 0, 1)
+    assert generate_wdinfo.incomplete_tasks(cfg) == {}
+    assert generate_wdinfo.listed_but_missing(cfg, generate_wdinfo.check_output(cfg).info) == []
+    (folder / "00000.tar").rename(folder / "moved.tar")
+    assert generate_wdinfo.listed_but_missing(cfg, generate_wdinfo.check_output(cfg).info) == ["00000.tar"]
+    wdinfo.write_bytes(pickle.dumps({"tar_files": [Path("a.tar")], "chunk_size": 1, "total_key_count": 1}))
+    assert generate_wdinfo.incomplete_tasks(cfg) == {0: "unreadable wdinfo.pkl"}  # a class: not unpickled
+    wdinfo.write_bytes(pickle.dumps({"tar_files": []}))
+    assert generate_wdinfo.incomplete_tasks(cfg) == {0: "wdinfo.pkl without the keys NeMo reads"}
 
 
 def test_manifest_counts_are_trusted_and_stale_ones_ignored(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 
 from airflow_provider_mmprep.config import ConfigError
-from airflow_provider_mmprep.dag_factory import plan_run, read_dag_spec
+from airflow_provider_mmprep.task_mapping import plan_run, read_dag_spec
 
 MISSING = "precache_config_path: /nonexistent/precache.yaml"
 

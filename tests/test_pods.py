@@ -30,11 +30,11 @@ import kubernetes_validate  # noqa: E402
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator  # noqa: E402
 from kubernetes.client import ApiClient  # noqa: E402
 
-from airflow_provider_mmprep import MMPREP_CONFIG_OPTIONS  # noqa: E402
-from airflow_provider_mmprep.dag_builder import build_dag  # noqa: E402
-from airflow_provider_mmprep.dag_factory import read_dag_spec, stage_task_kwargs  # noqa: E402
-from airflow_provider_mmprep.operators.cluster import ClusterDefaults  # noqa: E402
-from airflow_provider_mmprep.operators.pods import GPU_STAGES, pod_partial_kwargs  # noqa: E402
+from airflow_provider_mmprep.airflow.dag import build_dag  # noqa: E402
+from airflow_provider_mmprep.airflow.pods import GPU_STAGES, pod_partial_kwargs  # noqa: E402
+from airflow_provider_mmprep.airflow.settings import MMPREP_CONFIG_OPTIONS, ClusterDefaults  # noqa: E402
+from airflow_provider_mmprep.task_ids import instance_kwargs  # noqa: E402
+from airflow_provider_mmprep.task_mapping import read_dag_spec  # noqa: E402
 from airflow_provider_mmprep.testing.k8s_checks import (SchemaViolation, pod_problems,  # noqa: E402
                                                          resource_problems,
                                                          supported_kube_minors, toleration_problems,
@@ -104,7 +104,7 @@ def rendered_pods(pipeline: Path, cluster: ClusterDefaults) -> dict[str, dict[st
         assert mapped.operator_class is KubernetesPodOperator
         assert all(mapped.partial_kwargs[key] == value for key, value in kwargs.items()
                    if key in mapped.partial_kwargs)
-        arguments = stage_task_kwargs("kubernetes", stage, str(pipeline), ["dataset_repo_id=org/data"], 3, 8)
+        arguments = instance_kwargs("kubernetes", stage, str(pipeline), ["dataset_repo_id=org/data"], 3, 8)
         op = KubernetesPodOperator(task_id=stage, **arguments, **kwargs)
         pods[stage] = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(dry_run=True))
     return pods
@@ -141,6 +141,16 @@ def test_pods_carry_the_settings(monkeypatch: pytest.MonkeyPatch, pipeline: Path
         args = container["command"] + container["args"]
         assert args[args.index("--stage") + 1] == stage
 
+
+
+def test_gpu_pods_run_in_default_pool_unless_a_pool_is_named(monkeypatch: pytest.MonkeyPatch,
+                                                             pipeline: Path) -> None:
+    """A pool that does not exist leaves tasks scheduled forever (the scheduler only warns), so a fresh
+    install without the chart's pool must use Airflow's default_pool."""
+    for settings, pool in (({}, "default_pool"), ({"gpu_pool": "mmprep_gpu"}, "mmprep_gpu")):
+        dag = build_dag(pipeline, configure(monkeypatch, settings))
+        assert dag.get_task("precache_encodings").partial_kwargs.get("pool", "default_pool") == pool
+        assert dag.get_task("reorganize_tar").partial_kwargs.get("pool", "default_pool") == "default_pool"
 
 def test_a_misspelled_pod_field_fails_with_the_validators_message(
         monkeypatch: pytest.MonkeyPatch, pipeline: Path) -> None:
@@ -188,7 +198,7 @@ def test_names_must_be_dns_1123(monkeypatch: pytest.MonkeyPatch, pipeline: Path)
 
 
 def test_tolerations_take_kubernetes_field_names_and_refuse_unknown_ones() -> None:
-    from airflow_provider_mmprep.operators.pods import toleration
+    from airflow_provider_mmprep.airflow.pods import toleration
 
     made = toleration({"key": "pool", "operator": "Equal", "value": "gpu", "effect": "NoExecute",
                        "tolerationSeconds": 300})

@@ -25,8 +25,9 @@ from PIL import Image  # noqa: E402
 from airflow_provider_mmprep.config import PrecacheConfig, load_config  # noqa: E402
 from airflow_provider_mmprep.manifest import read_manifest  # noqa: E402
 from airflow_provider_mmprep.precache.data import resize_and_crop  # noqa: E402
+from airflow_provider_mmprep.report import build_report_html  # noqa: E402
 from airflow_provider_mmprep.safepickle import safe_loads  # noqa: E402
-from airflow_provider_mmprep.stages import StageError, run_stage_task  # noqa: E402
+from airflow_provider_mmprep.stages import StageError, precache_encodings, run_stage_task  # noqa: E402
 from airflow_provider_mmprep.testing import precache_fixtures as fx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +221,33 @@ def test_shard_with_an_incomplete_marker_beside_it(tmp_path, models):
     shards[1].write_bytes(shards[1].read_bytes() + b"\0" * 10240)  # changed input: re-encoded
     summary, out = _run(tmp_path, tmp_path / "in", _precache(models), name="all", process_incomplete_tars=True)
     assert summary["encoded_tars"] == 1 and not (out / "00001.tar.INCOMPLETE").exists()
+
+
+def test_report_asks_the_stage_which_tars_each_task_owns(tmp_path, models):
+    """5 input tars, the last marked short the way reorganize_tar marks it, 2 tasks, every output written:
+    task 1 owns 00002-00003 (the marked tar is nobody's), so the report finds nothing to redo. A lister of
+    its own (glob *.tar) would give task 1 00004.tar too and call it failed."""
+    shards = fx.write_shards(tmp_path / "in", 5, 2)
+    shards[4].with_name(shards[4].name + ".INCOMPLETE").touch()
+    config = fx.write_precache_configs(tmp_path / "conf", tmp_path / "in", tmp_path / "out",
+                                       _precache(models), node_array_size=2)
+    cfg = load_config(config)
+    for task_id in range(2):
+        run_stage_task(cfg, STAGE, task_id, 2)
+    assert [p.name for p in precache_encodings.task_inputs(cfg, 1, 2)] == ["00002.tar", "00003.tar"]
+    assert precache_encodings.expected_outputs(cfg, 1, 2) == [tmp_path / "out" / "00002.tar",
+                                                              tmp_path / "out" / "00003.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [f"{j:05d}.tar" for j in range(4)]
+    assert precache_encodings.incomplete_tasks(cfg, 2) == {}
+    page = build_report_html(cfg)
+    assert "No failed or missing tasks found." in page and "task(s) to redo" not in page
+    assert "00004.tar" not in page and "--stage precache_encodings" not in page
+
+    (tmp_path / "out" / "00003.tar").unlink()  # an output lost: exactly its task is to redo
+    assert precache_encodings.incomplete_tasks(cfg, 2) == {1: "input 00003.tar has no finished output tar"}
+    page = build_report_html(cfg)
+    assert "1 task(s) to redo: 1" in page
+    assert "--stage precache_encodings --task-id 1 --task-count 2" in page
 
 
 def test_changed_encodings_redo_finished_tars(tmp_path, models):

@@ -18,7 +18,7 @@ import webdataset as wds
 
 from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, PipelineConfig, load_config
 from airflow_provider_mmprep.manifest import read_manifest, read_offsets
-from airflow_provider_mmprep.stages import StageError
+from airflow_provider_mmprep.stages import StageError, reorganize_tar
 from airflow_provider_mmprep.stages.reorganize_tar import run_task
 from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
 
@@ -234,14 +234,14 @@ KILLER = textwrap.dedent("""\
     from airflow_provider_mmprep import tarwriter
     cfg = load_config(sys.argv[1], sys.argv[3:], load_precache=False)
     calls = 0
-    real = tarwriter.RangeTarWriter.add_records
+    real = tarwriter.TarWriter.add_records
     def add_records(self, *args):
         global calls
         calls += 1
         if calls == int(sys.argv[2]):  # die in the middle of an output tar, like a preempted pod
             os.kill(os.getpid(), signal.SIGKILL)
         return real(self, *args)
-    tarwriter.RangeTarWriter.add_records = add_records
+    tarwriter.TarWriter.add_records = add_records
     reorganize_tar.run_task(cfg, 0, 1)
 """)
 
@@ -317,6 +317,26 @@ def test_with_download_manifests_each_task_reads_only_the_inputs_feeding_its_out
         assert len(read) <= len(tars) + tasks - 1
         assert sum(s["indexed_input_tars"] for s in summaries) == len(read)
         assert set(read) == set(tars)
+
+
+def test_the_stage_says_which_outputs_each_task_writes_and_which_tasks_have_work_left(tmp_path: Path) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    tars = make_download_output(raw, parts=3, shards_per_part=4, samples_per_shard=(3, 11), seed=7,
+                                manifests=True, member_offsets=False)
+    cfg = make_cfg(raw, out, 5)
+    assert reorganize_tar.incomplete_tasks(cfg, 3) == {t: "no output tars" for t in range(3)}
+    summaries = run_all(cfg, 3)
+    expected = [reorganize_tar.expected_outputs(cfg, t, 3) for t in range(3)]
+    # placed from the inputs' manifests alone, exactly as the tasks placed them
+    assert [p for outputs in expected for p in outputs] == sorted(out.glob("*.tar"))
+    assert [s["task_outputs"] for s in summaries] == [f"{o[0].name}..{o[-1].name}" for o in expected]
+    assert reorganize_tar.incomplete_tasks(cfg, 3) == {}
+    lost = expected[1][1]
+    lost.with_name(lost.name + ".manifest.json").unlink()  # written, but its manifest never was
+    assert reorganize_tar.incomplete_tasks(cfg, 3) == {1: f"output {lost.name} is not finished"}
+    (tars[0].parent / (tars[0].name + ".manifest.json")).unlink()  # an input without manifest: unknown
+    assert reorganize_tar.expected_outputs(cfg, 1, 3) is None
+    assert reorganize_tar.incomplete_tasks(cfg, 3) == {}  # and these manifests name no task
 
 
 def test_inputs_without_a_usable_manifest_are_counted_from_their_headers(tmp_path: Path) -> None:

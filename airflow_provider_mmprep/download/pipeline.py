@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,10 @@ from .options import DownloadOptions
 from .reader import ShardJob
 from .resizer import ImageRejected, process_image
 from .shard import (FAILED_DOWNLOAD, FAILED_RESIZE, SUCCESS, MemoryBudget, Outcome, OrderedSampleWriter,
-                    TarWriter, finish_shard, piece_path, split_rows)
+                    finish_shard, piece_path, split_rows)
 from ..fsutil import TMP_MARKER
+from ..procutil import die_with_parent
+from ..tarwriter import TarWriter
 
 #: A request still unanswered after this long (or a quarter of ``timeout``, if shorter) stops holding a fetch
 #: slot; it keeps its socket.
@@ -275,24 +278,14 @@ def _count_in_worker(success: bool) -> None:
             _ok_counter.value += 1
 
 
-def _die_with_parent() -> None:
-    """Linux: end this worker when the task process dies (even by SIGKILL), instead of leaving an orphan that
+def _worker(pieces: Any, results: Any, done: Any, ok: Any, options: DownloadOptions, parent: int) -> None:
+    """A worker process: pump the pieces the parent queues until it queues None; report each finished piece.
+
+    It ends when the task process ``parent`` dies (even by SIGKILL), instead of living on as an orphan that
     keeps downloading into files the rerun has already discarded."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _worker(pieces: Any, results: Any, done: Any, ok: Any, options: DownloadOptions) -> None:
-    """A worker process: pump the pieces the parent queues until it queues None; report each finished piece."""
     global _done_counter, _ok_counter
     _done_counter, _ok_counter = done, ok
-    _die_with_parent()
+    die_with_parent(parent)
 
     async def next_piece() -> Piece | None:
         return await asyncio.get_running_loop().run_in_executor(None, pieces.get)
@@ -335,8 +328,8 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
     piece_queue = context.Queue(maxsize=processes)
     result_queue = context.Queue()
     done, ok = context.Value("q", 0), context.Value("q", 0)
-    workers = [context.Process(target=_worker, args=(piece_queue, result_queue, done, ok, options), daemon=True)
-               for _ in range(processes)]
+    workers = [context.Process(target=_worker, args=(piece_queue, result_queue, done, ok, options, os.getpid()),
+                               daemon=True) for _ in range(processes)]
     for worker in workers:
         worker.start()
     shards: dict[int, _Shard] = {}

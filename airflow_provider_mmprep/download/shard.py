@@ -3,7 +3,7 @@
 
 Images arrive in any order and are streamed into the tar in key order (those finished early wait in a
 bounded buffer, then in a spill file: memory never holds the shard), with fixed member metadata
-(mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
+(:data:`..tarwriter.FIXED`: mtime 0, uid/gid 0, no user names, mode 0644). Two runs over the same input and
 responses therefore give byte-identical tars. Each file is written under a temporary name and renamed; the
 ``_stats.json`` is renamed last and marks the shard complete.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
 from ..manifest import write_manifest
 from ..tarindex import offsets_of
-from ..tarwriter import copy_range
+from ..tarwriter import TarWriter
 from .options import DownloadOptions
 from .reader import ShardJob
 
@@ -33,6 +32,7 @@ SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "fail
 #: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar, over all
 #: the pieces a worker has open; beyond this they wait in a spill file.
 MEMORY_CAP_BYTES = 48 * 1024 * 1024
+
 
 @dataclass
 class Outcome:
@@ -76,7 +76,7 @@ class OrderedSampleWriter:
     kernel-side copy.
     """
 
-    def __init__(self, tar: "TarWriter", spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
+    def __init__(self, tar: TarWriter, spill: io.BufferedRandom, job: ShardJob, options: DownloadOptions,
                  budget: "MemoryBudget"):
         self.tar, self.spill, self.job, self.options, self.budget = tar, spill, job, options, budget
         self.extra_rows = job.extra.to_pylist() if job.extra is not None else None
@@ -121,68 +121,6 @@ class OrderedSampleWriter:
         if self.extra_rows is not None:
             meta.update({k: _json_value(v) for k, v in self.extra_rows[index].items()})
         self.tar.add_bytes(f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
-
-
-_HEADER_MODE_IDS = b"0000644\0" + b"0000000\0" * 2  # mode, uid, gid
-_HEADER_REST_BEFORE_SUM = b"00000000000\0"  # mtime 0
-_HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 155).ljust(
-    512 - 148 - 8, b"\0")  # type, linkname, magic+version, uname, gname, devmajor, devminor, prefix, pad
-_HEADER_SUM_OF_TAIL = sum(b" " * 8) + sum(_HEADER_TAIL)
-
-
-class TarWriter:
-    """A minimal ustar writer with fixed member metadata; member data can be copied from another file by the
-    kernel (``os.copy_file_range``), so image bytes never pass through Python on their way into the tar."""
-
-    def __init__(self, path: Path, append: bool = False):
-        # appending opens read-write at the end, not O_APPEND: copy_file_range refuses O_APPEND targets
-        self._file = open(path, "r+b" if append else "wb")
-        if append:
-            self._file.seek(0, os.SEEK_END)
-        self._fd = self._file.fileno()
-
-    @staticmethod
-    def header(name: str, size: int) -> bytes:
-        """The ustar header ``tarfile`` would write for a regular file with our fixed metadata, built
-        directly (tarfile's generic builder costs more than the rest of writing a sample)."""
-        encoded = name.encode("ascii")
-        if len(encoded) > 100 or size >= 8 ** 11:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                size, 0, 0o644, 0, 0, "", "")
-            return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-        head = encoded.ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_REST_BEFORE_SUM
-        checksum = sum(head) + _HEADER_SUM_OF_TAIL
-        return head + b"%06o\0 " % checksum + _HEADER_TAIL
-
-    def add_bytes(self, name: str, data: bytes) -> None:
-        self._file.write(self.header(name, len(data)) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
-
-    def add_from(self, name: str, source_fd: int, offset: int, length: int) -> None:
-        self._file.write(self.header(name, length))
-        self._file.flush()
-        self.add_raw(source_fd, offset, length)
-        self._file.write(b"\0" * (-length % tarfile.BLOCKSIZE))
-
-    def close(self, end_archive: bool = True) -> None:
-        """Finish the file; without ``end_archive`` it is a piece, to be concatenated with others."""
-        if end_archive:
-            self._file.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-            self._file.flush()
-            size = self._file.tell()
-            self._file.write(b"\0" * (-size % tarfile.RECORDSIZE))
-        self._file.close()
-
-    def append_file(self, path: Path) -> None:
-        """Copy a piece (members without an end-of-archive marker) into this tar, kernel-side."""
-        self._file.flush()
-        with open(path, "rb") as piece:
-            size = os.fstat(piece.fileno()).st_size
-            self.add_raw(piece.fileno(), 0, size)
-
-    def add_raw(self, source_fd: int, offset: int, length: int) -> None:
-        self._file.flush()  # the kernel copy writes at the file descriptor's position
-        copy_range(source_fd, self._fd, offset, length)
 
 
 def _json_value(value: Any) -> Any:

@@ -1,7 +1,7 @@
-"""Airflow operators of the provider: one per stage, thin over :func:`stages.run_stage_task`."""
+"""The stage operators under their public import path; defined in :mod:`airflow_provider_mmprep.airflow.operators`."""
 
-from .stages import (DownloadImagesOperator, DownloadParquetOperator, GenerateWdinfoOperator,
-                     MmprepStageOperator, PrecacheEncodingsOperator, ReorganizeTarOperator)
+from ..airflow.operators import (DownloadImagesOperator, DownloadParquetOperator, GenerateWdinfoOperator,
+                                 MmprepStageOperator, PrecacheEncodingsOperator, ReorganizeTarOperator)
 
 __all__ = ["MmprepStageOperator", "DownloadParquetOperator", "DownloadImagesOperator", "ReorganizeTarOperator",
            "PrecacheEncodingsOperator", "GenerateWdinfoOperator"]

@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 _ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
-def index_tar(path: str | Path) -> list[Sample]:
+def intact_samples(path: str | Path) -> list[Sample]:
     """Samples of an uncompressed tar in order, from its headers only (:func:`tarindex.index_tar`: the same
-    grouping, unsafe-name refusal and damage detection as reorganize_tar and inspect). A damaged input
-    raises instead of silently losing its tail: precache must encode every sample it was given."""
+    grouping, unsafe-name refusal and damage detection as reorganize_tar and inspect), or DamagedTar: unlike
+    ``index_tar``, which keeps a damaged tar's readable samples, precache must encode every sample it was
+    given, so a damaged input fails instead of silently losing its tail."""
     index = tarindex.index_tar(path)
     if index.problems:
         raise tarindex.DamagedTar(f"{Path(path).name} is damaged: {'; '.join(index.problems)}; redo the "
@@ -95,7 +96,7 @@ def count_samples(tar: Path) -> int:
     manifest = read_manifest(tar)
     if manifest is not None and isinstance(manifest.get("sample_count"), int):
         return manifest["sample_count"]
-    return len(index_tar(tar))
+    return len(intact_samples(tar))
 
 
 def jobs_for(tar_index: int, count: int, batch_size: int) -> list[BatchJob]:
@@ -149,7 +150,7 @@ class BatchDataset(torch.utils.data.Dataset):
             if self._open is not None:
                 self._open[1].close()
             path = self.tars[tar_index]
-            self._open = (tar_index, open(path, "rb"), index_tar(path))
+            self._open = (tar_index, open(path, "rb"), intact_samples(path))
         return self._open[1], self._open[2]
 
     @staticmethod

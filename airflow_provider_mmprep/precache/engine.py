@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import EncodingSpec, PrecacheConfig
 from ..encoders import build_encoder
+from ..procutil import die_with_parent
 from ..progress import Progress
 from .data import BatchDataset, InputSpec, JobSampler, normalize_on_device
 from .writer import EncodedBatch, TarOutput, TarWriterThread
@@ -198,28 +199,13 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
             "pipeline_seconds": round(time.monotonic() - pipeline_started, 3)}
 
 
-def _exit_with_parent() -> None:
-    """A task killed outright (SIGKILL) must not leave encoder processes writing behind it: a watchdog
-    thread ends this process once it has been re-parented."""
-    import threading
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="mmprep-parent-watchdog", daemon=True).start()
-
-
 def _child_main(index: int, device_name: str, outputs: list[TarOutput], precache: PrecacheConfig,
-                results: Any) -> None:
-    """Entry point of a spawned per-device process: results (or the error) go back on ``results``."""
+                results: Any, parent: int) -> None:
+    """Entry point of a spawned per-device process: results (or the error) go back on ``results``. A task
+    killed outright (SIGKILL) must not leave it encoding behind it: it dies with ``parent``."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s [{device_name}] %(name)s: %(message)s")
-    _exit_with_parent()
+    die_with_parent(parent)
     try:
         results.put((index, "ok", encode_tars(outputs, precache, device_name)))
     except BaseException as exc:
@@ -235,7 +221,8 @@ def encode_in_processes(assignments: Sequence[tuple[str, list[TarOutput]]],
     results = context.Queue()
     processes = []
     for index, (device_name, outputs) in enumerate(assignments):
-        process = context.Process(target=_child_main, args=(index, device_name, outputs, precache, results),
+        process = context.Process(target=_child_main,
+                                  args=(index, device_name, outputs, precache, results, os.getpid()),
                                   name=f"mmprep-precache-{device_name}-{index}")  # not daemonic: it
         # needs DataLoader worker children of its own
         process.start()

@@ -2,18 +2,17 @@
 
 It receives encoded batches in input order, waits for their device→host copies to land (a CUDA event, so
 the encoding loop never blocks on them), pickles one ``dict[key → ndarray]`` per sample, copies the
-original members when asked, and finishes each tar atomically followed by its manifest. Member headers are
-deterministic (times from the input, no owner names) so a rerun reproduces the same bytes.
+original members when asked (a kernel-side copy), and finishes each tar atomically followed by its
+manifest. Member headers come from :mod:`..tarwriter` under :data:`METADATA` (times from the input, no
+owner names), so a rerun reproduces the same bytes.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
 import queue
-import tarfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..fsutil import temp_path_for
 from ..manifest import INCOMPLETE_SUFFIX, write_manifest
+from ..tarwriter import PAX, MemberMetadata, TarWriter
 from .data import KeptSample, Member
 
 log = logging.getLogger(__name__)
@@ -51,52 +51,38 @@ class TarOutput:
     marker: bool = False  # short: put an empty ``<tar>.INCOMPLETE`` beside it, as reorganize_tar does
 
 
-def _info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, mtime, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
+#: Precache's member policy: the download's fixed metadata, but each member keeps its input sample's mtime
+#: (passed per member) and a long or non-ASCII input key is stored in a pax record.
+METADATA = MemberMetadata(long_names=PAX)
 
 
 class _OpenTar:
     def __init__(self, output: TarOutput):
         self.output = output
         self.tmp = temp_path_for(output.final)
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
-        self.source = open(output.source, "rb") if output.originals else None
+        self.tar = TarWriter(self.tmp, METADATA)
+        self.source = os.open(output.source, os.O_RDONLY) if output.originals else None
         self.written = 0
         self.skipped: list[dict[str, str]] = []
         self.encodings: dict[str, dict[str, Any]] = {}
 
     def add(self, name: str, data: bytes, mtime: int) -> None:
-        self.tar.addfile(_info(name, len(data), mtime), io.BytesIO(data))
+        self.tar.add_bytes(name, data, mtime)
 
     def copy_member(self, name: str, member: Member) -> None:
-        self.source.seek(member.offset)
-        self.tar.addfile(_info(name, member.size, member.mtime), _Limited(self.source, member.size))
+        self.tar.add_from(name, self.source, member.offset, member.size, member.mtime)
 
     def close(self) -> None:
-        self.tar.close()
-        if self.source is not None:
-            self.source.close()
+        try:
+            self.tar.close()
+        finally:
+            if self.source is not None:
+                os.close(self.source)
+                self.source = None
 
     def discard(self) -> None:
         self.close()
         self.tmp.unlink(missing_ok=True)
-
-
-class _Limited(io.RawIOBase):
-    """A read-only window of ``size`` bytes from the current position of ``handle``."""
-
-    def __init__(self, handle: Any, size: int):
-        self.handle, self.left = handle, size
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.left if size < 0 else min(size, self.left)
-        data = self.handle.read(size)
-        self.left -= len(data)
-        return data
 
 
 class TarWriterThread:

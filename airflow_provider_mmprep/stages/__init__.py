@@ -8,6 +8,16 @@ which does task ``task_id`` of ``task_count`` (outputs depend only on the config
 atomically, a rerun skips finished work) and returns a JSON-able summary. How many tasks a stage has is the
 plan's business (:mod:`airflow_provider_mmprep.plan`). The CLI, the Airflow operators and the Kubernetes
 pods all call :func:`run_stage_task`.
+
+Each stage module also owns its on-disk layout and answers the questions others ask of it (the run report,
+the plan, the resume commands), so nothing else globs its folders or spells its file names::
+
+    def task_inputs(cfg, task_id, task_count) -> list[Path]       # where tasks split inputs
+    def expected_outputs(cfg, task_id, task_count) -> list[Path]  # what the task leaves when done
+    def incomplete_tasks(cfg, task_count) -> dict[int, str]       # task id -> why it has work left
+
+plus readers of what is there (``finished_outputs``, ``task_shards``, ``check_output`` ...). The code that
+decides what a task writes is the code that answers which tasks are incomplete.
 """
 
 from __future__ import annotations

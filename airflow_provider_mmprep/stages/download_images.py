@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -30,17 +31,135 @@ import pyarrow.parquet as pq
 from ..config import PipelineConfig
 from ..download.options import DownloadOptions, parse_options
 from ..download.reader import ShardJob, count_rows, iter_shard_jobs
-from ..download.pipeline import download_here, download_in_processes
 from ..download.shard import is_complete, shard_paths
 from ..fsutil import remove_stale_temporaries, sorted_files
-from ..manifest import manifest_path
-from ..plan import list_parquet_parts, part_name
+from ..manifest import FinishedTar, finished_tars, manifest_path
+from ..plan import list_parquet_parts
 from ..progress import Progress
 from . import StageError
+from .download_parquet import part_rows
 
 log = logging.getLogger(__name__)
 
+STAGE = "download_images"
+
 PROGRESS_INTERVAL = 5.0
+
+
+def input_parts(cfg: PipelineConfig) -> list[Path]:
+    """The parquet parts in ``input_dir``, in task order: task ``i`` downloads part ``i``."""
+    block = cfg.stage(STAGE)
+    return list_parquet_parts(block.input_dir, block.parquet_pattern)
+
+
+def part_name(input_dir: str | Path, part: Path) -> str:
+    """Stable folder name for one parquet part: its path relative to the input, suffix dropped."""
+    rel = part.relative_to(input_dir).as_posix()
+    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
+    return stem.replace("/", "__")
+
+
+def task_inputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+    """The one parquet part task ``task_id`` downloads (none when there are fewer parts now)."""
+    parts = input_parts(cfg)
+    return parts[task_id:task_id + 1]
+
+
+def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+    """The folder task ``task_id`` writes its shards into, ``output_dir/<part name>/``."""
+    block = cfg.stage(STAGE)
+    return [Path(block.output_dir) / part_name(block.input_dir, part)
+            for part in task_inputs(cfg, task_id, task_count)]
+
+
+def task_output_dirs(cfg: PipelineConfig) -> tuple[list[Path], list[Path | None]]:
+    """Every task's output folder in task order, with its input part where it still exists. With the
+    inputs gone (cleaned up), the folders present in name order, without inputs."""
+    block = cfg.stage(STAGE)
+    parts = input_parts(cfg)
+    if parts:
+        return [Path(block.output_dir) / part_name(block.input_dir, p) for p in parts], list(parts)
+    out = Path(block.output_dir)
+    folders = sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) if out.is_dir() else []
+    return folders, [None] * len(folders)
+
+
+@dataclass
+class ShardRecord:
+    """One shard of a task's folder as its ``{shard}_stats.json`` (img2dataset's) describes it."""
+
+    stem: str  # "00003"
+    stats: dict[str, Any] | None  # None: the file is not valid JSON
+    tar_bytes: int | None  # None: no tar
+    parquet: Path  # every URL's status and error_message
+
+
+def task_shards(folder: Path) -> list[ShardRecord]:
+    """The shards in one task's output folder that have a stats file, in shard order."""
+    records = []
+    for stats_file in sorted(folder.glob("[0-9]*_stats.json")) if folder.is_dir() else []:
+        stem = stats_file.name[: -len("_stats.json")]
+        try:
+            stats = json.loads(stats_file.read_text())
+        except ValueError:
+            stats = None
+        tar = folder / f"{stem}.tar"
+        tar_bytes = tar.stat().st_size if tar.is_file() else None
+        records.append(ShardRecord(stem, stats, tar_bytes, folder / f"{stem}.parquet"))
+    return records
+
+
+def task_problem(cfg: PipelineConfig, folder: Path, shards: list[ShardRecord], expected_rows: int | None
+                 ) -> str | None:
+    """Why the task that wrote ``shards`` into ``folder`` is not done, or None: no shard, a shard broken,
+    fewer URLs with a status than its part has rows (stopped part-way), or more failed URLs than
+    ``max_failed_share`` allows (the task itself fails then)."""
+    if not shards:
+        return f"no *_stats.json in {folder.name}/"
+    problem = None
+    tried = succeeded = 0
+    for shard in shards:
+        stats = shard.stats
+        if stats is None:
+            problem = f"{shard.stem}_stats.json is not valid JSON"
+            continue
+        successes = int(stats.get("successes", 0))
+        succeeded += successes
+        if not stats.get("retry_round"):  # a retry shard re-tries URLs already counted
+            tried += int(stats.get("count", 0))
+        if shard.tar_bytes is None and successes > 0:
+            problem = f"{shard.stem}_stats.json present but {shard.stem}.tar missing"
+    if problem is not None:
+        return problem
+    max_failed_share = cfg.stage(STAGE).max_failed_share
+    if expected_rows is not None and tried < expected_rows:  # a task stopped part-way (crash, pod evicted)
+        return f"{tried:,} of {expected_rows:,} URLs of its part have a status"
+    if tried and (succeeded == 0 or (tried - succeeded) / tried > max_failed_share):
+        return f"{tried - succeeded:,} of {tried:,} URLs failed (max_failed_share {max_failed_share:g})"
+    return None
+
+
+def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
+    """The shard tars with a current manifest in every task's folder (named ``<folder>/<tar>``, each with
+    its task), and the names of those without one."""
+    tars: list[FinishedTar] = []
+    unlisted: list[str] = []
+    for task_id, folder in enumerate(task_output_dirs(cfg)[0]):
+        done, rest = finished_tars(folder)
+        tars += [t._replace(name=f"{folder.name}/{t.name}", task_id=task_id) for t in done]
+        unlisted += [f"{folder.name}/{name}" for name in rest]
+    return tars, unlisted
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks whose output folder is missing shards or holds a failed task's shards, each with why."""
+    folders, parts = task_output_dirs(cfg)
+    result = {}
+    for task_id, (folder, part) in enumerate(zip(folders, parts)):
+        problem = task_problem(cfg, folder, task_shards(folder), part_rows(part))
+        if problem is not None:
+            result[task_id] = problem
+    return {t: r for t, r in result.items() if t < task_count}
 
 
 def options_from_config(cfg: PipelineConfig) -> DownloadOptions:
@@ -81,6 +200,8 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     if first is None:  # nothing pending (a rerun of a finished task): no pool, no process split to plan
         return []
     job_iter = itertools.chain([first], job_iter)
+    from ..download.pipeline import download_here, download_in_processes  # aiohttp, PIL: only to download
+
     reporter = _ProgressReporter(what, total)
     processes = options.processes
     if processes == 1:
@@ -232,7 +353,7 @@ def _summary(out_dir: Path) -> dict[str, Any]:
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     block = cfg.download_images
-    parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
+    parts = input_parts(cfg)
     if not parts:
         raise StageError(f"download_images.input_dir: no file matching {block.parquet_pattern!r} in "
                          f"{block.input_dir}")

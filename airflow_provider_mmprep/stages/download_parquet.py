@@ -233,6 +233,40 @@ def _run_into_store(cfg: PipelineConfig, endpoint: str | None, token: str | None
     return {"files": len(remote), "fetched_or_verified": len(to_fetch), "split": split_files,
             "parts": len(parts)}
 
+def expected_outputs(cfg: PipelineConfig, task_id: int = 0, task_count: int = 1) -> list[Path]:
+    """The parquet parts in ``output_dir`` now (which exist is the hub's business): download_images fans
+    out over these."""
+    block = cfg.stage("download_parquet")
+    if is_url(block.output_dir):  # URLs (strings) of the parts in object storage
+        store = Store(block.output_dir, cfg.storage_options)
+        return [store.url(rel) for rel in store.list_files(recursive=True)  # type: ignore[misc]
+                if _matches(rel, block.parquet_pattern)]
+    return list_parquet_parts(block.output_dir, block.parquet_pattern)
+
+
+def part_rows(part: Path | str | None, storage_options: dict[str, Any] | None = None) -> int | None:
+    """A part's row count from its parquet footer (no data read), or None if unknown or unreadable."""
+    if part is None:
+        return None
+    try:
+        if is_url(part):
+            folder, _, name = str(part).rpartition("/")
+            with Store(folder, storage_options).open_read(name, block_size=2**20) as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        return pq.ParquetFile(part).metadata.num_rows
+    except Exception:  # a truncated file must not stop the caller
+        return None
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int = 1) -> dict[int, str]:
+    """``{0: why}`` when no part is there or one is unreadable, else ``{}``."""
+    parts = expected_outputs(cfg)
+    if not parts:
+        return {0: "no parquet output"}
+    if any(part_rows(part, cfg.storage_options) is None for part in parts):
+        return {0: "unreadable parquet output"}
+    return {}
+
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     from huggingface_hub import snapshot_download
@@ -274,7 +308,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             progress.advance()
         progress.finish()
 
-    parts = list_parquet_parts(output_dir, block.parquet_pattern)
+    parts = expected_outputs(cfg)
     log.info("download_parquet: %d parquet part(s) ready in %s (download_images fans out over these)",
              len(parts), output_dir)
     return {"files": len(remote), "fetched_or_verified": len(to_fetch), "split": split_files,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,10 @@ from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
 from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, current_manifest_body, read_manifest
 from ..progress import Progress
+from ..safepickle import safe_loads_plain
 from ..storage import Store, is_url
 from ..tarindex import TarIndex, UnsafeMemberName, has_extensions, index_tar, index_tar_reader, normalize_extensions
-from . import StageError
+from . import StageError, reorganize_tar
 
 log = logging.getLogger(__name__)
 
@@ -135,24 +137,58 @@ def build_wdinfo(input_dir: Path | str, chunk_size: int, file_ext_in_tar: list[s
     return wdinfo, {"counts_from_manifests": from_manifest, "counts_from_headers": from_headers}
 
 
-def _short_dataset(cfg: PipelineConfig) -> int | None:
-    """The usable sample count when reorganize_tar's whole output is one short ``.INCOMPLETE`` tar (the
-    dataset is smaller than ``tar_chunk_size``), else None."""
-    if cfg.reorganize_tar is None:
-        return None
-    if is_url(cfg.reorganize_tar.output_dir):
-        folder = str(cfg.reorganize_tar.output_dir)
-        files = set(Store(folder, cfg.storage_options).file_sizes())
-        tars = sorted(f for f in files if f.endswith(".tar"))
-    else:
-        folder = Path(cfg.reorganize_tar.output_dir)
-        tars, files = list_tars(folder) if folder.is_dir() else ([], set())
-    marked = [t for t in files if t.endswith(".tar" + INCOMPLETE_SUFFIX)]
-    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0] + INCOMPLETE_SUFFIX not in marked):
-        return None
-    name = tars[0] if tars else marked[0]
-    body = tario.read_manifest(tario.join(folder, name))
-    return int(body["sample_count"]) if body is not None else None
+#: The keys NeMo's loader reads from wdinfo.pkl.
+NEMO_KEYS = frozenset({"tar_files", "chunk_size", "total_key_count"})
+
+
+@dataclass
+class WdinfoCheck:
+    """What is at ``output_wdinfo_path``: the loaded dict, or why the task is not done (``problem``, short)
+    and what was found (``detail``, a sentence)."""
+
+    path: Path
+    info: dict[str, Any] | None = None
+    problem: str | None = None
+    detail: str | None = None
+
+
+def expected_outputs(cfg: PipelineConfig, task_id: int = 0, task_count: int = 1) -> list[Path]:
+    """The one output of the one task: ``output_wdinfo_path`` (a URL string in object storage)."""
+    path = cfg.stage(STAGE).output_wdinfo_path
+    return [path if is_url(path) else Path(path)]
+
+
+def check_output(cfg: PipelineConfig) -> WdinfoCheck:
+    """Load the written wdinfo.pkl with an unpickler that admits no classes at all (a tampered file can't
+    run code) and check it holds the keys NeMo reads."""
+    path = expected_outputs(cfg)[0]
+    if is_url(path):
+        tario.set_storage_options(cfg.storage_options)
+    if not tario.exists(path):
+        return WdinfoCheck(path, problem="no wdinfo.pkl", detail=f"{path} not found (stage not run yet, or failed)")
+    try:
+        info = safe_loads_plain(tario.read_bytes(path))
+    except Exception as exc:
+        return WdinfoCheck(path, problem="unreadable wdinfo.pkl", detail=f"{path} cannot be read: {exc}")
+    if not isinstance(info, dict) or not NEMO_KEYS <= set(info):
+        return WdinfoCheck(path, problem="wdinfo.pkl without the keys NeMo reads",
+                           detail=f"{path} lacks tar_files/chunk_size/total_key_count")
+    return WdinfoCheck(path, info)
+
+
+def listed_but_missing(cfg: PipelineConfig, info: dict[str, Any]) -> list[str]:
+    """The tars ``tar_files`` lists that are found neither under ``input_dir`` nor beside the file."""
+    input_dir, path = cfg.stage(STAGE).input_dir, expected_outputs(cfg)[0]
+    roots = [input_dir, str(path).rpartition("/")[0] if is_url(path) else Path(path).parent]
+    if any(is_url(root) for root in roots):
+        tario.set_storage_options(cfg.storage_options)
+    return [t for t in info["tar_files"] if not any(tario.exists(tario.join(root, t)) for root in roots)]
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int = 1) -> dict[int, str]:
+    """``{0: why}`` when wdinfo.pkl is missing, unreadable or lacks NeMo's keys, else ``{}``."""
+    problem = check_output(cfg).problem
+    return {0: problem} if problem else {}
 
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
@@ -163,7 +199,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     elif not Path(input_dir).is_dir():
         raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
     wdinfo, stats = build_wdinfo(input_dir, block.tar_chunk_size, block.file_ext_in_tar, cfg.storage_options)
-    short = _short_dataset(cfg)
+    short = reorganize_tar.lone_short_tar_samples(cfg) if cfg.reorganize_tar is not None else None
     if not wdinfo["tar_files"] and short is not None:
         raise StageError(f"{STAGE}.tar_chunk_size: no full tar: the dataset has only {short} usable sample(s), "
                          f"fewer than tar_chunk_size {block.tar_chunk_size}, so the one short tar is marked "

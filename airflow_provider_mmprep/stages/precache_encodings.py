@@ -29,7 +29,8 @@ from typing import Any
 
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
 from ..fsutil import remove_stale_temporaries, sorted_files, task_range
-from ..manifest import INCOMPLETE_SUFFIX, read_manifest
+from ..manifest import (INCOMPLETE_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short, read_manifest,
+                        tasks_without_output)
 from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
 
@@ -47,8 +48,9 @@ def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
     marker beside ``{name}.tar`` (what our reorganize_tar writes) or the shard itself renamed to
     ``{name}.tar.INCOMPLETE``. Either way it is left out unless ``process_incomplete_tars`` is set.
     """
-    tars = sorted_files(block.input_dir, "*.tar")
-    marked = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    listed = sorted_files(block.input_dir, "*.tar*")
+    tars = [p for p in listed if p.name.endswith(".tar")]
+    marked = [p for p in listed if p.name.endswith(f".tar{INCOMPLETE_SUFFIX}")]
     markers = {p.name[: -len(INCOMPLETE_SUFFIX)] for p in marked if p.stat().st_size == 0}
     renamed = [p for p in marked if p.stat().st_size > 0]
     short = markers | {p.name for p in renamed}
@@ -57,14 +59,75 @@ def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
     return sorted(tars + renamed, key=lambda p: p.name), short
 
 
-def task_inputs(block: PrecacheEncodingsConfig, task_count: int) -> tuple[list[list[Path]], set[str]]:
+def inputs_by_task(block: PrecacheEncodingsConfig, task_count: int) -> tuple[list[list[Path]], set[str]]:
     """The input tars each of ``task_count`` tasks owns (index = task id) and the names of the short ones.
 
-    The one place ownership is decided: run_task and the run report both ask here, so the report never
-    expects an output for a tar the task leaves out (the short ``.INCOMPLETE`` one, by default).
+    The one place ownership is decided: run_task and the layout answers below (which the run report
+    asks) use it, so nobody expects an output for a tar the task leaves out (the short ``.INCOMPLETE`` one,
+    by default).
     """
     tars, short = input_tars(block)
     return [[tars[i] for i in task_range(len(tars), t, task_count)] for t in range(task_count)], short
+
+
+def task_inputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+    """The input tars task ``task_id`` of ``task_count`` encodes."""
+    return inputs_by_task(cfg.stage(STAGE), task_count)[0][task_id]
+
+
+def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+    """The output tars task ``task_id`` of ``task_count`` leaves: one per input, under the input's name."""
+    output_dir = Path(cfg.stage(STAGE).output_dir)
+    return [output_dir / tar.name for tar in task_inputs(cfg, task_id, task_count)]
+
+
+def only_short_input(block: PrecacheEncodingsConfig) -> str | None:
+    """The name of the short tar when it is all ``input_dir`` holds and it is left out (nothing to
+    encode: the dataset is smaller than ``tar_chunk_size``), else None."""
+    if input_tars(block)[0]:
+        return None
+    left_out = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    return left_out[0].name[: -len(INCOMPLETE_SUFFIX)] if left_out else None
+
+
+def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
+    """The output tars against the inputs each of ``task_count`` tasks (default: the configured count)
+    owns. A finished tar whose manifest names no task gets the task that owns its input. A task has work
+    left when an input it owns lacks a finished output; with the inputs gone (cleaned up), the tasks no
+    output's manifest names, if any names one. Nothing to do when the input is only the short tar."""
+    block = cfg.stage(STAGE)
+    task_count = block.task_selection.task_count if task_count is None else task_count
+    owned, _ = inputs_by_task(block, task_count)
+    short_only = None if any(owned) else only_short_input(block)
+    found, unlisted = finished_tars(block.output_dir)
+    owner = {tar.name: task for task, tars_of in enumerate(owned) for tar in tars_of}
+    tars = [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in found]
+    marked = marked_short(block.output_dir, tars)
+    if short_only is not None:
+        return TarOutputs(tars, unlisted, {}, marked, nothing_to_do=f"only the short tar {short_only}")
+    if not tars and not unlisted:
+        incomplete = {t: "no output tars" for t in range(task_count) if owned[t] or not any(owned)}
+    elif not any(owned):
+        incomplete = tasks_without_output(tars, task_count)
+    else:
+        done = {t.name for t in tars}
+        incomplete = {}
+        for task, tars_of in enumerate(owned):
+            missing = [tar.name for tar in tars_of if tar.name not in done]
+            if missing:
+                incomplete[task] = f"input {missing[0]} has no finished output tar"
+    return TarOutputs(tars, unlisted, incomplete, marked)
+
+
+def finished_outputs(cfg: PipelineConfig, task_count: int | None = None) -> tuple[list[FinishedTar], list[str]]:
+    """The output tars with a current manifest, each with its task, and the names of those without one."""
+    state = output_state(cfg, task_count)
+    return state.tars, state.unlisted
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks of ``task_count`` that have work left, each with why (see :func:`output_state`)."""
+    return output_state(cfg, task_count).incomplete
 
 
 def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:
@@ -130,7 +193,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
         raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
     started = time.monotonic()
-    owned_by_task, short = task_inputs(block, task_count)
+    owned_by_task, short = inputs_by_task(block, task_count)
     owned = owned_by_task[task_id]
     tars = [tar for task in owned_by_task for tar in task]
     output_dir = Path(block.output_dir)
@@ -145,13 +208,13 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                                "already_done": len(owned) - len(pending), "encoded_tars": 0, "samples": 0,
                                "skipped_samples": 0}
     if not tars:
-        left_out = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
-        if not left_out:
+        left_out = only_short_input(block)
+        if left_out is None:
             raise StageError(f"{STAGE}.input_dir: no .tar files in {block.input_dir} (has reorganize_tar run?)")
         log.warning("%s: nothing to encode: %s holds only the short tar %s, with fewer samples than "
                     "tar_chunk_size %d (left out as NeMo does). Lower tar_chunk_size (reorganize_tar onwards) so "
                     "full tars exist, or set %s.process_incomplete_tars: true to encode it anyway",
-                    STAGE, block.input_dir, left_out[0].name[: -len(INCOMPLETE_SUFFIX)], block.tar_chunk_size, STAGE)
+                    STAGE, block.input_dir, left_out, block.tar_chunk_size, STAGE)
         summary["nothing_to_encode"] = "only a short .INCOMPLETE tar"
         return summary
     if not pending:

@@ -1,13 +1,13 @@
 """reorganize_tar: re-pack uneven download shards into tars of exactly ``tar_chunk_size`` samples.
 
-One global plan, built from tar headers only, orders every usable sample of every input tar (tars sorted
-by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
+One global plan (:class:`SampleOrder`), built from tar headers only, orders every usable sample of every
+input tar (tars sorted by path relative to ``input_dir``, samples in stored order). Output tar ``j`` holds samples
 ``[j*C, (j+1)*C)`` of that order and is named ``{j:05d}.tar`` in one flat ``output_dir``; the last one
 may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMPLETE`` file beside it
 (NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
 :func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes. With several tasks, each places
 the inputs by their manifests' sample counts and reads the headers of only the inputs feeding its own
-outputs (:func:`build_task_plan`), so T tasks do not read every header T times.
+outputs (:func:`order_task_samples`), so T tasks do not read every header T times.
 
 Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
@@ -38,11 +38,12 @@ from typing import Any, Callable, Iterator
 from .. import fsutil, tario
 from ..config import PipelineConfig
 from ..storage import is_url
-from ..manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short,
+                        tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
-from ..tarwriter import RangeTarWriter
+from ..tarwriter import BLOCK, RECORD, TarWriter
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -54,18 +55,23 @@ RANGE_BATCH = 32 * 2**20  # object storage: member bytes fetched per request bat
 
 
 @dataclass
-class PlannedSample:
-    tar: int  # index into ReorganizePlan.inputs
+class PlacedSample:
+    """A usable sample's place in the global order: its input tar, key and the members to copy."""
+
+    tar: int  # index into SampleOrder.inputs
     key: str
     members: list[Member]
 
 
 @dataclass
-class ReorganizePlan:
+class SampleOrder:
+    """The global order of usable samples (the reorganize plan; not :func:`..plan.build_plan`'s stage plan),
+    cut into output tars of ``chunk_size``, with what indexing found wrong on the way."""
+
     input_dir: Path
     inputs: list[Path]
     chunk_size: int
-    samples: list[PlannedSample] = field(default_factory=list)
+    samples: list[PlacedSample] = field(default_factory=list)
     missing_members: int = 0
     missing_examples: list[str] = field(default_factory=list)
     duplicate_keys: int = 0
@@ -94,7 +100,7 @@ class ReorganizePlan:
     def rel(self, tar: int) -> str:
         return tario.relative(self.inputs[tar], self.input_dir)
 
-    def chunk(self, j: int) -> list[PlannedSample]:
+    def chunk(self, j: int) -> list[PlacedSample]:
         start = j * self.chunk_size - self.first_sample
         stop = min((j + 1) * self.chunk_size, self.total) - self.first_sample
         if start < 0 or stop > len(self.samples):
@@ -150,7 +156,7 @@ def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
                          f"{tario.name_of(path)}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
 
 
-def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
+def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
              seen_keys: set[str], keep: bool = True) -> int:
     """Report one indexed input's problems and, with ``keep``, append its usable samples to the plan;
     returns how many usable samples it has."""
@@ -163,7 +169,7 @@ def _add_tar(plan: ReorganizePlan, tar_no: int, index: TarIndex, wanted: tuple[s
     # Samples of one tar mostly share one list of extensions: decide once per list which members to copy
     # (None: the sample is not usable; True: all of them), not once per sample.
     choices: dict[tuple[str, ...], list[int] | bool | None] = {}
-    append, planned = plan.samples.append, PlannedSample
+    append, planned = plan.samples.append, PlacedSample
     for sample in index.samples:
         members = sample.members
         exts = tuple([m.ext for m in members])
@@ -216,16 +222,16 @@ def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | No
             yield done
 
 
-def build_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
-               on_tar_indexed: Callable[[ReorganizePlan], None] | None = None,
-               exclude: Path | None = None) -> ReorganizePlan:
+def order_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
+                  on_tar_indexed: Callable[[SampleOrder], None] | None = None,
+                  exclude: Path | None = None) -> SampleOrder:
     """Index every input tar's headers and order their usable samples; raises StageError on unsafe names.
 
     ``on_tar_indexed(plan)`` runs after each input tar is added, so a caller can start writing chunks that
     are already complete while later tars are still being indexed.
     """
     wanted = normalize_extensions(file_ext_in_tar)
-    plan = ReorganizePlan(input_dir, _inputs(input_dir, exclude), chunk_size)
+    plan = SampleOrder(input_dir, _inputs(input_dir, exclude), chunk_size)
     seen_keys: set[str] = set()
     progress = Progress(f"{STAGE}: indexing input tars", len(plan.inputs), unit="tars", logger=log)
     for tar_no, index in enumerate(_indexed_in_turn(plan.inputs)):
@@ -252,9 +258,9 @@ def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) ->
     return int(body["sample_count"])
 
 
-def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
-                    task_count: int, exclude: Path | None = None,
-                    on_tar_indexed: Callable[[ReorganizePlan], None] | None = None) -> ReorganizePlan:
+def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
+                       task_count: int, exclude: Path | None = None,
+                       on_tar_indexed: Callable[[SampleOrder], None] | None = None) -> SampleOrder:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -263,11 +269,11 @@ def build_task_plan(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str]
     to a single task's. Problems (missing members, duplicate keys, damage) are reported for the inputs
     this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
     placed their samples by it. ``on_tar_indexed(plan)`` runs after each input is added, as in
-    :func:`build_plan`, with ``total_samples`` and ``first_sample`` already known.
+    :func:`order_samples`, with ``total_samples`` and ``first_sample`` already known.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
-    plan = ReorganizePlan(input_dir, inputs, chunk_size)
+    plan = SampleOrder(input_dir, inputs, chunk_size)
     bodies = tario.read_manifests(inputs)  # type: ignore[arg-type]
     manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
@@ -307,13 +313,87 @@ def output_path(output_dir: Path, j: int) -> Path:
     return tario.join(output_dir, f"{j:05d}.tar")  # type: ignore[return-value]
 
 
+def outputs_by_task(cfg: PipelineConfig, task_count: int) -> list[list[Path]] | None:
+    """The output tars each of ``task_count`` tasks writes (index = task id), placed as
+    :func:`build_task_plan` places them, from the inputs' manifests alone; None when an input's manifest
+    does not say how many usable samples it holds (the headers would have to be read)."""
+    block = cfg.stage(STAGE)
+    input_dir, output_dir = (v if is_url(v) else Path(v) for v in (block.input_dir, block.output_dir))
+    tario.set_storage_options(cfg.storage_options)
+    if not tario.is_dir(input_dir):
+        return None
+    wanted = normalize_extensions(block.file_ext_in_tar)
+    total = 0
+    for body in tario.read_manifests(_inputs(input_dir, output_dir)):  # type: ignore[arg-type]
+        count = counted_by_manifest(body, wanted)
+        if count is None:
+            return None
+        total += count
+    output_count = -(-total // block.tar_chunk_size)
+    return [[output_path(output_dir, j) for j in fsutil.task_range(output_count, t, task_count)]
+            for t in range(task_count)]
+
+
+def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path] | None:
+    """The output tars task ``task_id`` of ``task_count`` writes, or None when only reading the inputs'
+    headers would tell (see :func:`outputs_by_task`)."""
+    by_task = outputs_by_task(cfg, task_count)
+    return None if by_task is None else by_task[task_id]
+
+
+def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
+    """The output tars against what each of ``task_count`` tasks (default: the configured count) writes:
+    a task has work left when one of its outputs is not finished. Where the inputs' manifests do not place
+    the outputs, the tasks no output's manifest names (if any names one)."""
+    block = cfg.stage(STAGE)
+    task_count = block.task_selection.task_count if task_count is None else task_count
+    tars, unlisted = finished_tars(block.output_dir)
+    marked = marked_short(block.output_dir, tars)
+    if not tars and not unlisted:
+        return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)}, marked)
+    by_task = outputs_by_task(cfg, task_count)
+    if by_task is None:
+        return TarOutputs(tars, unlisted, tasks_without_output(tars, task_count), marked)
+    done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
+    incomplete = {}
+    for task, outputs in enumerate(by_task):
+        missing = [p.name for p in outputs if p.name not in done]
+        if missing:
+            incomplete[task] = f"output {missing[0]} is not finished" + (
+                f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+    return TarOutputs(tars, unlisted, incomplete, marked)
+
+
+def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
+    """The output tars with a current manifest, and the names of those without one (being written)."""
+    return finished_tars(cfg.stage(STAGE).output_dir)
+
+
+def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
+    """The tasks of ``task_count`` with an output not finished, each with why (see :func:`output_state`)."""
+    return output_state(cfg, task_count).incomplete
+
+
+def lone_short_tar_samples(cfg: PipelineConfig) -> int | None:
+    """The usable sample count when the whole output is one short ``.INCOMPLETE`` tar (the dataset is
+    smaller than ``tar_chunk_size``), else None."""
+    folder = cfg.stage(STAGE).output_dir
+    tario.set_storage_options(cfg.storage_options)
+    tars = tario.file_names(folder, "*.tar")
+    marked = tario.file_names(folder, "*.tar" + INCOMPLETE_SUFFIX)
+    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0] + INCOMPLETE_SUFFIX != marked[0]):
+        return None
+    body = tario.read_manifest(tario.join(folder, tars[0] if tars else marked[0]))
+    return int(body["sample_count"]) if body is not None else None
+
+
 def _is_complete(tar: Path, digest: str, short: bool) -> bool:
     body = tario.read_manifest(tar)
     marker_ok = tario.exists(f"{tar}{INCOMPLETE_SUFFIX}") == short
     return body is not None and body.get("plan_digest") == digest and marker_ok
 
 
-def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
+def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
     """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
     are adjacent in their input merge into one range (one copy call)."""
     runs: list[list[int]] = []
@@ -326,7 +406,7 @@ def record_runs(samples: list[PlannedSample]) -> list[tuple[int, int, int]]:
     return [(tar, start, end - start) for tar, start, end in runs]
 
 
-def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
+def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
     """The output tar's ``member_offsets``: its members' records lie one after another from byte 0."""
     names, heads, datas, sizes, mtimes = [], [], [], [], []
     position = 0
@@ -341,7 +421,7 @@ def output_offsets(samples: list[PlannedSample]) -> dict[str, Any]:
     return member_offsets([], columns=(names, heads, datas, sizes, mtimes))
 
 
-def _write_output_ranges(plan: ReorganizePlan, j: int, final: Path | str) -> int:
+def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
     """:func:`write_output` where an input or the output is in object storage: member records fetched as
     ranged reads (adjacent runs of one input in one batch of at most ``RANGE_BATCH`` bytes, coalesced and
     concurrent), streamed to the output (a multipart upload there). The same bytes as the local path."""
@@ -356,7 +436,7 @@ def _write_output_ranges(plan: ReorganizePlan, j: int, final: Path | str) -> int
             batch.clear()
 
         for tar, start, length in record_runs(plan.chunk(j)):
-            if start % 512 or length % 512:
+            if start % BLOCK or length % BLOCK:
                 raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
             if batch and (tar != batch_tar or batch_bytes + length > RANGE_BATCH):
                 flush()
@@ -367,13 +447,13 @@ def _write_output_ranges(plan: ReorganizePlan, j: int, final: Path | str) -> int
             position += length
         if batch:
             flush()
-        end = position + 2 * 512  # the end-of-archive marker, padded to a whole record, as RangeTarWriter
-        tail = bytes(2 * 512 + (-end % (20 * 512)))
+        end = position + 2 * BLOCK  # the end-of-archive marker, padded to a whole record, as TarWriter
+        tail = bytes(2 * BLOCK + (-end % RECORD))
         handle.write(tail)
     return position + len(tail)
 
 
-def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
+def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     """Write output tar ``j`` atomically; returns bytes written."""
     if is_url(final) or any(is_url(p) for p in plan.inputs[:1]):
         return _write_output_ranges(plan, j, final)
@@ -381,8 +461,8 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
     try:
         with fsutil.atomic_path(final) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            writer = TarWriter(fd)
             try:
-                writer = RangeTarWriter(fd)
                 for tar, start, length in record_runs(plan.chunk(j)):
                     src = sources.get(tar)
                     if src is None:
@@ -390,14 +470,15 @@ def write_output(plan: ReorganizePlan, j: int, final: Path) -> int:
                     writer.add_records(src, start, length)
                 writer.close()
             finally:
+                writer.close(end_archive=False)  # after an error: only release the file
                 os.close(fd)
     finally:
         for src in sources.values():
             os.close(src)
-    return writer.position
+    return writer.size
 
 
-def produce_output(plan: ReorganizePlan, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
+def produce_output(plan: SampleOrder, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
     """Make output ``j`` complete: ``("skipped", 0, 0)`` if it already is, else ``("written", samples, bytes)``."""
     final = output_path(output_dir, j)
     digest = plan.digest(j)
@@ -439,7 +520,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     futures: dict[int, Future[tuple[str, int, int]]] = {}
     cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
 
-    def submit_ready_chunks(plan: ReorganizePlan) -> None:
+    def submit_ready_chunks(plan: SampleOrder) -> None:
         # Outputs whose samples are all indexed are written while indexing goes on (the copy runs in the
         # kernel, the indexing in Python: they overlap). Not with strict, which must see every input first.
         if plan.total_samples is None:  # one task, total not known yet: every full chunk is ours
@@ -460,11 +541,11 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     try:
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
-            plan = build_task_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
+            plan = order_task_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
                                    exclude=output_dir, on_tar_indexed=submit_ready_chunks)
         else:
             stream = task_count == 1 and not block.strict
-            plan = build_plan(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
+            plan = order_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
                               submit_ready_chunks if stream else None, exclude=output_dir)
         if not plan.inputs:
             raise StageError(f"{STAGE}.input_dir: no .tar files found under {input_dir}")

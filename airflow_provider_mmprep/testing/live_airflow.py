@@ -21,6 +21,7 @@ CLI (:meth:`airflow`) and whatever the caller runs against :attr:`LiveAirflow.ba
 from __future__ import annotations
 
 import atexit
+import functools
 import glob
 import json
 import os
@@ -33,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..procutil import die_with_parent
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -127,16 +130,6 @@ class PostgresCluster:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _interrupt_on_sigterm() -> None:
@@ -261,7 +254,7 @@ class LiveAirflow:
             self.processes[service] = subprocess.Popen(
                 [sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.workdir, stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=_die_with_parent)
+                preexec_fn=functools.partial(die_with_parent, os.getpid(), signal.SIGTERM))
             log.close()
         deadline = time.monotonic() + timeout
         self._wait(lambda: self._get_ok("/api/v2/monitor/health"), deadline, "the API server to answer")
@@ -272,7 +265,23 @@ class LiveAirflow:
         return self
 
     def stop(self) -> None:
-        """Stop every service (SIGTERM to its process group, SIGKILL after 20 s) and the database."""
+        """Stop every service (SIGTERM to its process group, SIGKILL after 20 s) and the database.
+
+        A second SIGTERM/Ctrl-C while this runs (``timeout`` forwarding the signal it got, a user pressing
+        Ctrl-C twice) is held off until the end: raised half-way, it left services and PostgreSQL running."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            self._stop()
+            return
+        held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._stop()
+        finally:
+            for sig, handler in held.items():
+                signal.signal(sig, handler)
+
+    def _stop(self) -> None:
         for service, process in list(self.processes.items()):
             if process.poll() is None:
                 try:
@@ -422,9 +431,15 @@ class LiveAirflow:
         return self._wait(done, time.monotonic() + timeout, f"run {run_id} of {dag_id} to finish", interval=1)
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[tuple[str, int], dict[str, Any]]:
-        """``{(task_id, map_index): task instance JSON}`` of one run."""
-        body = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})
-        return {(ti["task_id"], ti["map_index"]): ti for ti in body["task_instances"]}
+        """``{(task_id, map_index): task instance JSON}`` of one run, every page of it (the API serves at
+        most ``[api] maximum_page_limit``, 100 by default, per request)."""
+        found: dict[tuple[str, int], dict[str, Any]] = {}
+        while True:
+            body = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                            params={"limit": 100, "offset": len(found), "order_by": "id"})
+            found.update(((ti["task_id"], ti["map_index"]), ti) for ti in body["task_instances"])
+            if not body["task_instances"] or len(found) >= body["total_entries"]:
+                return found
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1, try_number: int = 1) -> str:
         """One try's log as text: each structured log event as a JSON line (messages, errors, tracebacks)."""

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cluster import ClusterDefaults
+from ..task_ids import POD_LABEL_TEMPLATE
+from .settings import ClusterDefaults
 
 GPU_STAGES = ("precache_encodings",)
-POD_MAP_INDEX_TEMPLATE = (
-    "{% set a = task.arguments %}"
-    "{% if '--task-id' in a %}task {{ a[a.index('--task-id') + 1] }}/{{ a[a.index('--task-count') + 1] }}"
-    "{% endif %}")
 
 
 def toleration(raw: dict[str, Any]) -> Any:
@@ -36,7 +33,7 @@ def pod_partial_kwargs(stage: str, cluster: ClusterDefaults, image: str | None =
     """Keyword arguments for ``KubernetesPodOperator.partial`` (besides task_id and retries)."""
     from kubernetes.client import models as k8s
 
-    from ..hooks.hf import HuggingFaceHubHook
+    from .hooks import HuggingFaceHubHook
 
     limits = dict(cluster.worker_resources.get("limits", {}))
     requests = dict(cluster.worker_resources.get("requests", {}))
@@ -72,7 +69,7 @@ def pod_partial_kwargs(stage: str, cluster: ClusterDefaults, image: str | None =
         "get_logs": True,
         "on_finish_action": "delete_succeeded_pod",
         "deferrable": cluster.deferrable,
-        "map_index_template": POD_MAP_INDEX_TEMPLATE,
+        "map_index_template": POD_LABEL_TEMPLATE,
     }
     if secret is not None:
         kwargs["secrets"] = [secret]

@@ -1,4 +1,4 @@
-"""Airflow side of the DAG factory: turn a :class:`dag_factory.DagSpec` into an ``airflow.sdk.DAG``."""
+"""One ``airflow.sdk.DAG`` per pipeline YAML, from the Airflow-free :class:`task_mapping.DagSpec` (the converter)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, get_current_context, task, teardown
 
-from .dag_factory import DagSpec, plan_download_images, plan_run, read_dag_spec
-from .operators.cluster import ClusterDefaults
-from .operators.stages import MAP_INDEX_TEMPLATE, OPERATORS
+from ..task_mapping import DagSpec, plan_download_images, plan_run, read_dag_spec
+from .operators import MAP_INDEX_TEMPLATE, OPERATORS
+from .settings import ClusterDefaults, max_map_length
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ def wdinfo_asset(spec: DagSpec) -> Asset:
 
 
 def _params(spec: DagSpec) -> dict[str, Param]:
+    """What a UI trigger may set: where data goes and what runs, never encoder classes or paths of code."""
     return {
         "dataset_repo_id": Param(spec.defaults.get("dataset_repo_id"), type=["null", "string"],
                                  description="Hugging Face dataset repo (org/name); empty: the YAML's."),
@@ -51,13 +52,13 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
 
         @task(task_id="plan", retries=0)
         def plan() -> dict[str, Any]:
-            return plan_run(spec, dict(get_current_context()["params"]))
+            return plan_run(spec, dict(get_current_context()["params"]), limit=max_map_length())
 
         @task(retries=0, trigger_rule="none_failed")
         def stage_tasks(planned: dict[str, Any], stage: str) -> list[dict[str, Any]]:
             """The plan's list for one stage (Airflow maps only over a task's whole return value)."""
             if stage == "download_images" and "download_parquet" in spec.stages:
-                return plan_download_images(spec, planned["overrides"], planned["stages"])
+                return plan_download_images(spec, planned["overrides"], planned["stages"], limit=max_map_length())
             return planned[stage]
 
         planned = plan()
@@ -71,7 +72,7 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
             if spec.runners[stage] == "kubernetes":
                 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-                from .operators.pods import pod_partial_kwargs
+                from .pods import pod_partial_kwargs
 
                 node = KubernetesPodOperator.partial(**common, **pod_partial_kwargs(stage, cluster, spec.image)
                                                      ).expand_kwargs(instances)
@@ -89,8 +90,8 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
         def report() -> str | None:
             """report.html beside wdinfo.pkl. A teardown runs after the stages whether they failed or not
             (that is when its resume commands matter) and does not decide the run's state."""
-            from .config import load_config
-            from .report import write_report
+            from ..config import load_config
+            from ..report import write_report
 
             context = get_current_context()
             planned = context["ti"].xcom_pull(task_ids="plan")

@@ -1,16 +1,18 @@
-"""Build one Airflow DAG per pipeline YAML: task ids are the stage names, mapped over the plan's task lists.
+"""What the DAG of a pipeline YAML maps, without Airflow: the DAG's shape at parse time, each run's instances.
 
-Shape of every DAG (disabled stages absent)::
+The Airflow side (:mod:`airflow_provider_mmprep.airflow.dag`) turns this into an ``airflow.sdk.DAG``; this
+module decides what goes into it. Shape of every DAG (disabled stages absent)::
 
     plan ─► download_parquet ─► plan_download_images ─► download_images ─► reorganize_tar
          ─► precache_encodings ─► generate_wdinfo (outlet: the wdinfo Asset)
 
 ``plan`` loads the YAML with the run's Params as overrides, validates it in full and returns, per stage,
-the list of mapped-instance arguments; each stage is ``.partial(...).expand_kwargs(plan[stage])``. The
-download_images fan-out is planned after download_parquet ran, from the parts it actually produced. A
-stage left out of the run's ``stages`` Param gets an empty list (Airflow skips it) and later stages still
-run (trigger rule ``none_failed``). DAG parsing reads the YAML without resolving paths or loading the
-precache file, so it stays cheap and works while ``dataset_repo_id: ???`` waits for a Param.
+the list of mapped-instance arguments (:func:`task_ids.instance_kwargs`); each stage is
+``.partial(...).expand_kwargs(plan[stage])``. The download_images fan-out is planned after
+download_parquet ran, from the parts it actually produced. A stage left out of the run's ``stages`` Param
+gets an empty list (Airflow skips it) and later stages still run (trigger rule ``none_failed``). DAG
+parsing reads the YAML without resolving paths or loading the precache file (:func:`read_dag_spec`), so it
+stays cheap and works while ``dataset_repo_id: ???`` waits for a Param.
 """
 
 from __future__ import annotations
@@ -18,21 +20,16 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import STAGE_NAMES, STAGE_MODELS, ConfigError, load_config, load_raw
-from .plan import compact_ranges, list_parquet_parts, plan_stage
+from . import task_ids
+from .config import STAGE_MODELS, STAGE_NAMES, ConfigError, load_config, load_raw, stage_key
+from .plan import list_parquet_parts, plan_stage
 
 log = logging.getLogger(__name__)
-
-#: Params a UI trigger may set. Never encoder classes or paths of code: only where data goes and what runs.
-SAFE_PARAMS = ("dataset_repo_id", "dataset_output_root", "stages", "precache_task_ids")
-MAPPED_STAGES = STAGE_NAMES
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
 @dataclass
@@ -57,6 +54,8 @@ def _leaf(raw: DictConfig, key: str) -> Any:
 
 
 def read_dag_spec(config_path: str | Path) -> DagSpec:
+    """The DAG's shape from the YAML as written: enabled stages and their runners, read by the stage
+    models themselves (:func:`config.stage_key`); a value known only at run time counts as the default."""
     path = Path(config_path)
     raw = load_raw(path)
     stages = []
@@ -65,14 +64,15 @@ def read_dag_spec(config_path: str | Path) -> DagSpec:
         if raw.get(name) is None:
             continue
         enable = _leaf(raw, f"{name}.enable")
-        if enable is False or (isinstance(enable, str) and enable.lower() == "false"):
+        if enable is not None and not stage_key(name, "enable", enable):
             continue
         stages.append(name)
-        runner_field = STAGE_MODELS[name].model_fields.get("runner")
-        default = runner_field.default if runner_field is not None else "local"
-        runners[name] = str(_leaf(raw, f"{name}.runner") or default)
-        if runners[name] not in ("local", "kubernetes"):
-            raise ConfigError([f"{name}.runner: expected 'local' or 'kubernetes', got {runners[name]!r}"])
+        runner = STAGE_MODELS[name].model_fields.get("runner")
+        if runner is None:  # a stage without a runner key (generate_wdinfo) runs in the Airflow worker
+            runners[name] = "local"
+        else:
+            value = _leaf(raw, f"{name}.runner")
+            runners[name] = runner.default if value is None else stage_key(name, "runner", value)
     dag_id = str(_leaf(raw, "run.name") or path.stem)
     if not re.match(r"^[\w.-]+$", dag_id):
         raise ConfigError([f"run.name: {dag_id!r} is not a valid DAG id (letters, digits, _ . - only)"])
@@ -91,23 +91,12 @@ def read_dag_spec(config_path: str | Path) -> DagSpec:
 
 
 def parse_task_ids(value: Any, task_count: int, key: str = "precache_task_ids") -> list[int] | None:
-    """``None``/"" → all; an int or "7" → [7]; "50-99" → 50..99. Ids must be < ``task_count``."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool):
-        raise ConfigError([f"{key}: expected a task id or a range 'A-B', got {value!r}"])
-    if isinstance(value, int):
-        low = high = value
-    else:
-        match = _RANGE.match(str(value))
-        if not match:
-            raise ConfigError([f"{key}: expected a task id or a range 'A-B', got {value!r}"])
-        low = int(match.group(1))
-        high = int(match.group(2)) if match.group(2) is not None else low
-    if low > high or high >= task_count:
-        raise ConfigError([f"{key}: {value!r} selects ids outside 0..{task_count - 1} "
-                           f"(this run has {task_count} tasks)"])
-    return list(range(low, high + 1))
+    """The ``precache_task_ids`` Param (:func:`task_ids.select`): ``None``/"" → all; 7 or "7" → [7];
+    "50-99" → 50..99. Ids must be < ``task_count``."""
+    try:
+        return task_ids.select(value, task_count)
+    except ValueError as exc:
+        raise ConfigError([f"{key}: {exc}"]) from None
 
 
 def overrides_from_params(params: dict[str, Any]) -> list[str]:
@@ -121,16 +110,8 @@ def overrides_from_params(params: dict[str, Any]) -> list[str]:
     return out
 
 
-def max_map_length() -> int:
-    try:
-        from airflow.configuration import conf
-
-        return conf.getint("core", "max_map_length", fallback=1024)
-    except Exception:  # pragma: no cover - outside Airflow
-        return 1024
-
-
 def check_fan_out(stage: str, count: int, limit: int) -> None:
+    """Refuse more instances than Airflow maps (``limit``: its ``[core] max_map_length``), saying how to fix it."""
     if count > limit:
         raise ConfigError([
             f"{stage}: {count} mapped tasks exceed Airflow's [core] max_map_length = {limit}. Raise it "
@@ -138,18 +119,9 @@ def check_fan_out(stage: str, count: int, limit: int) -> None:
             "fewer, larger tasks (lower node_array_size; for download_images, fewer parquet_subpartitions)."])
 
 
-def stage_task_kwargs(spec_runner: str, stage: str, config_path: str, overrides: list[str], task_id: int,
-                      task_count: int) -> dict[str, Any]:
-    """Arguments of one mapped instance: operator kwargs (local) or the pod's ``mmprep`` arguments."""
-    if spec_runner == "kubernetes":
-        return {"arguments": ["run", config_path, *overrides, "--stage", stage, "--task-id", str(task_id),
-                              "--task-count", str(task_count)]}
-    return {"stage_task_id": task_id, "stage_task_count": task_count, "overrides": list(overrides)}
-
-
-def plan_run(spec: DagSpec, params: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
-    """The ``plan`` task's result: ``{stage: [kwargs, …], "overrides": [...], "stages": [...]}``."""
-    limit = max_map_length() if limit is None else limit
+def plan_run(spec: DagSpec, params: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The ``plan`` task's result: ``{stage: [kwargs, …], "overrides": [...], "stages": [...]}``; at most
+    ``limit`` instances per stage (Airflow's ``[core] max_map_length``)."""
     overrides = overrides_from_params(params)
     selected = params.get("stages") or spec.stages
     unknown = [s for s in selected if s not in spec.stages]
@@ -169,24 +141,23 @@ def plan_run(spec: DagSpec, params: dict[str, Any], limit: int | None = None) ->
         if stage == "download_images" and "download_parquet" in spec.stages:
             continue  # planned by plan_download_images, from the parts download_parquet produced
         stage_plan = plan_stage(cfg, stage)
-        task_ids, task_count = stage_plan.task_ids or [], stage_plan.task_count or 0
+        ids, task_count = stage_plan.task_ids or [], stage_plan.task_count or 0
         if stage == "precache_encodings":
             chosen = parse_task_ids(params.get("precache_task_ids"), task_count)
             if chosen is not None:
-                task_ids = chosen
-        check_fan_out(stage, len(task_ids), limit)
-        result[stage] = [stage_task_kwargs(spec.runners[stage], stage, str(spec.config_path), overrides, t,
-                                           task_count) for t in task_ids]
-        log.info("plan: %s runs tasks %s of %d", stage, compact_ranges(task_ids) or "none", task_count)
+                ids = chosen
+        check_fan_out(stage, len(ids), limit)
+        result[stage] = [task_ids.instance_kwargs(spec.runners[stage], stage, str(spec.config_path), overrides,
+                                                  t, task_count) for t in ids]
+        log.info("plan: %s runs tasks %s of %d", stage, task_ids.compact_ranges(ids) or "none", task_count)
     return result
 
 
 def plan_download_images(spec: DagSpec, overrides: list[str], selected: list[str],
-                         limit: int | None = None) -> list[dict[str, Any]]:
+                         limit: int) -> list[dict[str, Any]]:
     """download_images' instances: one per parquet part present now (after download_parquet)."""
     if "download_images" not in selected:
         return []
-    limit = max_map_length() if limit is None else limit
     cfg = load_config(spec.config_path, overrides, load_precache=False)
     block = cfg.download_images
     parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
@@ -194,5 +165,5 @@ def plan_download_images(spec: DagSpec, overrides: list[str], selected: list[str
         raise ConfigError([f"download_images.input_dir: no parquet part matching {block.parquet_pattern!r} "
                            f"in {block.input_dir}"])
     check_fan_out("download_images", len(parts), limit)
-    return [stage_task_kwargs(spec.runners["download_images"], "download_images", str(spec.config_path),
-                              overrides, i, len(parts)) for i in range(len(parts))]
+    return [task_ids.instance_kwargs(spec.runners["download_images"], "download_images", str(spec.config_path),
+                                     overrides, i, len(parts)) for i in range(len(parts))]
