@@ -95,6 +95,18 @@ def test_mmprep_run_into_s3_gives_the_local_runs_bytes(use_hub, s3_server: Seawe
     local_info.pop("dataset_root")
     assert info == local_info and info["tar_files"] == ["00000.tar", "00001.tar"]
 
+    # the stages' own answers (what the run report and Airflow's resume read) see the finished outputs in S3
+    from airflow_provider_mmprep.config import load_config
+    from airflow_provider_mmprep.stages import download_parquet, generate_wdinfo
+
+    config = load_config(tmp_path / "s3.yaml")
+    assert download_parquet.incomplete_tasks(config) == {} and generate_wdinfo.incomplete_tasks(config) == {}
+    assert len(download_parquet.expected_outputs(config)) == 4
+    checked = generate_wdinfo.check_output(config)
+    assert checked.info is not None and generate_wdinfo.listed_but_missing(config, checked.info) == []
+    assert main(["report", str(tmp_path / "s3.yaml"), "--out", str(tmp_path / "report.html")]) == 0
+    assert (tmp_path / "report.html").is_file()
+
     # wrong credentials: the task fails with one line naming the URL, and nothing is written
     monkeypatch.setenv("MY_S3_SECRET", "wrong")
     assert main(["run", str(tmp_path / "s3.yaml"), "--stage", "generate_wdinfo"]) == 1
