@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 STAGE = "reorganize_tar"
 EXAMPLES = 10  # how many examples of each problem a summary lists
 PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexing
-RANGE_BATCH = 32 * 2**20  # object storage: member bytes fetched per request batch (memory per writing thread)
+RANGE_BATCH = 32 * 2**20  # object storage: member bytes per batch of ranged reads (two held per writing thread)
 
 
 @dataclass
@@ -389,8 +389,9 @@ def lone_short_tar_samples(cfg: PipelineConfig) -> int | None:
 
 def _is_complete(tar: Path, digest: str, short: bool) -> bool:
     body = tario.read_manifest(tar)
-    marker_ok = tario.exists(f"{tar}{INCOMPLETE_SUFFIX}") == short
-    return body is not None and body.get("plan_digest") == digest and marker_ok
+    if body is None or body.get("plan_digest") != digest:
+        return False  # (in object storage, one request instead of three for an output not written yet)
+    return tario.exists(f"{tar}{INCOMPLETE_SUFFIX}") == short
 
 
 def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
@@ -424,29 +425,32 @@ def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
 def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
     """:func:`write_output` where an input or the output is in object storage: member records fetched as
     ranged reads (adjacent runs of one input in one batch of at most ``RANGE_BATCH`` bytes, coalesced and
-    concurrent), streamed to the output (a multipart upload there). The same bytes as the local path."""
-    position = 0
-    with tario.open_write(final) as handle:
-        batch: list[tuple[int, int]] = []
-        batch_tar, batch_bytes = -1, 0
+    concurrent; the next batch is fetched while this one is written) and streamed to the output (a
+    multipart upload there). The same bytes as the local path."""
+    batches: list[tuple[int, list[tuple[int, int]]]] = []  # (input, [(start, end)]) in output order
+    batch_bytes = position = 0
+    for tar, start, length in record_runs(plan.chunk(j)):
+        if start % BLOCK or length % BLOCK:
+            raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
+        if not batches or batches[-1][0] != tar or batch_bytes + length > RANGE_BATCH:
+            batches.append((tar, []))
+            batch_bytes = 0
+        batches[-1][1].append((start, start + length))
+        batch_bytes += length
+        position += length
 
-        def flush() -> None:
-            for data in tario.read_ranges(plan.inputs[batch_tar], [(s, s + n) for s, n in batch]):
+    def fetch(at: int) -> list[bytes]:
+        tar, ranges = batches[at]
+        return tario.read_ranges(plan.inputs[tar], ranges)
+
+    with ThreadPoolExecutor(max_workers=1) as ahead, tario.open_write(final) as handle:
+        pending = ahead.submit(fetch, 0) if batches else None
+        for at in range(len(batches)):
+            blobs = pending.result()  # type: ignore[union-attr]
+            if at + 1 < len(batches):
+                pending = ahead.submit(fetch, at + 1)
+            for data in blobs:
                 handle.write(data)
-            batch.clear()
-
-        for tar, start, length in record_runs(plan.chunk(j)):
-            if start % BLOCK or length % BLOCK:
-                raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
-            if batch and (tar != batch_tar or batch_bytes + length > RANGE_BATCH):
-                flush()
-                batch_bytes = 0
-            batch_tar = tar
-            batch.append((start, length))
-            batch_bytes += length
-            position += length
-        if batch:
-            flush()
         end = position + 2 * BLOCK  # the end-of-archive marker, padded to a whole record, as TarWriter
         tail = bytes(2 * BLOCK + (-end % RECORD))
         handle.write(tail)
