@@ -15,7 +15,7 @@ install: $(STAMP) $(HELM)
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) --editable '.[airflow,kubernetes,precache,dev]'
+	$(PIP) --editable '.[airflow,kubernetes,precache,s3,dev]'
 	touch $(STAMP)
 
 $(HELM): tools/install_helm.py | $(STAMP)

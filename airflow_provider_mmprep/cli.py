@@ -170,10 +170,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Describe a shard folder or a wdinfo.pkl; exit 1 when it finds problems (damage, bad counts)."""
     from .inspection import format_report, inspect_path
     from .safepickle import UnsafePickleError
+    from .storage import StorageError
 
     try:
         report = inspect_path(args.path, root=args.root, pickle_samples=args.pickle_samples)
-    except (FileNotFoundError, UnsafePickleError) as exc:
+    except (FileNotFoundError, UnsafePickleError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(json.dumps(report, indent=2) if args.json else format_report(report, max_tars=args.max_tars))
@@ -253,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_report.add_argument("--run-id", help="DAG run id for the 'mmprep clear' lines")
     p_report.set_defaults(func=cmd_report)
     p_inspect = add("inspect", help="describe a shard folder or a wdinfo.pkl (no config needed)")
-    p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl")
+    p_inspect.add_argument("path", help="folder of .tar shards, or a wdinfo.pkl; a local path or a URL (s3://…, "
+                           "credentials from the storage client's environment)")
     p_inspect.add_argument("--json", action="store_true", help="machine-readable report")
     p_inspect.add_argument("--root", help="dataset root for a wdinfo.pkl (default: its dataset_root or folder)")
     p_inspect.add_argument("--pickle-samples", type=int, default=1, help=".pickle members read per tar")

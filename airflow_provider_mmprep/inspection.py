@@ -6,6 +6,9 @@ manifests, and for ``.pickle`` members the keys, shapes and dtypes of the arrays
 ``pickle_samples`` pickles per tar, loaded with :func:`safepickle.safe_loads`, never ``pickle.loads``).
 For a ``wdinfo.pkl`` (loaded with :func:`safepickle.safe_loads_plain`): its fields, checked against the tars
 it lists the way NeMo's loader uses them (paths joined to the dataset root, each holding ``chunk_size``).
+Folders and wdinfo files may be URLs (``s3://…``; credentials from the storage client's environment): tars
+are then listed with their sizes in one listing, indexed through read-ahead reads of their headers and their
+pickles fetched as byte ranges.
 """
 
 from __future__ import annotations
@@ -15,48 +18,94 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .manifest import INCOMPLETE_SUFFIX, read_manifest
+from .manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, current_manifest_body, read_manifest
 from .safepickle import UnsafePickleError, describe_arrays, safe_loads, safe_loads_plain
-from .tarindex import TarIndex, UnsafeMemberName, find_tars, index_tar
+from .storage import Store, is_url
+from .tarindex import TarIndex, UnsafeMemberName, find_tars, index_tar, index_tar_reader
+
+
+class _Tars:
+    """The tars under one root, local or in object storage: what inspecting them needs, by relative name."""
+
+    def __init__(self, root: str | Path, storage_options: dict[str, Any] | None = None):
+        self.store = Store(root, storage_options) if is_url(root) else None
+        self.root = self.store.root if self.store is not None else str(root)
+        self._sizes: dict[str, int] | None = None
+
+    def sizes(self) -> dict[str, int]:
+        if self._sizes is None:
+            assert self.store is not None
+            self._sizes = self.store.file_sizes()
+        return self._sizes
+
+    def list(self) -> list[str]:
+        if self.store is None:
+            return [p.relative_to(self.root).as_posix() for p in find_tars(self.root)]
+        return sorted(rel for rel in self.sizes() if rel.endswith(".tar"))
+
+    def exists(self, rel: str) -> bool:
+        if self.store is None:
+            return os.path.exists(os.path.join(self.root, rel))
+        return self.store.is_file(rel)
+
+    def index(self, rel: str) -> TarIndex:
+        if self.store is None:
+            return index_tar(os.path.join(self.root, rel))
+        with self.store.open_read(rel, block_size=2**20) as handle:
+            return index_tar_reader(handle, self.store.size(rel), self.store.url(rel))
+
+    def manifest(self, rel: str) -> dict[str, Any] | None:
+        if self.store is None:
+            return read_manifest(os.path.join(self.root, rel))
+        raw = self.store.read_many([rel + MANIFEST_SUFFIX]).get(rel + MANIFEST_SUFFIX)
+        return None if raw is None else current_manifest_body(raw, self.sizes()[rel])
+
+    def marked_incomplete(self, rel: str) -> bool:
+        if self.store is None:
+            return os.path.exists(os.path.join(self.root, rel + INCOMPLETE_SUFFIX))
+        return rel + INCOMPLETE_SUFFIX in self.sizes()
+
+    def read(self, rel: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        if self.store is None:
+            return Store(self.root).read_ranges(rel, ranges)
+        return self.store.read_ranges(rel, ranges)
 
 EXAMPLES = 10
 
 
-def _pickle_schema(index: TarIndex, limit: int) -> dict[str, Any] | None:
+def _pickle_schema(index: TarIndex, limit: int, tars: _Tars | None = None, rel: str = "") -> dict[str, Any] | None:
     """Keys/shapes/dtypes of the first ``limit`` ``.pickle`` members; an ``error`` entry if one is refused."""
-    seen = 0
+    members = [m for sample in index.samples for m in sample.members if m.ext.lower() == "pickle"][:limit]
+    if tars is None:
+        tars, rel = _Tars(os.path.dirname(index.path)), os.path.basename(index.path)
+    blobs = tars.read(rel, [(m.offset, m.offset + m.size) for m in members]) if members else []
+    seen = len(members)
     schemas: list[dict[str, Any]] = []
-    with open(index.path, "rb") as handle:
-        for sample in index.samples:
-            for member in sample.members:
-                if member.ext.lower() != "pickle" or seen >= limit:
-                    continue
-                seen += 1
-                data = os.pread(handle.fileno(), member.size, member.offset)
-                try:
-                    schema = describe_arrays(safe_loads(data))
-                except UnsafePickleError as exc:
-                    return {"error": f"{member.name}: {exc}"}
-                if schema not in schemas:
-                    schemas.append(schema)
+    for member, data in zip(members, blobs):
+        try:
+            schema = describe_arrays(safe_loads(data))
+        except UnsafePickleError as exc:
+            return {"error": f"{member.name}: {exc}"}
+        if schema not in schemas:
+            schemas.append(schema)
     if not seen:
         return None
     return schemas[0] if len(schemas) == 1 else {"variants": schemas}
 
 
-def inspect_folder(folder: str | Path, pickle_samples: int = 1) -> dict[str, Any]:
-    folder = Path(folder)
+def inspect_folder(folder: str | Path, pickle_samples: int = 1,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    source = _Tars(folder, storage_options)
     tars: list[dict[str, Any]] = []
     all_extensions: Counter[str] = Counter()
     per_tar_ext: list[tuple[dict[str, Any], list[frozenset[str]]]] = []
     key_home: dict[str, str] = {}
     duplicates: dict[str, list[str]] = {}
     problems: list[str] = []
-    for path in find_tars(folder):
-        rel = path.relative_to(folder).as_posix()
+    for rel in source.list():
         entry: dict[str, Any] = {"tar": rel}
         try:
-            index = index_tar(path)
+            index = source.index(rel)
         except UnsafeMemberName as exc:
             entry.update(samples=0, problems=[str(exc)])
             problems.append(str(exc))
@@ -71,13 +120,13 @@ def inspect_folder(folder: str | Path, pickle_samples: int = 1) -> dict[str, Any
             problems.extend(f"{rel}: {p}" for p in index.problems)
         if index.skipped_members:
             entry["skipped_members"] = index.skipped_members
-        manifest = read_manifest(path)
+        manifest = source.manifest(rel)
         if manifest is not None:
             entry["manifest_sample_count"] = manifest.get("sample_count")
             if manifest.get("sample_count") != len(index.samples):
                 problems.append(f"{rel}: manifest says {manifest.get('sample_count')} samples, "
                                 f"headers show {len(index.samples)}")
-        if path.with_name(path.name + INCOMPLETE_SUFFIX).exists():
+        if source.marked_incomplete(rel):
             entry["marked_incomplete"] = True
         for sample in index.samples:
             home = key_home.setdefault(sample.key, rel)
@@ -85,7 +134,7 @@ def inspect_folder(folder: str | Path, pickle_samples: int = 1) -> dict[str, Any
                 duplicates.setdefault(sample.key, [home])
                 if rel not in duplicates[sample.key]:
                     duplicates[sample.key].append(rel)
-        schema = _pickle_schema(index, pickle_samples) if pickle_samples > 0 else None
+        schema = _pickle_schema(index, pickle_samples, source, rel) if pickle_samples > 0 else None
         if schema is not None:
             entry["pickle"] = schema
             if "error" in schema:
@@ -106,7 +155,7 @@ def inspect_folder(folder: str | Path, pickle_samples: int = 1) -> dict[str, Any
     full_counts = Counter(t["samples"] for t in tars if not t.get("marked_incomplete"))
     return {
         "kind": "folder",
-        "path": str(folder),
+        "path": source.root,
         "tar_count": len(tars),
         "total_samples": sum(t["samples"] for t in tars),
         "samples_per_tar": {
@@ -127,9 +176,21 @@ def inspect_folder(folder: str | Path, pickle_samples: int = 1) -> dict[str, Any
     }
 
 
-def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samples: int = 1) -> dict[str, Any]:
-    path = Path(path)
-    info = safe_loads_plain(path.read_bytes())
+def _read_file(path: str | Path, storage_options: dict[str, Any] | None) -> bytes:
+    if not is_url(path):
+        return Path(path).read_bytes()
+    folder, _, name = str(path).rpartition("/")
+    return Store(folder, storage_options).read_bytes(name)
+
+
+def _parent(path: str | Path) -> str:
+    return str(path).rpartition("/")[0] if is_url(path) else str(Path(path).parent)
+
+
+def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samples: int = 1,
+                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = path if is_url(path) else Path(path)
+    info = safe_loads_plain(_read_file(path, storage_options))
     problems: list[str] = []
     if not isinstance(info, dict):
         raise UnsafePickleError(f"{path}: expected a dict, got {type(info).__name__}")
@@ -139,10 +200,11 @@ def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samp
     tar_files = list(info.get("tar_files") or [])
     chunk = info.get("chunk_size")
     if root is None:
-        candidates = [info.get("dataset_root"), path.parent]
-        root = next((Path(c) for c in candidates if c and tar_files and (Path(c) / tar_files[0]).exists()),
-                    Path(info.get("dataset_root") or path.parent))
-    root = Path(root)
+        candidates = [info.get("dataset_root"), _parent(path)]
+        root = next((c for c in candidates if c and tar_files and _Tars(c, storage_options).exists(tar_files[0])),
+                    info.get("dataset_root") or _parent(path))
+    root = root if is_url(root) else Path(root)
+    source = _Tars(root, storage_options)
     if tar_files != sorted(tar_files):
         problems.append("tar_files is not sorted")
     absolute = [t for t in tar_files if os.path.isabs(t)]
@@ -152,12 +214,11 @@ def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samp
         problems.append(f"total_key_count {info.get('total_key_count')} != {len(tar_files)} tars x {chunk}")
     checked: list[dict[str, Any]] = []
     for rel in tar_files:
-        tar = Path(os.path.join(root, rel))  # as NeMo joins them
-        if not tar.is_file():
+        if not source.exists(rel):  # joined to the root as NeMo joins them
             problems.append(f"{rel}: listed but missing under {root}")
             continue
         try:
-            index = index_tar(tar)
+            index = source.index(rel)
         except UnsafeMemberName as exc:
             problems.append(str(exc))
             continue
@@ -167,7 +228,7 @@ def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samp
         if index.problems:
             problems.extend(f"{rel}: {p}" for p in index.problems)
         if pickle_samples > 0:
-            schema = _pickle_schema(index, pickle_samples)
+            schema = _pickle_schema(index, pickle_samples, source, rel)
             if schema is not None:
                 entry["pickle"] = schema
                 if "error" in schema:
@@ -188,7 +249,17 @@ def inspect_wdinfo(path: str | Path, root: str | Path | None = None, pickle_samp
     }
 
 
-def inspect_path(path: str | Path, root: str | Path | None = None, pickle_samples: int = 1) -> dict[str, Any]:
+def inspect_path(path: str | Path, root: str | Path | None = None, pickle_samples: int = 1,
+                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    if is_url(path):
+        folder, _, name = str(path).rstrip("/").rpartition("/")
+        Store(path, storage_options).check()  # bucket and credentials, one line naming ``path``
+        parent = Store(folder, storage_options)
+        if name and parent.is_file(name):
+            return inspect_wdinfo(path, root, pickle_samples, storage_options)
+        if _Tars(path, storage_options).store.file_sizes():  # type: ignore[union-attr]
+            return inspect_folder(path, pickle_samples, storage_options)
+        raise FileNotFoundError(f"{path}: no such folder or wdinfo file")
     path = Path(path)
     if path.is_dir():
         return inspect_folder(path, pickle_samples)

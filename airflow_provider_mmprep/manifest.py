@@ -80,13 +80,20 @@ def load_current_manifest(manifest_file: str, tar_size: int) -> tuple[dict[str, 
             chunks.append(chunk)
     finally:
         os.close(fd)
+    body = current_manifest_body(b"".join(chunks), tar_size)
+    return None if body is None else (body, mtime)
+
+
+def current_manifest_body(raw: bytes, tar_size: int) -> dict[str, Any] | None:
+    """The manifest body in ``raw`` when it describes a tar of ``tar_size`` bytes, else None (unreadable,
+    no ``sample_count``, or stale). Shared by local reads and reads from object storage."""
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except ValueError:
         return None
     if not isinstance(body, dict) or body.get("tar_size") != tar_size or "sample_count" not in body:
         return None
-    return body, mtime
+    return body
 
 
 def read_manifest(tar_path: str | Path) -> dict[str, Any] | None:

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 BLOCK = 512
 
@@ -592,3 +592,24 @@ def find_tars(root: str | Path) -> list[Path]:
             if name.endswith(".tar") and not name.startswith("."):
                 found.append(name if rel_folder == "." else f"{rel_folder}/{name}".replace(os.sep, "/"))
     return [root / rel for rel in sorted(found)]
+
+
+def index_tar_reader(handle: BinaryIO, file_size: int, label: str) -> TarIndex:
+    """Index a tar read through a seekable binary reader (an object in object storage, where neither
+    ``mmap`` nor ``pread`` exist): the general parser, one header read at a time (a read-ahead reader
+    turns these into few requests). ``label`` (the URL) names the tar in messages."""
+    index = TarIndex(path=label, file_size=file_size)  # type: ignore[arg-type]  # a URL is no Path
+
+    def read(at: int, count: int) -> bytes:
+        handle.seek(at)
+        return handle.read(count)
+
+    def batches() -> Iterator[Batch]:
+        if file_size == 0:
+            index.problems.append("empty file")
+            return
+        for name, header_at, data_at, size, regular, mtime in _parse_chain(read, file_size, index.problems):
+            yield Batch([name], [header_at], [data_at], [size], [regular], [mtime])
+
+    group_members(index, batches())
+    return index

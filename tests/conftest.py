@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import textwrap
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from airflow_provider_mmprep.testing.hf_endpoint import HubServer
+from airflow_provider_mmprep.testing.s3_server import SeaweedS3
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -154,3 +156,38 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     services = getattr(item, "funcargs", {}).get("live") if report.failed else None
     if services is not None and hasattr(services, "log_tails"):
         report.sections.append(("live Airflow service logs (tails)", services.log_tails()))
+
+
+# A real S3 server (SeaweedFS on loopback) for the object-storage tests (tests/s3/): started once per session
+# by the first test that asks for it, a fresh bucket per test.
+
+_bucket_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[SeaweedS3]:
+    with SeaweedS3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: SeaweedS3) -> str:
+    """A fresh, empty bucket's name (tests never see each other's objects)."""
+    name = f"test-{next(_bucket_numbers):04d}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
+    """The server's credentials and endpoint in the standard AWS environment variables.
+
+    s3fs caches clients by their arguments, not by the environment they read: the cache is cleared on both
+    sides so a test that changes the variables (wrong credentials) leaves no client behind that uses them."""
+    import s3fs
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3fs.S3FileSystem.clear_instance_cache()

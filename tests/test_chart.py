@@ -346,3 +346,23 @@ def test_official_chart_values_refer_to_this_charts_objects(helm_env: dict[str, 
     # "airflow" (<release>-scheduler/-worker/-triggerer)
     assert {s["name"] for s in by_kind(objects)["RoleBinding"][0]["subjects"]} <= \
         {"airflow-scheduler", "airflow-worker", "airflow-triggerer"}
+
+
+@pytest.mark.parametrize("kube", [OLDEST, NEWEST])
+def test_object_storage_mode_has_no_dataset_volume_and_names_the_credentials_secret(
+        helm_env: dict[str, str], kube: str) -> None:
+    """objectStorage.enabled: no PVC is created or mounted; the pods' [mmprep] storage_secret is the Secret
+    holding the storage client's credentials (issue 17). Validated like every other render."""
+    sets = {"objectStorage.enabled": "true", "objectStorage.secretName": "team-s3"}
+    objects = render(helm_env, kube=kube, sets=sets)
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "ConfigMap", "Role", "RoleBinding", "ServiceAccount"]
+    for obj in objects:
+        validate_strict(obj, kube)
+    env = configmap(objects, DEFAULTS["airflowEnvConfigMapName"])
+    assert env["AIRFLOW__MMPREP__PVC_CLAIM_NAME"] == "" and env["AIRFLOW__MMPREP__STORAGE_SECRET"] == "team-s3"
+    out = helm(helm_env, "lint", "--strict", "--kube-version", f"{kube}.0", CHART, *_values_args(None, sets))
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+    default_env = configmap(render(helm_env, kube=kube), DEFAULTS["airflowEnvConfigMapName"])
+    assert default_env["AIRFLOW__MMPREP__STORAGE_SECRET"] == ""  # the shared-volume mode: no secret
+    with pytest.raises(HelmFailed, match="secretName"):
+        render(helm_env, kube=kube, sets={"objectStorage.enabled": "true", "objectStorage.secretName": "Not_A_Name"})

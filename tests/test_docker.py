@@ -145,7 +145,7 @@ def test_airflow_image_matches_the_pinned_airflow(airflow_file) -> None:
     cncf_version = next(iter(cncf.specifier)).version
     assert Version(cncf_version) in extra_requirements("kubernetes")[cncf.name].specifier
     assert cncf_version == importlib.metadata.version(cncf.name)
-    assert "/opt/mmprep/src[kubernetes]" in installs
+    assert "/opt/mmprep/src[kubernetes,s3]" in installs
 
 
 def test_worker_image_is_cuda_torch_with_precache_and_no_airflow(worker_file) -> None:
@@ -157,7 +157,7 @@ def test_worker_image_is_cuda_torch_with_precache_and_no_airflow(worker_file) ->
     assert f"torch=={torch_version}" in constraints.split()  # same torch as the tested CPU build
     assert Version(torch_version) in extra_requirements("precache")["torch"].specifier
     installs = pip_installs(worker_file)
-    assert "/opt/mmprep/src[precache]" in installs
+    assert "/opt/mmprep/src[precache,s3]" in installs  # object storage needs no dataset volume
     assert not any("airflow" in w for w in installs)
     # no Airflow reaches the image through the package's own core requirements either
     core = setup_cfg()["options"]["install_requires"]

@@ -64,6 +64,7 @@ SETTINGS_SET = {
     "worker_resources": json.dumps({"requests": {"cpu": "8", "memory": "48Gi", "ephemeral-storage": "20Gi"},
                                     "limits": {"memory": "64Gi"}}),
     "hf_token_secret": "hf-token:token",
+    "storage_secret": "mmprep-s3",
     "deferrable": "True",
 }
 #: The optional ones emptied: no volume, no config map, no service account, no GPUs, no token.
@@ -138,6 +139,8 @@ def test_pods_carry_the_settings(monkeypatch: pytest.MonkeyPatch, pipeline: Path
         assert claims == ([cluster.pvc_claim_name] if cluster.pvc_claim_name else [])
         secrets = [e for e in container.get("env") or [] if "valueFrom" in e]
         assert len(secrets) == (1 if cluster.hf_token_secret else 0)
+        env_from = [e["secretRef"]["name"] for e in container.get("envFrom") or []]
+        assert env_from == ([cluster.storage_secret] if cluster.storage_secret else [])
         args = container["command"] + container["args"]
         assert args[args.index("--stage") + 1] == stage
 

@@ -3,7 +3,10 @@
 The pod runs ``mmprep run CONFIG [overrides] --stage S --task-id N --task-count M`` (the arguments come
 from the plan task); image, GPUs, node selector, tolerations, service account and the dataset PVC come
 from ``[mmprep]`` (the YAML's top-level ``container``, NeMo's image key, wins for the image). The PVC is
-mounted at the path Airflow's workers see, so every path in the YAML means the same in the pod.
+mounted at the path Airflow's workers see, so every path in the YAML means the same in the pod. Datasets in
+object storage need no PVC: ``[mmprep] storage_secret`` names a secret whose keys become the pods'
+environment (the storage client's credentials, read directly or through ``${env:NAME}`` in
+``storage_options``).
 """
 
 from __future__ import annotations
@@ -71,8 +74,13 @@ def pod_partial_kwargs(stage: str, cluster: ClusterDefaults, image: str | None =
         "deferrable": cluster.deferrable,
         "map_index_template": POD_LABEL_TEMPLATE,
     }
-    if secret is not None:
-        kwargs["secrets"] = [secret]
+    secrets = [secret] if secret is not None else []
+    if cluster.storage_secret:  # object storage: the secret's keys as environment variables (envFrom)
+        from airflow.providers.cncf.kubernetes.secret import Secret
+
+        secrets.append(Secret("env", None, cluster.storage_secret))
+    if secrets:
+        kwargs["secrets"] = secrets
     if cluster.service_account_name:
         kwargs["service_account_name"] = cluster.service_account_name
     if cluster.kube_config_file and not cluster.in_cluster:

@@ -65,6 +65,9 @@ MMPREP_CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
     "hf_conn_id": _option("Connection id of the Hugging Face hub connection (type mmprep_hf).", "hf_default"),
     "hf_token_secret": _option("Kubernetes secret holding the hub token for pods, as NAME or NAME:KEY "
                                "(key default: token). Empty: pods get no token.", ""),
+    "storage_secret": _option("Kubernetes secret whose keys become environment variables of every pod, for "
+                              "datasets in object storage (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                              "AWS_ENDPOINT_URL). Empty: pods get none.", "", "string", "mmprep-s3"),
     "retries": _option("Retries per mapped task instance.", "2", "integer"),
     "retry_delay_seconds": _option("First retry delay; doubles each retry (exponential backoff).", "60",
                                    "integer"),
@@ -94,6 +97,7 @@ class ClusterDefaults:
     worker_resources: dict[str, Any] = field(default_factory=dict)
     hf_conn_id: str = "hf_default"
     hf_token_secret: str = ""
+    storage_secret: str = ""
     retries: int = 2
     retry_delay_seconds: int = 60
     deferrable: bool = False
@@ -132,6 +136,7 @@ class ClusterDefaults:
             gpu_pool=text("gpu_pool"), node_selector=json_value("node_selector", dict),
             tolerations=json_value("tolerations", list), worker_resources=json_value("worker_resources", dict),
             hf_conn_id=text("hf_conn_id") or "hf_default", hf_token_secret=text("hf_token_secret"),
+            storage_secret=text("storage_secret"),
             retries=number("retries"), retry_delay_seconds=number("retry_delay_seconds"),
             deferrable=flag("deferrable"))
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
 from pydantic import ValidationError
 
+from ..storage_config import data_path, read_storage_options, url_problems
 from .models import (RANGE_DEFAULT_TASK_COUNT, STAGE_MODELS, STAGE_NAMES, DownloadImagesConfig, EncodingSpec,
                      PipelineConfig, PrecacheConfig, RunConfig)
 
@@ -203,7 +204,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     resolver = _Resolver()
 
     unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root"}
-                         - _IGNORED_TOP_LEVEL)
+                         - {"storage_options"} - _IGNORED_TOP_LEVEL)
     if unknown_top:
         warnings.append(f"top level: keys not used by mmprep: {', '.join(map(str, unknown_top))}")
 
@@ -272,6 +273,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
                             f"{name}.override_task_count to the task count of the run you resume")
     if "download_images" in models:
         problems.extend(download_option_problems(models["download_images"]))
+    problems.extend(url_problems(models))
+    storage_options, option_problems, option_warnings = read_storage_options(raw)
+    problems.extend(option_problems)
+    warnings.extend(option_warnings)
 
     run_model = RunConfig()
     if isinstance(run_block, dict):
@@ -304,7 +309,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     return PipelineConfig(
         run=run_model,
         dataset_repo_id=dataset_repo_id,
-        dataset_output_root=Path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
+        dataset_output_root=data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
+        storage_options=storage_options,
         precache=precache,
         source_path=Path(path),
         warnings=warnings,

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from ..storage_config import DataPath
 from ..task_ids import is_range, parse_span
 
 STAGE_NAMES: tuple[str, ...] = (
@@ -112,7 +113,7 @@ Runner = Literal["local", "kubernetes"]
 
 class DownloadParquetConfig(_Block):
     enable: bool = True
-    output_dir: Path
+    output_dir: DataPath
     parquet_subpartitions: int = Field(default=1, gt=0)
     parquet_pattern: str = "*.parquet"
     # ours
@@ -125,8 +126,8 @@ class DownloadParquetConfig(_Block):
 class DownloadImagesConfig(_Block):
     enable: bool = True
     parquet_pattern: str = "*.parquet"
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     num_parquets_downloaded: int | None = None  # NeMo's guess; we fan out over the parts present
     download_num_processes: int = -1
     download_num_threads: int = Field(default=64, gt=0)
@@ -160,8 +161,8 @@ class DownloadImagesConfig(_Block):
 
 class ReorganizeTarConfig(_FanOutBlock):
     enable: bool = True
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".jpg", ".txt"])
     # ours
@@ -173,10 +174,10 @@ class ReorganizeTarConfig(_FanOutBlock):
 
 class PrecacheEncodingsConfig(_FanOutBlock):
     enable: bool = True
-    input_dir: Path
-    output_dir: Path
+    input_dir: DataPath
+    output_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
-    precache_config_path: Path
+    precache_config_path: DataPath
     # ours: also encode the short last tar reorganize_tar marks ``.INCOMPLETE`` (left out by default, as
     # NeMo does; when encoded, its output is marked the same way so generate_wdinfo still sees it short)
     process_incomplete_tars: bool = False
@@ -185,10 +186,10 @@ class PrecacheEncodingsConfig(_FanOutBlock):
 
 class GenerateWdinfoConfig(_Block):
     enable: bool = True
-    input_dir: Path
+    input_dir: DataPath
     tar_chunk_size: int = Field(default=1000, gt=0)
     file_ext_in_tar: list[str] = Field(default_factory=lambda: [".pickle"])
-    output_wdinfo_path: Path
+    output_wdinfo_path: DataPath
 
 
 class RunConfig(_Block):
@@ -304,7 +305,9 @@ class PipelineConfig(BaseModel):
 
     run: RunConfig
     dataset_repo_id: str | None
-    dataset_output_root: Path | None
+    dataset_output_root: DataPath | None
+    #: our key: fsspec options for URL paths, kept unresolved (``${env:NAME}`` references resolve in storage.py)
+    storage_options: dict[str, Any] | None = Field(default=None, repr=False)
     download_parquet: DownloadParquetConfig | None = None
     download_images: DownloadImagesConfig | None = None
     reorganize_tar: ReorganizeTarConfig | None = None

@@ -27,6 +27,7 @@ import logging
 from typing import Any, Callable
 
 from ..config import STAGE_NAMES, PipelineConfig
+from ..storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,12 @@ def run_stage_task(cfg: PipelineConfig, name: str, task_id: int, task_count: int
         raise StageError(f"{name}: task id {task_id} is outside 0..{task_count - 1}")
     cfg.stage(name)  # raises if the stage is disabled
     log.info("%s: task %d/%d starting", name, task_id, task_count)
-    summary = get_stage_runner(name)(cfg, task_id, task_count)
+    from .. import tario
+
+    tario.set_storage_options(cfg.storage_options)  # URL paths in the tar helpers use the pipeline's options
+    try:
+        summary = get_stage_runner(name)(cfg, task_id, task_count)
+    except StorageError as exc:  # credentials, bucket, endpoint: the user's to fix, one line naming the URL
+        raise StageError(f"{name}: {exc}") from None
     log.info("%s: task %d/%d done: %s", name, task_id, task_count, summary)
     return summary

@@ -17,11 +17,16 @@ A usable sample has every extension of ``file_ext_in_tar``; only those members a
 does). Samples missing one are counted and reported; duplicate keys are reported (and kept: shards of
 different parts legitimately restart their key numbering); damaged tars contribute their readable
 samples, are reported, and fail the task only with ``strict: true``.
+
+``input_dir`` and ``output_dir`` may be URLs (``s3://…``, issue 17) through :mod:`..tario`: inputs are listed
+in one listing, their manifests read concurrently, headers (where no offsets sidecar says them) through
+read-ahead reads, member records fetched as coalesced ranged reads (at most ``RANGE_BATCH`` bytes held per
+writing thread) and each output streamed as one multipart upload whose completion is the commit; the
+bytes are those of a local run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -30,14 +35,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .. import fsutil
+from .. import fsutil, tario
 from ..config import PipelineConfig
+from ..storage import is_url
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short,
-                        read_manifest, read_offsets, tasks_without_output, write_manifest)
+                        tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
                         index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
-from ..tarwriter import TarWriter
+from ..tarwriter import BLOCK, RECORD, TarWriter
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 STAGE = "reorganize_tar"
 EXAMPLES = 10  # how many examples of each problem a summary lists
 PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexing
+RANGE_BATCH = 32 * 2**20  # object storage: member bytes per batch of ranged reads (two held per writing thread)
 
 
 @dataclass
@@ -91,7 +98,7 @@ class SampleOrder:
         return self.total % self.chunk_size
 
     def rel(self, tar: int) -> str:
-        return self.inputs[tar].relative_to(self.input_dir).as_posix()
+        return tario.relative(self.inputs[tar], self.input_dir)
 
     def chunk(self, j: int) -> list[PlacedSample]:
         start = j * self.chunk_size - self.first_sample
@@ -114,8 +121,11 @@ class SampleOrder:
 
 
 def _inputs(input_dir: Path, exclude: Path | None) -> list[Path]:
+    if is_url(input_dir):  # output_dir inside input_dir: never read our own outputs back
+        inside = str(exclude).rstrip("/") + "/" if exclude is not None else None
+        return [p for p in tario.find_tars(input_dir) if inside is None or not str(p).startswith(inside)]  # type: ignore[misc]
     inputs = find_tars(input_dir)
-    if exclude is not None and exclude.resolve().is_relative_to(input_dir.resolve()):
+    if exclude is not None and not is_url(exclude) and exclude.resolve().is_relative_to(input_dir.resolve()):
         skip = exclude.resolve()  # output_dir inside input_dir: never read our own outputs back
         inputs = [p for p in inputs if not p.resolve().is_relative_to(skip)]
     return inputs
@@ -128,9 +138,9 @@ def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
     """The input's index: from the ``member_offsets`` its manifest names when it has them (no header is
     read), else from its headers. ``body`` is the manifest when the caller has read it already."""
     if body is _UNREAD:
-        body = read_manifest(path)
+        body = tario.read_manifest(path)
     try:
-        record = read_offsets(path, body) if body is not None else None
+        record = tario.read_offsets(path, body) if body is not None else None
         if record is not None:
             index = index_from_offsets(path, int(body["tar_size"]), record)  # type: ignore[index]
             if index is not None:
@@ -138,12 +148,12 @@ def _index(path: Path, body: dict[str, Any] | None = _UNREAD) -> TarIndex:
                     raise ManifestContradicted(f"{path}: its manifest's member_offsets hold {len(index.samples)} "
                                                f"sample(s) but its sample_count says {body['sample_count']}")
                 return index
-        return index_tar(path)
+        return tario.index_tar(path) if is_url(path) else index_tar(path)
     except UnsafeMemberName as exc:
         raise StageError(f"{STAGE}.input_dir: {exc}") from None
     except ManifestContradicted as exc:
         raise StageError(f"{STAGE}.input_dir: {exc}. Redo the shard that wrote it (or delete "
-                         f"{path.name}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
+                         f"{tario.name_of(path)}{MANIFEST_SUFFIX}), then rerun every {STAGE} task") from None
 
 
 def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str, ...],
@@ -199,7 +209,8 @@ def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | No
     every byte anyway, and the call's cost grows with the file even when it is cached)."""
     def index(at: int) -> TarIndex:
         for later in paths[0 if at == 0 else at + PREFETCH_AHEAD:at + PREFETCH_AHEAD + 1]:
-            prefetch(later)
+            if not is_url(later):
+                prefetch(later)
         return _index(paths[at]) if bodies is None else _index(paths[at], bodies[at])
 
     with ThreadPoolExecutor(max_workers=1) as ahead:
@@ -263,7 +274,7 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
     plan = SampleOrder(input_dir, inputs, chunk_size)
-    bodies = [read_manifest(path) for path in inputs]
+    bodies = tario.read_manifests(inputs)  # type: ignore[arg-type]
     manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
     counts: list[int] = []
@@ -299,7 +310,7 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
 
 
 def output_path(output_dir: Path, j: int) -> Path:
-    return output_dir / f"{j:05d}.tar"
+    return tario.join(output_dir, f"{j:05d}.tar")  # type: ignore[return-value]
 
 
 def outputs_by_task(cfg: PipelineConfig, task_count: int) -> list[list[Path]] | None:
@@ -307,13 +318,14 @@ def outputs_by_task(cfg: PipelineConfig, task_count: int) -> list[list[Path]] | 
     :func:`build_task_plan` places them, from the inputs' manifests alone; None when an input's manifest
     does not say how many usable samples it holds (the headers would have to be read)."""
     block = cfg.stage(STAGE)
-    input_dir, output_dir = Path(block.input_dir), Path(block.output_dir)
-    if not input_dir.is_dir():
+    input_dir, output_dir = (v if is_url(v) else Path(v) for v in (block.input_dir, block.output_dir))
+    tario.set_storage_options(cfg.storage_options)
+    if not tario.is_dir(input_dir):
         return None
     wanted = normalize_extensions(block.file_ext_in_tar)
     total = 0
-    for path in _inputs(input_dir, output_dir):
-        count = counted_by_manifest(read_manifest(path), wanted)
+    for body in tario.read_manifests(_inputs(input_dir, output_dir)):  # type: ignore[arg-type]
+        count = counted_by_manifest(body, wanted)
         if count is None:
             return None
         total += count
@@ -365,19 +377,21 @@ def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
 def lone_short_tar_samples(cfg: PipelineConfig) -> int | None:
     """The usable sample count when the whole output is one short ``.INCOMPLETE`` tar (the dataset is
     smaller than ``tar_chunk_size``), else None."""
-    folder = Path(cfg.stage(STAGE).output_dir)
-    tars = fsutil.sorted_files(folder, "*.tar")
-    marked = fsutil.sorted_files(folder, "*.tar" + INCOMPLETE_SUFFIX)
-    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0].name + INCOMPLETE_SUFFIX != marked[0].name):
+    folder = cfg.stage(STAGE).output_dir
+    tario.set_storage_options(cfg.storage_options)
+    tars = tario.file_names(folder, "*.tar")
+    marked = tario.file_names(folder, "*.tar" + INCOMPLETE_SUFFIX)
+    if len(marked) != 1 or len(tars) > 1 or (tars and tars[0] + INCOMPLETE_SUFFIX != marked[0]):
         return None
-    body = read_manifest(tars[0] if tars else marked[0])
+    body = tario.read_manifest(tario.join(folder, tars[0] if tars else marked[0]))
     return int(body["sample_count"]) if body is not None else None
 
 
 def _is_complete(tar: Path, digest: str, short: bool) -> bool:
-    body = read_manifest(tar)
-    marker_ok = tar.with_name(tar.name + INCOMPLETE_SUFFIX).exists() == short
-    return body is not None and body.get("plan_digest") == digest and marker_ok
+    body = tario.read_manifest(tar)
+    if body is None or body.get("plan_digest") != digest:
+        return False  # (in object storage, one request instead of three for an output not written yet)
+    return tario.exists(f"{tar}{INCOMPLETE_SUFFIX}") == short
 
 
 def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
@@ -408,8 +422,45 @@ def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
     return member_offsets([], columns=(names, heads, datas, sizes, mtimes))
 
 
+def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
+    """:func:`write_output` where an input or the output is in object storage: member records fetched as
+    ranged reads (adjacent runs of one input in one batch of at most ``RANGE_BATCH`` bytes, coalesced and
+    concurrent; the next batch is fetched while this one is written) and streamed to the output (a
+    multipart upload there). The same bytes as the local path."""
+    batches: list[tuple[int, list[tuple[int, int]]]] = []  # (input, [(start, end)]) in output order
+    batch_bytes = position = 0
+    for tar, start, length in record_runs(plan.chunk(j)):
+        if start % BLOCK or length % BLOCK:
+            raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
+        if not batches or batches[-1][0] != tar or batch_bytes + length > RANGE_BATCH:
+            batches.append((tar, []))
+            batch_bytes = 0
+        batches[-1][1].append((start, start + length))
+        batch_bytes += length
+        position += length
+
+    def fetch(at: int) -> list[bytes]:
+        tar, ranges = batches[at]
+        return tario.read_ranges(plan.inputs[tar], ranges)
+
+    with ThreadPoolExecutor(max_workers=1) as ahead, tario.open_write(final) as handle:
+        pending = ahead.submit(fetch, 0) if batches else None
+        for at in range(len(batches)):
+            blobs = pending.result()  # type: ignore[union-attr]
+            if at + 1 < len(batches):
+                pending = ahead.submit(fetch, at + 1)
+            for data in blobs:
+                handle.write(data)
+        end = position + 2 * BLOCK  # the end-of-archive marker, padded to a whole record, as TarWriter
+        tail = bytes(2 * BLOCK + (-end % RECORD))
+        handle.write(tail)
+    return position + len(tail)
+
+
 def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     """Write output tar ``j`` atomically; returns bytes written."""
+    if is_url(final) or any(is_url(p) for p in plan.inputs[:1]):
+        return _write_output_ranges(plan, j, final)
     sources: dict[int, int] = {}
     try:
         with fsutil.atomic_path(final) as tmp:
@@ -437,19 +488,19 @@ def produce_output(plan: SampleOrder, output_dir: Path, j: int, short: bool) -> 
     digest = plan.digest(j)
     if _is_complete(final, digest, short):
         return "skipped", 0, 0
-    marker = final.with_name(final.name + INCOMPLETE_SUFFIX)
+    marker = f"{final}{INCOMPLETE_SUFFIX}" if is_url(final) else final.with_name(final.name + INCOMPLETE_SUFFIX)
     if short:  # marker first: a reader never sees the short tar without it (an existing one is kept as is)
-        if not marker.exists():
-            marker.touch()
+        if not tario.exists(marker):
+            tario.touch(marker)
     else:
-        with contextlib.suppress(FileNotFoundError):
-            marker.unlink()
+        tario.unlink(marker)
     size = write_output(plan, j, final)
     count = len(plan.chunk(j))
     extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
-    write_manifest(final, count, plan_digest=digest, chunk_size=plan.chunk_size, short=short,
-                   extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
-                   member_offsets=output_offsets(plan.chunk(j)))
+    tario.write_manifest(final, count, tar_size=size if is_url(final) else None, plan_digest=digest,
+                         chunk_size=plan.chunk_size, short=short,
+                         extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
+                         member_offsets=output_offsets(plan.chunk(j)))
     return "written", count, size
 
 
@@ -461,14 +512,14 @@ def write_threads(configured: int) -> int:
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     block = cfg.stage(STAGE)
-    input_dir, output_dir = Path(block.input_dir), Path(block.output_dir)
-    if not input_dir.is_dir():
+    input_dir, output_dir = (v if is_url(v) else Path(v) for v in (block.input_dir, block.output_dir))
+    if not tario.is_dir(input_dir):
         raise StageError(f"{STAGE}.input_dir: folder {input_dir} does not exist")
     if not block.file_ext_in_tar:
         raise StageError(f"{STAGE}.file_ext_in_tar: list at least one extension, e.g. [.jpg, .txt]")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    tario.makedirs(output_dir)
     if task_count == 1:  # sole writer of the folder: every temporary in it is a crashed run's
-        fsutil.remove_stale_temporaries(output_dir)
+        tario.remove_leftovers(output_dir)
     pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
     futures: dict[int, Future[tuple[str, int, int]]] = {}
     cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
@@ -482,7 +533,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
             return
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
         if not cleaned:  # before our first write: other tasks write beside us, so only our own leftovers
-            fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
+            tario.remove_leftovers(output_dir, [tario.name_of(output_path(output_dir, j)) for j in mine])
             cleaned.append(True)
         reached = plan.first_sample + len(plan.samples)  # global position the window is indexed up to
         last = plan.output_count - 1
@@ -524,7 +575,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
         if task_count > 1 and not cleaned:  # other tasks write beside us right now: only our own leftovers
-            fsutil.remove_stale_temporaries(output_dir, [output_path(output_dir, j).name for j in mine])
+            tario.remove_leftovers(output_dir, [tario.name_of(output_path(output_dir, j)) for j in mine])
         last = plan.output_count - 1
         for j in mine:
             if j not in futures:
@@ -550,7 +601,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         "indexed_input_tars": plan.indexed_tars,  # the others were placed by their manifests' counts
         "output_tars": plan.output_count,
         "chunk_size": plan.chunk_size,
-        "task_outputs": (f"{output_path(output_dir, mine[0]).name}..{output_path(output_dir, mine[-1]).name}"
+        "task_outputs": (f"{tario.name_of(output_path(output_dir, mine[0]))}.."
+                         f"{tario.name_of(output_path(output_dir, mine[-1]))}"
                          if mine else "none"),
         "written": written,
         "skipped_complete": skipped,
@@ -565,13 +617,13 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         "members_not_copied": plan.members_not_copied,
     }
     if plan.short_count:
-        summary["short_tar"] = {"name": output_path(output_dir, last).name, "samples": plan.short_count}
+        summary["short_tar"] = {"name": tario.name_of(output_path(output_dir, last)), "samples": plan.short_count}
         if last in mine:
             log.warning("%s: last tar %s holds %d of %d samples; marked %s%s", STAGE,
-                        output_path(output_dir, last).name, plan.short_count, plan.chunk_size,
-                        output_path(output_dir, last).name, INCOMPLETE_SUFFIX)
-    stale = [p.name for p in fsutil.sorted_files(output_dir, "*.tar")
-             if p.stem.isdigit() and int(p.stem) >= plan.output_count]
+                        tario.name_of(output_path(output_dir, last)), plan.short_count, plan.chunk_size,
+                        tario.name_of(output_path(output_dir, last)), INCOMPLETE_SUFFIX)
+    stale = [name for name in tario.file_names(output_dir, "*.tar")
+             if name[:-4].isdigit() and int(name[:-4]) >= plan.output_count]
     if stale:
         summary["stale_outputs"] = stale
         log.warning("%s: %s holds tars beyond this plan's %d outputs (from an earlier run?): %s",

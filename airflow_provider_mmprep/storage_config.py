@@ -1,0 +1,80 @@
+"""The pipeline YAML's object-storage keys (issue 17), kept apart from config.py's models and loader.
+
+``DataPath`` types every path key: a URL (``s3://…``) stays a string, since a ``Path`` would fold its
+``//``; anything else becomes a local ``Path``. :func:`url_problems` refuses a URL where the stage cannot
+use one yet (one line naming the key, instead of a local folder named ``s3:``), and
+:func:`read_storage_options` reads the ``storage_options`` block as written: ``${env:NAME}`` references stay
+unresolved until :mod:`.storage` makes the filesystem where the stage runs, so no secret enters the config
+object, the plan or a pod's arguments.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+from omegaconf import DictConfig, OmegaConf
+from pydantic import PlainValidator
+
+from .storage import is_url
+
+#: The path keys whose stage reads or writes URLs.
+URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "download_parquet": ("output_dir",),
+    "reorganize_tar": ("input_dir", "output_dir"),
+    "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
+}
+PATH_KEYS = ("input_dir", "output_dir", "output_wdinfo_path", "precache_config_path")
+#: storage_options keys whose values are secrets: they must reference the environment, never be literal
+_SECRET_OPTION_RE = re.compile(r"secret|token|password|credential|account_key|sas", re.IGNORECASE)
+
+
+def data_path(value: Any) -> Path | str:
+    """A folder or file of the dataset: a URL stays a string, anything else is a local Path."""
+    if isinstance(value, str) and is_url(value):
+        return value
+    if isinstance(value, (str, Path)) and str(value):
+        return Path(value)
+    raise ValueError("expected a path or a URL (s3://bucket/prefix)")
+
+
+#: A path or URL key of the pipeline YAML.
+DataPath = Annotated[Union[Path, str], PlainValidator(data_path)]
+
+
+def url_problems(models: dict[str, Any]) -> list[str]:
+    """A URL in a path key of a stage that cannot use one yet: one line naming the key."""
+    problems = []
+    for name, block in models.items():
+        for key in PATH_KEYS:
+            value = getattr(block, key, None)
+            if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
+                problems.append(f"{name}.{key}: {value}: this stage reads and writes local paths only so far "
+                                "(object storage: download_parquet.output_dir, reorganize_tar, generate_wdinfo); use a local or "
+                                "shared-volume path")
+    return problems
+
+
+def read_storage_options(raw: DictConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The ``storage_options`` block as written (interpolations kept), with problems and warnings about it."""
+    node = raw._get_node("storage_options")
+    if node is None or node._is_none():
+        return None, [], []
+    if not isinstance(node, DictConfig):
+        shown = repr(node._value())
+        return None, [f"storage_options: expected a mapping of fsspec options, got {shown[:80]}"], []
+    options = OmegaConf.to_container(node, resolve=False)
+    warnings: list[str] = []
+
+    def scan(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                scan(item, f"{path}.{key}")
+        elif isinstance(value, str) and value and "${" not in value \
+                and _SECRET_OPTION_RE.search(path.rsplit(".", 1)[-1]):
+            warnings.append(f"{path}: a literal secret in the pipeline YAML; reference an environment variable "
+                            "instead (${env:NAME}), filled from a Kubernetes secret or the worker's environment")
+
+    scan(options, "storage_options")
+    return options, [], warnings  # type: ignore[return-value]
