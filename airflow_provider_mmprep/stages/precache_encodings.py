@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -250,7 +249,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                                           precache)
     except EncoderOutputError as exc:
         raise StageError(f"{block.precache_config_path}: {exc}") from None
-    except (tarfile.TarError, DamagedTar, UnsafeMemberName) as exc:
+    except (DamagedTar, UnsafeMemberName) as exc:  # inputs are read by tarindex alone
         # a DataLoader worker's error arrives with the worker's traceback in its text: keep the last line
         reason = str(exc).strip().splitlines()[-1] if "Traceback" in str(exc) else str(exc)
         raise StageError(f"{STAGE}.input_dir: unreadable shard: {reason} (finished tars are kept)") from None

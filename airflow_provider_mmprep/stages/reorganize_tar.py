@@ -315,7 +315,7 @@ def output_path(output_dir: Path, j: int) -> Path:
 
 def outputs_by_task(cfg: PipelineConfig, task_count: int) -> list[list[Path]] | None:
     """The output tars each of ``task_count`` tasks writes (index = task id), placed as
-    :func:`build_task_plan` places them, from the inputs' manifests alone; None when an input's manifest
+    :func:`order_task_samples` places them, from the inputs' manifests alone; None when an input's manifest
     does not say how many usable samples it holds (the headers would have to be read)."""
     block = cfg.stage(STAGE)
     input_dir, output_dir = (v if is_url(v) else Path(v) for v in (block.input_dir, block.output_dir))
