@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -107,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
                          ("precached shards", "precache_encodings")):
         tars, samples = count_tars(cfg, stage)
         print(f"[demo] {label:18} {cfg.stage(stage).output_dir}: {tars} tars, {samples} samples")
-    wdinfo = Path(cfg.generate_wdinfo.output_wdinfo_path)
-    if wdinfo.is_file():
-        info = pickle.loads(wdinfo.read_bytes())  # our own file, just written
-        print(f"[demo] wdinfo.pkl          {wdinfo}: {len(info['tar_files'])} tars x {info['chunk_size']} "
+    from .stages.generate_wdinfo import check_output
+
+    wdinfo = check_output(cfg)
+    if wdinfo.info is not None:
+        info = wdinfo.info
+        print(f"[demo] wdinfo.pkl          {wdinfo.path}: {len(info['tar_files'])} tars x {info['chunk_size']} "
               f"= {info['total_key_count']} samples")
     if report.is_file():
         print(f"[demo] report             {report}")

@@ -64,13 +64,6 @@ def list_parquet_parts(input_dir: str | Path, pattern: str) -> list[Path]:
     return [root / rel for rel in sorted(found)]
 
 
-def part_name(input_dir: str | Path, part: Path) -> str:
-    """Stable folder name for one parquet part: its path relative to the input, suffix dropped."""
-    rel = part.relative_to(input_dir).as_posix()
-    stem = rel[: -len(".parquet")] if rel.endswith(".parquet") else rel
-    return stem.replace("/", "__")
-
-
 def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     """Plan one enabled stage against what is on disk now."""
     block = cfg.stage(name)
@@ -79,7 +72,9 @@ def plan_stage(cfg: PipelineConfig, name: str) -> StagePlan:
     if name == "download_parquet":
         return StagePlan(name, f"hf://datasets/{cfg.dataset_repo_id}", str(block.output_dir), runner, 1, [0])
     if name == "download_images":
-        parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
+        from .stages.download_images import input_parts  # the stage says which inputs are its tasks'
+
+        parts = input_parts(cfg)
         if not parts and upstream == "download_parquet":
             return StagePlan(name, str(block.input_dir), str(block.output_dir), runner, None, None,
                              waits_for="download_parquet")

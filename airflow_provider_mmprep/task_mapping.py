@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import task_ids
 from .config import STAGE_MODELS, STAGE_NAMES, ConfigError, load_config, load_raw, stage_key
-from .plan import list_parquet_parts, plan_stage
+from .plan import plan_stage
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,11 @@ def plan_download_images(spec: DagSpec, overrides: list[str], selected: list[str
     """download_images' instances: one per parquet part present now (after download_parquet)."""
     if "download_images" not in selected:
         return []
+    from .stages.download_images import input_parts  # the stage says which inputs are its tasks'
+
     cfg = load_config(spec.config_path, overrides, load_precache=False)
     block = cfg.download_images
-    parts = list_parquet_parts(block.input_dir, block.parquet_pattern)
+    parts = input_parts(cfg)
     if not parts:
         raise ConfigError([f"download_images.input_dir: no parquet part matching {block.parquet_pattern!r} "
                            f"in {block.input_dir}"])

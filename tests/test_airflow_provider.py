@@ -86,6 +86,45 @@ def test_dagbag_imports_every_yaml_fast() -> None:
           f"then {warm / yamls:.3f} s per YAML (target < 0.3)")
 
 
+
+def test_a_broken_yaml_does_not_hide_the_other_pipelines(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One loader file serves every YAML of the folder; an exception there would drop all its DAGs."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.delenv("AIRFLOW__MMPREP__CONFIG_DIR", raising=False)
+    shutil.copy(DAGS_FOLDER / "mmprep_dags.py", tmp_path)
+    demo = (DAGS_FOLDER / "demo_multimodal.yaml").read_text()
+    shutil.copy(DAGS_FOLDER / "demo_multimodal.yaml", tmp_path)
+    broken = demo.replace("name: mmprep_demo", "name: teammate's pipeline")
+    (tmp_path / "teammate.yaml").write_text(broken)
+    bag = DagBag(str(tmp_path))
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"mmprep_demo", "mmprep_config_error__teammate"}
+    assert {t.task_id for t in bag.dags["mmprep_demo"].tasks} >= {"plan", "download_images", "reorganize_tar"}
+    stand_in = bag.dags["mmprep_config_error__teammate"]
+    assert "run.name" in stand_in.description and "teammate.yaml" in stand_in.description
+    with pytest.raises(ValueError, match=r"teammate\.yaml: .*run\.name: .* is not a valid DAG id"):
+        stand_in.get_task("config_error").python_callable()
+
+
+def test_a_dags_folder_with_the_previous_loader_file_still_builds(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Users copied dags/mmprep_dags.py into their dags folder; the copy from before the airflow/ package
+    imports airflow_provider_mmprep.dag_builder and must keep working after an upgrade."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.delenv("AIRFLOW__MMPREP__CONFIG_DIR", raising=False)
+    (tmp_path / "mmprep_dags.py").write_text(
+        '"""airflow DAG loader as shipped before."""\nfrom pathlib import Path\n\n'
+        "from airflow.configuration import conf\n\n"
+        "from airflow_provider_mmprep.dag_builder import load_dags\n\n"
+        'load_dags(conf.get("mmprep", "config_dir", fallback="") or Path(__file__).parent, globals())\n')
+    shutil.copy(DAGS_FOLDER / "demo_multimodal.yaml", tmp_path)
+    bag = DagBag(str(tmp_path))
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"mmprep_demo"}
+
 def test_disabled_stage_absent_schedule_from_yaml_retries_with_backoff(tmp_path: Path) -> None:
     from airflow_provider_mmprep.airflow.dag import build_dag
 

@@ -19,7 +19,7 @@ CORE_MODULES = ["airflow_provider_mmprep.config", "airflow_provider_mmprep.plan"
                 "airflow_provider_mmprep.clear_client"]
 #: Where Airflow is imported: the airflow/ subpackage, the re-exports of its public names, the demo and the
 #: test helpers that start Airflow.
-AIRFLOW_SIDE = ("airflow/", "operators/", "hooks/", "demo.py", "testing/")
+AIRFLOW_SIDE = ("airflow/", "operators/", "hooks/", "dag_builder.py", "demo.py", "testing/")
 
 
 def _stage_modules() -> list[str]:

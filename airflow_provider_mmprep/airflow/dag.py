@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,28 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
     return dag
 
 
+def config_error_dag(path: Path, error: str) -> DAG:
+    """A stand-in for a pipeline YAML that does not build: paused, one task that fails with ``error``.
+
+    Raising in the loader would make Airflow drop every DAG of the folder (one DAG file serves all YAMLs),
+    so one broken YAML would hide the others; the stand-in keeps them running and shows the error where the
+    YAML's DAG would be (description, docs, the task's log when triggered)."""
+    dag_id = "mmprep_config_error__" + re.sub(r"[^\w.-]", "_", path.stem)
+    message = f"{path}: {error}"
+    with DAG(dag_id, schedule=None, description=message[:200], doc_md=f"```\n{message}\n```",
+             tags=["mmprep", "config-error"], is_paused_upon_creation=True) as dag:
+        @task(task_id="config_error")
+        def config_error() -> None:
+            raise ValueError(message)
+
+        config_error()
+    return dag
+
+
 def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
     """Build a DAG for each ``*.yaml`` in ``folder`` that holds a pipeline (a ``run`` block and stage
-    blocks; precache YAMLs and others are skipped) and put it in ``namespace`` (the loader's globals)."""
+    blocks; precache YAMLs and others are skipped) and put it in ``namespace`` (the loader's globals).
+    A pipeline YAML that does not build gets :func:`config_error_dag` instead, so the others stay."""
     import yaml
 
     built: dict[str, DAG] = {}
@@ -124,10 +144,11 @@ def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
             continue
         try:
             dag = build_dag(path)
-        except Exception as exc:  # name the file: one loader serves every YAML of the folder
-            raise ValueError(f"{path}: {exc}") from exc
-        if dag.dag_id in built:
-            raise ValueError(f"{path}: run.name {dag.dag_id!r} is already used by another YAML in {folder}")
+            if dag.dag_id in built:
+                raise ValueError(f"run.name {dag.dag_id!r} is already used by another YAML in {folder}")
+        except Exception as exc:  # noqa: BLE001 - any error of one YAML must not take the others down
+            log.error("mmprep: %s: no DAG built: %s", path, exc)
+            dag = config_error_dag(path, str(exc))
         built[dag.dag_id] = dag
         namespace[f"mmprep_dag_{len(built)}"] = dag
     return built

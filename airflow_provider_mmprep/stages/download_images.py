@@ -1,6 +1,6 @@
 """download_images: turn one input part (a list of image URLs + captions) into img2dataset-style shards.
 
-Task ``i`` of ``N`` takes the ``i``-th part of ``plan.list_parquet_parts(input_dir, parquet_pattern)`` and
+Task ``i`` of ``N`` takes the ``i``-th part of :func:`input_parts` (the parts matching ``parquet_pattern``) and
 writes ``output_dir/<part name>/{shard:05d}.tar|.parquet|_stats.json`` (plus a tar manifest for the later
 stages). Work is cut into shards of ``number_sample_per_shard`` rows; ``download_num_processes`` worker
 processes each take whole shards and keep ``download_num_threads`` fetches in flight on one event loop.
