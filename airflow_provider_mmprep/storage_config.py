@@ -23,6 +23,7 @@ from .storage import is_url
 URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
     "download_parquet": ("output_dir",),
     "download_images": ("input_dir", "output_dir"),
+    "precache_encodings": ("input_dir", "output_dir"),
     "reorganize_tar": ("input_dir", "output_dir"),
     "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
 }
@@ -52,7 +53,7 @@ def url_problems(models: dict[str, Any]) -> list[str]:
             value = getattr(block, key, None)
             if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
                 problems.append(f"{name}.{key}: {value}: this stage reads and writes local paths only so far "
-                                "(object storage: download_parquet.output_dir, download_images, reorganize_tar, generate_wdinfo); use a local or "
+                                "(object storage: download_parquet.output_dir, download_images, reorganize_tar, precache_encodings, generate_wdinfo); use a local or "
                                 "shared-volume path")
     return problems
 
