@@ -108,6 +108,25 @@ def test_a_broken_yaml_does_not_hide_the_other_pipelines(tmp_path: Path,
         stand_in.get_task("config_error").python_callable()
 
 
+
+@pytest.mark.parametrize("wanted", ["mmprep_demo", "download_multimodal", "mmprep_config_error__teammate"])
+def test_a_task_process_builds_only_its_own_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     wanted: str) -> None:
+    """Every mapped instance parses the loader file; with Airflow's parsing context naming the DAG, the other
+    YAMLs of the folder are not built (a broken one included), and the wanted one, broken or not, is."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.delenv("AIRFLOW__MMPREP__CONFIG_DIR", raising=False)
+    for name in ("mmprep_dags.py", "demo_multimodal.yaml", "download_multimodal.yaml"):
+        shutil.copy(DAGS_FOLDER / name, tmp_path)
+    broken = (DAGS_FOLDER / "demo_multimodal.yaml").read_text().replace("name: mmprep_demo",
+                                                                         "name: teammate's pipeline")
+    (tmp_path / "teammate.yaml").write_text(broken)
+    assert len(DagBag(str(tmp_path)).dag_ids) == 3
+    monkeypatch.setenv("_AIRFLOW_PARSING_CONTEXT_DAG_ID", wanted)
+    bag = DagBag(str(tmp_path))
+    assert bag.import_errors == {} and set(bag.dag_ids) == {wanted}
+
 def test_a_dags_folder_with_the_previous_loader_file_still_builds(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Users copied dags/mmprep_dags.py into their dags folder; the copy from before the airflow/ package

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, get_current_context, task, teardown
+from airflow.sdk import DAG, Asset, Param, get_current_context, get_parsing_context, task, teardown
 
 from ..task_mapping import DagSpec, plan_download_images, plan_run, read_dag_spec
 from .operators import MAP_INDEX_TEMPLATE, OPERATORS
@@ -109,13 +109,17 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
     return dag
 
 
+def _config_error_dag_id(path: Path) -> str:
+    return "mmprep_config_error__" + re.sub(r"[^\w.-]", "_", path.stem)
+
+
 def config_error_dag(path: Path, error: str) -> DAG:
     """A stand-in for a pipeline YAML that does not build: paused, one task that fails with ``error``.
 
     Raising in the loader would make Airflow drop every DAG of the folder (one DAG file serves all YAMLs),
     so one broken YAML would hide the others; the stand-in keeps them running and shows the error where the
     YAML's DAG would be (description, docs, the task's log when triggered)."""
-    dag_id = "mmprep_config_error__" + re.sub(r"[^\w.-]", "_", path.stem)
+    dag_id = _config_error_dag_id(path)
     message = f"{path}: {error}"
     with DAG(dag_id, schedule=None, description=message[:200], doc_md=f"```\n{message}\n```",
              tags=["mmprep", "config-error"], is_paused_upon_creation=True) as dag:
@@ -127,12 +131,24 @@ def config_error_dag(path: Path, error: str) -> DAG:
     return dag
 
 
+def _plain_dag_id(head: dict[str, Any], path: Path) -> str | None:
+    """The DAG id a YAML will get, when it can be told without building it (None: an interpolated name)."""
+    run = head.get("run")
+    name = run.get("name") if isinstance(run, dict) else None
+    if name is None:
+        return path.stem
+    return name if isinstance(name, str) and "${" not in name else None
+
+
 def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
     """Build a DAG for each ``*.yaml`` in ``folder`` that holds a pipeline (a ``run`` block and stage
     blocks; precache YAMLs and others are skipped) and put it in ``namespace`` (the loader's globals).
-    A pipeline YAML that does not build gets :func:`config_error_dag` instead, so the others stay."""
+    A pipeline YAML that does not build gets :func:`config_error_dag` instead, so the others stay. Where a
+    worker parses the file to run one task (Airflow's parsing context names the DAG), only that DAG is built:
+    every mapped instance parses the file, so a folder of many pipelines would cost each of them."""
     import yaml
 
+    wanted = get_parsing_context().dag_id  # set where a worker parses the file to run one task
     built: dict[str, DAG] = {}
     for path in sorted(Path(folder).glob("*.y*ml")):
         try:
@@ -142,6 +158,8 @@ def load_dags(folder: str | Path, namespace: dict[str, Any]) -> dict[str, DAG]:
             continue
         if not isinstance(head, dict) or not any(stage in head for stage in OPERATORS):
             continue
+        if wanted and _plain_dag_id(head, path) not in (wanted, None) and wanted != _config_error_dag_id(path):
+            continue  # a task process of another pipeline: building this DAG would only cost it time
         try:
             dag = build_dag(path)
             if dag.dag_id in built:

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
-from ..plan import compact_ranges
+from ..task_ids import compact_ranges
 from .facts import collect, failed_tasks
 from .plots import TOP_ERRORS, plot_download_throughput, plot_shard_sizes, plot_status_mix, plot_tar_throughput
 from .resume import resume_commands

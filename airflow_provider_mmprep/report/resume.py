@@ -6,7 +6,7 @@ import shlex
 from typing import Mapping, Sequence
 
 from ..config import STAGE_NAMES, PipelineConfig
-from ..plan import compact_ranges
+from ..task_ids import compact_ranges, run_arguments
 
 #: Per-task `mmprep run` lines shown per stage; the `mmprep clear` line always covers every failed task.
 MAX_RUN_LINES = 50
@@ -25,8 +25,7 @@ def resume_commands(cfg: PipelineConfig, failed: Mapping[str, Sequence[int]], ta
             continue
         base = ["mmprep", "run", config, *overrides, *(extra_overrides or {}).get(stage, ())]
         for task_id in ids[:MAX_RUN_LINES]:
-            lines.append(shlex.join([*base, "--stage", stage, "--task-id", str(task_id),
-                                     "--task-count", str(task_counts[stage])]))
+            lines.append(shlex.join([*base, *run_arguments(stage, task_id, task_counts[stage])]))
         if len(ids) > MAX_RUN_LINES:
             lines.append(f"# ... {len(ids) - MAX_RUN_LINES} more {stage} tasks: "
                          f"{compact_ranges(ids[MAX_RUN_LINES:])}")
