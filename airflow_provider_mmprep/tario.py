@@ -4,7 +4,7 @@ Each function takes what the stages hold (a local ``Path`` or a URL string) and 
 path for local files (``os`` calls, ``pread``, temp name + rename); URLs go through :class:`.storage.Store`.
 The ``storage_options`` of the running pipeline are set once per task by
 :func:`..stages.run_stage_task` (:func:`set_storage_options`), so these helpers need no extra argument.
-Only what reorganize_tar uses so far (issue 17); the other tar stages can adopt them the same way.
+Used by reorganize_tar, download_images, precache_encodings and generate_wdinfo (issue 17).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from . import fsutil
-from .manifest import INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, OFFSETS_SUFFIX, TAR_SUFFIXES, FinishedTar, current_manifest_body
+from .manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, OFFSETS_SUFFIX, TAR_SUFFIXES, FinishedTar,
+                       current_manifest_body)
 from .manifest import finished_tars as _finished_tars_local
 from .manifest import marked_short as _marked_short_local
 from .manifest import read_manifest as _read_manifest_local

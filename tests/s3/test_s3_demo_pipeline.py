@@ -82,3 +82,12 @@ def test_demo_pipeline_on_s3_equals_the_local_run(tmp_path: Path, s3_env: Seawee
         count = len(download_images.input_parts(cfg)) if stage == "download_images" else \
             cfg.stage(stage).task_selection.task_count if stage != "generate_wdinfo" else 1
         assert module.incomplete_tasks(cfg, count) == {}, stage  # the report's answers see the S3 outputs
+
+    from airflow_provider_mmprep.report.facts import collect
+    local_facts, local_download = collect(demo(str(local_root), precache_yaml))
+    remote_facts, remote_download = collect(cfg)  # the run report's facts, read from S3
+    for here, there in zip(local_facts, remote_facts, strict=True):
+        assert there.incomplete == {} and there.task_count == here.task_count, there.name
+        assert [t[:3] for t in there.tars] == [t[:3] for t in here.tars], there.name  # name, samples, bytes
+        assert there.rows == here.rows, there.name
+    assert remote_download.status_counts == local_download.status_counts

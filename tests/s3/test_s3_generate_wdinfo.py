@@ -134,7 +134,7 @@ def test_config_takes_urls_only_where_the_stage_can_and_keeps_secrets_out(tmp_pa
                     load_precache=False)
     refused = sorted(p.split(":")[0] for p in info.value.problems)
     assert refused == ["precache_encodings.precache_config_path"]
-    assert all("local paths only" in p for p in info.value.problems)
+    assert all("takes a local path only" in p for p in info.value.problems)
     cfg = load_config(NEMO_YAML, ["dataset_repo_id=org/data", f"dataset_output_root={tmp_path}",
                                   "download_images.enable=false", "reorganize_tar.enable=false",
                                   "precache_encodings.enable=false", "storage_options.secret=plain-text", "storage_options.key=${env:K}"],
