@@ -156,3 +156,26 @@ def test_sigkill_mid_shard_upload_then_rerun(tmp_path: Path, host: ImageHost, s3
     assert store_tree(url) == expected
     assert store.fs.list_multipart_uploads(s3_bucket) == []  # the rerun aborted the killed run's upload
     assert [p for p in store.fs.find(f"{s3_bucket}/out") if p.rsplit("/", 1)[-1].startswith(".")] == []
+
+
+def test_retry_failed_on_s3_reads_the_shards_there_and_adds_a_retry_shard(tmp_path: Path, host: ImageHost,
+                                                                         s3_env: SeaweedS3, s3_bucket: str) -> None:
+    good = sample_data.add_images(host, 5, size=(96, 64))
+    flaky = [host.url(f"/fault/flaky/{i}?fail=1&code=503") for i in range(3)]
+    urls = good[:2] + flaky + [host.url("/fault/404")] + good[2:]
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    url = f"s3://{s3_bucket}/out"
+    first = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=4))
+    assert first["failed_to_download"] == 4 and first["shards"] == 3
+    path = config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=4)
+    config = json.loads(path.read_text())
+    config["download_images"]["retry_failed"] = True
+    path.write_text(json.dumps(config))
+    second = run(path)  # the failures are read from the parquets in S3
+    assert second["retried_urls"] == 3 and second["retry_shards"] == 1 and second["successes"] == 8
+    assert host.hits["/fault/404"] == 1
+    names = Store(f"{url}/p").list_files()
+    assert "00003_stats.json" in names
+    assert json.loads(Store(f"{url}/p").read_bytes("00003_stats.json"))["retry_round"]
+    third = run(path)
+    assert third["retried_urls"] == 0 and "00004.tar" not in Store(f"{url}/p").list_files()
