@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import pyarrow.parquet as pq
 
@@ -58,28 +58,21 @@ def _already_split(output_dir: Path, rel: str, count: int) -> bool:
         (output_dir / p).is_file() for p in record.get("part_files", []))
 
 
-def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
-    """Split ``source`` into ``count`` parts of contiguous rows, each written atomically; then record the
-    split and remove ``source``. Row order and values are preserved exactly."""
-    parquet = pq.ParquetFile(source)
+def _write_parts(parquet: pq.ParquetFile, parts: list[Any], keep: set[Any],
+                 open_sink: Callable[[Any], ContextManager[Any]]) -> None:
+    """Write ``parquet``'s rows as ``len(parts)`` parts of contiguous rows (the split of
+    :func:`..fsutil.task_range`), each through ``open_sink(part)`` (a temp path renamed, or an upload whose
+    end is the commit); parts in ``keep`` are skipped over, not rewritten."""
     total_rows = parquet.metadata.num_rows
-    schema = parquet.schema_arrow
-    parts = part_paths(source, count)
     batches = parquet.iter_batches(batch_size=BATCH_ROWS)
     pending = None  # a batch (or its tail) not yet written
-    rel = source.relative_to(output_dir).as_posix()
-    try:  # the same split done before, with a part lost since: write only the missing parts
-        earlier = json.loads(_split_record_path(output_dir, rel).read_text())
-    except (FileNotFoundError, ValueError):
-        earlier = {}
-    keep = {p for p in parts if p.is_file()} if earlier.get("parts") == count else set()
     for index, part in enumerate(parts):
-        wanted = len(task_range(total_rows, index, count))
+        wanted = len(task_range(total_rows, index, len(parts)))
         with contextlib.ExitStack() as stack:
             writer = None
             if part not in keep:
-                tmp = stack.enter_context(atomic_path(part))
-                writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
+                writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(open_sink(part)),
+                                                              parquet.schema_arrow))
             while wanted > 0:
                 if pending is None or pending.num_rows == 0:
                     pending = next(batches)
@@ -88,6 +81,21 @@ def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
                     writer.write_batch(pending.slice(0, take))
                 pending = pending.slice(take)
                 wanted -= take
+
+
+def split_parquet(source: Path, count: int, output_dir: Path) -> list[Path]:
+    """Split ``source`` into ``count`` parts of contiguous rows, each written atomically; then record the
+    split and remove ``source``. Row order and values are preserved exactly."""
+    parquet = pq.ParquetFile(source)
+    total_rows = parquet.metadata.num_rows
+    parts = part_paths(source, count)
+    rel = source.relative_to(output_dir).as_posix()
+    try:  # the same split done before, with a part lost since: write only the missing parts
+        earlier = json.loads(_split_record_path(output_dir, rel).read_text())
+    except (FileNotFoundError, ValueError):
+        earlier = {}
+    keep = {p for p in parts if p.is_file()} if earlier.get("parts") == count else set()
+    _write_parts(parquet, parts, keep, atomic_path)
     rel = source.relative_to(output_dir).as_posix()
     record_path = _split_record_path(output_dir, rel)
     try:  # an earlier split into another number of parts: its parts would duplicate rows, remove them
@@ -148,23 +156,7 @@ def _split_to_store(source: Path, rel: str, count: int, store: Store) -> list[st
     except (FileNotFoundError, ValueError):
         earlier = {}
     keep = {p for p in parts if store.exists(p)} if earlier.get("parts") == count else set()
-    batches = parquet.iter_batches(batch_size=BATCH_ROWS)
-    pending = None
-    for index, part in enumerate(parts):
-        wanted = len(task_range(total_rows, index, count))
-        with contextlib.ExitStack() as stack:
-            writer = None
-            if part not in keep:
-                sink = stack.enter_context(store.open_write(part))
-                writer = stack.enter_context(pq.ParquetWriter(sink, parquet.schema_arrow))
-            while wanted > 0:
-                if pending is None or pending.num_rows == 0:
-                    pending = next(batches)
-                take = min(wanted, pending.num_rows)
-                if writer is not None:
-                    writer.write_batch(pending.slice(0, take))
-                pending = pending.slice(take)
-                wanted -= take
+    _write_parts(parquet, parts, keep, store.open_write)
     stale = set(earlier.get("part_files", [])) - set(parts)
     record = {"source": rel, "rows": total_rows, "parts": count, "part_files": parts}
     store.write_bytes(record_name, json.dumps(record, indent=1).encode())
