@@ -22,6 +22,8 @@ from .storage import is_url
 #: The path keys whose stage reads or writes URLs.
 URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
     "download_parquet": ("output_dir",),
+    "download_images": ("input_dir", "output_dir"),
+    "precache_encodings": ("input_dir", "output_dir"),
     "reorganize_tar": ("input_dir", "output_dir"),
     "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
 }
@@ -50,9 +52,9 @@ def url_problems(models: dict[str, Any]) -> list[str]:
         for key in PATH_KEYS:
             value = getattr(block, key, None)
             if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
-                problems.append(f"{name}.{key}: {value}: this stage reads and writes local paths only so far "
-                                "(object storage: download_parquet.output_dir, reorganize_tar, generate_wdinfo); use a local or "
-                                "shared-volume path")
+                problems.append(f"{name}.{key}: {value}: this key takes a local path only so far (object "
+                                "storage: every stage's input_dir/output_dir and output_wdinfo_path); use a local "
+                                "or shared-volume path")
     return problems
 
 

@@ -4,7 +4,7 @@ Each function takes what the stages hold (a local ``Path`` or a URL string) and 
 path for local files (``os`` calls, ``pread``, temp name + rename); URLs go through :class:`.storage.Store`.
 The ``storage_options`` of the running pipeline are set once per task by
 :func:`..stages.run_stage_task` (:func:`set_storage_options`), so these helpers need no extra argument.
-Only what reorganize_tar uses so far (issue 17); the other tar stages can adopt them the same way.
+Used by reorganize_tar, download_images, precache_encodings and generate_wdinfo (issue 17).
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from . import fsutil
-from .manifest import MANIFEST_SUFFIX, OFFSETS_SUFFIX, current_manifest_body
+from .manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, OFFSETS_SUFFIX, TAR_SUFFIXES, FinishedTar,
+                       current_manifest_body)
+from .manifest import finished_tars as _finished_tars_local
+from .manifest import marked_short as _marked_short_local
 from .manifest import read_manifest as _read_manifest_local
 from .manifest import read_offsets as _read_offsets_local
 from .manifest import write_manifest as _write_manifest_local
@@ -237,3 +240,36 @@ def file_names(folder: PathOrUrl, pattern: str = "*") -> list[str]:
     if not is_url(folder):
         return [p.name for p in fsutil.sorted_files(folder, pattern)]
     return store(str(folder)).list_files(pattern=pattern)
+
+
+def finished_tars(folder: PathOrUrl) -> tuple[list[FinishedTar], list[str]]:
+    """:func:`.manifest.finished_tars` for a path or URL (one listing and concurrent manifest reads; the
+    ``mtime`` of a URL's tar is 0: object listings give none cheaply)."""
+    if not is_url(folder):
+        return _finished_tars_local(folder)
+    where = store(str(folder))
+    sizes = where.file_sizes(recursive=False)
+    names = [n for n in sizes if n.endswith(TAR_SUFFIXES) and not (n.endswith(INCOMPLETE_SUFFIX) and sizes[n] == 0)]
+    raws = where.read_many(n + MANIFEST_SUFFIX for n in names if n + MANIFEST_SUFFIX in sizes)
+    tars: list[FinishedTar] = []
+    unlisted: list[str] = []
+    for name in names:
+        raw = raws.get(name + MANIFEST_SUFFIX)
+        body = None if raw is None else current_manifest_body(raw, sizes[name])
+        if body is None:
+            unlisted.append(name)
+            continue
+        task = body.get("task_id")
+        tars.append(FinishedTar(name, int(body["sample_count"]), sizes[name], 0.0,
+                                int(task) if task is not None else None))
+    return tars, unlisted
+
+
+def marked_short(folder: PathOrUrl, tars: list[FinishedTar]) -> list[str]:
+    """:func:`.manifest.marked_short` for a path or URL."""
+    if not is_url(folder):
+        return _marked_short_local(folder, tars)
+    sizes = store(str(folder)).file_sizes(recursive=False)
+    names = [n[: -len(INCOMPLETE_SUFFIX)] for n, size in sizes.items()
+             if n.endswith(".tar" + INCOMPLETE_SUFFIX) and size == 0]
+    return [t.name for t in tars if t.name.endswith(INCOMPLETE_SUFFIX)] + sorted(names)

@@ -83,6 +83,9 @@ class DownloadOptions:
     # Prepended to every key: the part's index, so keys stay unique across the parts of a dataset (each
     # part restarts img2dataset's shard numbering, and reorganize_tar merges all parts into one order).
     key_prefix: str = ""
+    # Not an option of the YAML: where finished shards go when output_dir is a URL (set by the stage; the
+    # shard is written to a local spool folder first, then uploaded by :func:`.shard.publish_shard`).
+    publish_to: str | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def shaping(self) -> dict[str, Any]:

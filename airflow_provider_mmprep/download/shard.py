@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
-from ..manifest import write_manifest
+from ..manifest import OFFSETS_SUFFIX, manifest_path, write_manifest
 from ..tarindex import offsets_of
 from ..tarwriter import TarWriter
 from .options import DownloadOptions
@@ -32,6 +33,8 @@ SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "fail
 #: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar, over all
 #: the pieces a worker has open; beyond this they wait in a spill file.
 MEMORY_CAP_BYTES = 48 * 1024 * 1024
+#: Shard files up to this size are uploaded in one PUT; bigger ones (tars) as a multipart upload.
+PUBLISH_SINGLE_PUT = 8 * 1024 * 1024
 
 
 @dataclass
@@ -216,4 +219,35 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
              "shard": job.shard_id, "retry_round": job.retry,
              "options_fingerprint": options.fingerprint(), "options": options.shaping()}
     atomic_write_bytes(paths["stats"], json.dumps(stats, indent=1).encode())
+    if options.publish_to:
+        publish_shard(out_dir, job.shard_id, options.publish_to)
     return stats
+
+
+def publish_shard(spool_dir: Path, shard_id: int, folder_url: str) -> None:
+    """Upload one finished shard from the local spool to ``folder_url`` and remove it locally.
+
+    Each object appears only complete (one PUT, or a multipart upload whose completion is the commit: see
+    :meth:`..storage.Store.open_write`); the tar goes first, then its offsets sidecar and manifest, the
+    parquet, and ``_stats.json`` last, so a shard counts as complete (``_stats.json`` present) only once
+    everything it describes is there. A kill part-way leaves no stats: the rerun redoes the shard and
+    overwrites whatever of it was uploaded.
+    """
+    from .. import tario  # noqa: PLC0415 - fsspec only when publishing to object storage
+
+    paths = shard_paths(spool_dir, shard_id)
+    manifest = manifest_path(paths["tar"])
+    sidecar = paths["tar"].with_name(paths["tar"].name + OFFSETS_SUFFIX)
+    order = [paths["tar"], sidecar, manifest, paths["parquet"], paths["stats"]]
+    store = tario.store(folder_url)
+    store.remove(paths["stats"].name)  # a shard being redone stops counting as complete before its files change
+    for path in order:
+        if not path.is_file():
+            continue
+        if path.stat().st_size <= PUBLISH_SINGLE_PUT:
+            store.write_bytes(path.name, path.read_bytes())
+        else:
+            with open(path, "rb") as source, store.open_write(path.name) as target:
+                shutil.copyfileobj(source, target, 2**20)
+    for path in order:
+        path.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import STAGE_NAMES, PipelineConfig
@@ -82,10 +83,13 @@ def _collect_download_parquet(cfg: PipelineConfig, facts: StageFacts) -> None:
         facts.notes.append(f"no parquet files matching {block.parquet_pattern!r} in {block.output_dir} "
                            "(stage not run yet, or failed)")
         return
-    rows = [download_parquet.part_rows(part) for part in parts]
+    from .. import tario  # noqa: PLC0415
+
+    tario.set_storage_options(cfg.storage_options)  # parts may be URLs
+    rows = [download_parquet.part_rows(part, cfg.storage_options) for part in parts]
     facts.rows += [("parquet parts", fmt_int(len(parts))), ("URL rows", fmt_int(sum(r or 0 for r in rows))),
-                   ("bytes", fmt_bytes(sum(p.stat().st_size for p in parts)))]
-    unreadable = [part.name for part, count in zip(parts, rows) if count is None]
+                   ("bytes", fmt_bytes(sum(tario.size(p) for p in parts)))]
+    unreadable = [tario.name_of(part) for part, count in zip(parts, rows) if count is None]
     if unreadable:
         facts.notes.append(f"unreadable parquet files: {', '.join(unreadable[:5])}")
 
@@ -106,7 +110,8 @@ def _collect_download_images(cfg: PipelineConfig, facts: StageFacts, dl: Downloa
     tar_count = tar_bytes = 0
     for task_id, (folder, part) in enumerate(zip(folders, inputs)):
         shards_read = download_images.task_shards(folder)
-        problem = download_images.task_problem(cfg, folder, shards_read, download_parquet.part_rows(part))
+        problem = download_images.task_problem(cfg, folder, shards_read,
+                                               download_parquet.part_rows(part, cfg.storage_options))
         if problem is not None:
             facts.incomplete[task_id] = problem
         shards = []
@@ -173,11 +178,15 @@ def _count_status_dict(status_dict: dict[str, Any], dl: DownloadFacts) -> None:
             dl.error_counts[" ".join(str(reason).split())[:100]] += count
 
 
-def _collect_statuses(parquet_path: Path, dl: DownloadFacts) -> None:
-    if not parquet_path.is_file():
+def _collect_statuses(parquet_path: Path | str, dl: DownloadFacts) -> None:
+    from .. import tario  # noqa: PLC0415
+    from ..storage import is_url  # noqa: PLC0415
+
+    if not tario.exists(parquet_path):
         return
     try:
-        table = pq.read_table(parquet_path, columns=["status", "error_message"])
+        source = pa.BufferReader(tario.read_bytes(parquet_path)) if is_url(parquet_path) else parquet_path
+        table = pq.read_table(source, columns=["status", "error_message"])
     except Exception:
         log.warning("report: cannot read status columns of %s", parquet_path)
         return
@@ -192,8 +201,8 @@ def _collect_statuses(parquet_path: Path, dl: DownloadFacts) -> None:
 
 def _collect_tar_stage(cfg: PipelineConfig, name: str, facts: StageFacts) -> None:
     block = cfg.stage(name)
-    out = Path(block.output_dir)
-    facts.output = str(out)
+    out = str(block.output_dir)  # a path or a URL (a Path would fold s3:// to s3:/)
+    facts.output = out
     selection = block.task_selection
     facts.task_count, facts.task_ids = selection.task_count, selection.task_ids
     stage = precache_encodings if name == "precache_encodings" else reorganize_tar

@@ -22,14 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from .. import tario
 from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, ConfigError, load_precache_config
-from ..fsutil import remove_stale_temporaries, sorted_files, task_range
-from ..manifest import (INCOMPLETE_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short, read_manifest,
+from ..fsutil import sorted_files, task_range
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
+from ..storage import is_url
 from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
 
@@ -38,15 +43,35 @@ log = logging.getLogger(__name__)
 STAGE = "precache_encodings"
 #: bump when the output format changes so older outputs are redone
 FORMAT_VERSION = 1
+#: With object storage, input tars are fetched (and outputs uploaded) in rounds of this many tars per
+#: encoder process: local disk holds at most one round's inputs and outputs (see docs/object-storage.md).
+SPOOL_TARS_PER_DEVICE = 4
+
+PathOrUrl = tario.PathOrUrl
 
 
-def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
+def _url_input_tars(block: PrecacheEncodingsConfig) -> tuple[list[str], set[str]]:
+    """:func:`input_tars` for an ``input_dir`` URL: one listing, sizes included."""
+    store = tario.store(str(block.input_dir))
+    sizes = store.file_sizes(recursive=False)
+    tars = [n for n in sizes if n.endswith(".tar")]
+    marked = [n for n in sizes if n.endswith(f".tar{INCOMPLETE_SUFFIX}")]
+    markers = {n[: -len(INCOMPLETE_SUFFIX)] for n in marked if sizes[n] == 0}
+    renamed = [n for n in marked if sizes[n] > 0]
+    if not block.process_incomplete_tars:
+        return [store.url(n) for n in sorted(tars) if n not in markers], set()
+    return [store.url(n) for n in sorted(tars + renamed)], markers | set(renamed)
+
+
+def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[PathOrUrl], set[str]]:
     """The shards to encode, sorted by name, and the names of those that are short.
 
     A short last shard is marked ``.INCOMPLETE`` in one of two ways: an empty ``{name}.tar.INCOMPLETE``
     marker beside ``{name}.tar`` (what our reorganize_tar writes) or the shard itself renamed to
     ``{name}.tar.INCOMPLETE``. Either way it is left out unless ``process_incomplete_tars`` is set.
     """
+    if is_url(block.input_dir):
+        return _url_input_tars(block)  # type: ignore[return-value]
     listed = sorted_files(block.input_dir, "*.tar*")
     tars = [p for p in listed if p.name.endswith(".tar")]
     marked = [p for p in listed if p.name.endswith(f".tar{INCOMPLETE_SUFFIX}")]
@@ -58,7 +83,7 @@ def input_tars(block: PrecacheEncodingsConfig) -> tuple[list[Path], set[str]]:
     return sorted(tars + renamed, key=lambda p: p.name), short
 
 
-def inputs_by_task(block: PrecacheEncodingsConfig, task_count: int) -> tuple[list[list[Path]], set[str]]:
+def inputs_by_task(block: PrecacheEncodingsConfig, task_count: int) -> tuple[list[list[PathOrUrl]], set[str]]:
     """The input tars each of ``task_count`` tasks owns (index = task id) and the names of the short ones.
 
     The one place ownership is decided: run_task and the layout answers below (which the run report
@@ -69,15 +94,19 @@ def inputs_by_task(block: PrecacheEncodingsConfig, task_count: int) -> tuple[lis
     return [[tars[i] for i in task_range(len(tars), t, task_count)] for t in range(task_count)], short
 
 
-def task_inputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+def task_inputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[PathOrUrl]:
     """The input tars task ``task_id`` of ``task_count`` encodes."""
     return inputs_by_task(cfg.stage(STAGE), task_count)[0][task_id]
 
 
-def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[Path]:
+def expected_outputs(cfg: PipelineConfig, task_id: int, task_count: int) -> list[PathOrUrl]:
     """The output tars task ``task_id`` of ``task_count`` leaves: one per input, under the input's name."""
-    output_dir = Path(cfg.stage(STAGE).output_dir)
-    return [output_dir / tar.name for tar in task_inputs(cfg, task_id, task_count)]
+    output_dir = cfg.stage(STAGE).output_dir
+    return [_output_of(output_dir, tar) for tar in task_inputs(cfg, task_id, task_count)]
+
+
+def _output_of(output_dir: str | Path, tar: PathOrUrl) -> PathOrUrl:
+    return tario.join(output_dir if is_url(output_dir) else Path(output_dir), tario.name_of(tar))
 
 
 def only_short_input(block: PrecacheEncodingsConfig) -> str | None:
@@ -85,8 +114,8 @@ def only_short_input(block: PrecacheEncodingsConfig) -> str | None:
     encode: the dataset is smaller than ``tar_chunk_size``), else None."""
     if input_tars(block)[0]:
         return None
-    left_out = sorted_files(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
-    return left_out[0].name[: -len(INCOMPLETE_SUFFIX)] if left_out else None
+    left_out = tario.file_names(block.input_dir, f"*.tar{INCOMPLETE_SUFFIX}")
+    return left_out[0][: -len(INCOMPLETE_SUFFIX)] if left_out else None
 
 
 def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutputs:
@@ -98,10 +127,10 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
     task_count = block.task_selection.task_count if task_count is None else task_count
     owned, _ = inputs_by_task(block, task_count)
     short_only = None if any(owned) else only_short_input(block)
-    found, unlisted = finished_tars(block.output_dir)
-    owner = {tar.name: task for task, tars_of in enumerate(owned) for tar in tars_of}
+    found, unlisted = tario.finished_tars(block.output_dir)
+    owner = {tario.name_of(tar): task for task, tars_of in enumerate(owned) for tar in tars_of}
     tars = [t._replace(task_id=owner.get(t.name)) if t.task_id is None else t for t in found]
-    marked = marked_short(block.output_dir, tars)
+    marked = tario.marked_short(block.output_dir, tars)
     if short_only is not None:
         return TarOutputs(tars, unlisted, {}, marked, nothing_to_do=f"only the short tar {short_only}")
     if not tars and not unlisted:
@@ -112,7 +141,7 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
         done = {t.name for t in tars}
         incomplete = {}
         for task, tars_of in enumerate(owned):
-            missing = [tar.name for tar in tars_of if tar.name not in done]
+            missing = [tario.name_of(tar) for tar in tars_of if tario.name_of(tar) not in done]
             if missing:
                 incomplete[task] = f"input {missing[0]} has no finished output tar"
     return TarOutputs(tars, unlisted, incomplete, marked)
@@ -129,20 +158,20 @@ def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:
     return output_state(cfg, task_count).incomplete
 
 
-def output_fingerprint(precache: PrecacheConfig, source: Path) -> str:
+def output_fingerprint(precache: PrecacheConfig, source: PathOrUrl) -> str:
     """Hash of what determines a tar's output: encoders and their settings, transform, originals, input."""
     body = {
         "format": FORMAT_VERSION,
         "encodings": [spec.model_dump(mode="json", exclude={"compute_dtype"}) for spec in precache.encodings],
         "image_size": precache.image_size, "crop_size": precache.crop_size,
         "save_original_in_tar": precache.save_original_in_tar,
-        "source": {"name": source.name, "size": source.stat().st_size},
+        "source": {"name": tario.name_of(source), "size": tario.size(source)},
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_finished(final: Path, fingerprint: str) -> bool:
-    manifest = read_manifest(final)
+def is_finished(final: PathOrUrl, fingerprint: str) -> bool:
+    manifest = tario.read_manifest(final)
     return manifest is not None and manifest.get("precache_fingerprint") == fingerprint
 
 
@@ -187,18 +216,23 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
                                             key_prefix=f"{STAGE}.precache_config_path")
         except ConfigError as exc:
             raise StageError("; ".join(exc.problems)) from None
-    if not Path(block.input_dir).is_dir():
+    tario.set_storage_options(cfg.storage_options)
+    remote = is_url(block.input_dir) or is_url(block.output_dir)
+    if not tario.is_dir(block.input_dir if is_url(block.input_dir) else Path(block.input_dir)):
         raise StageError(f"{STAGE}.input_dir: folder not found: {block.input_dir}")
-    if Path(block.output_dir).resolve() == Path(block.input_dir).resolve():
+    same = str(block.input_dir).rstrip("/") == str(block.output_dir).rstrip("/") if remote else \
+        Path(block.output_dir).resolve() == Path(block.input_dir).resolve()
+    if same:
         raise StageError(f"{STAGE}.output_dir: must differ from input_dir (outputs keep the input names)")
     started = time.monotonic()
     owned_by_task, short = inputs_by_task(block, task_count)
     owned = owned_by_task[task_id]
     tars = [tar for task in owned_by_task for tar in task]
-    output_dir = Path(block.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    finals = [output_dir / tar.name for tar in owned]
-    removed = remove_stale_temporaries(output_dir, [final.name for final in finals])  # only our tars'
+    output_dir = block.output_dir if is_url(block.output_dir) else Path(block.output_dir)
+    tario.makedirs(output_dir)
+    finals = [_output_of(output_dir, tar) for tar in owned]
+    # only our tars' leftovers (temporaries; on S3 unfinished multipart uploads)
+    removed = tario.remove_leftovers(output_dir, [tario.name_of(final) for final in finals])
     if removed:
         log.info("removed %d leftover(s) of an interrupted run in %s", removed, output_dir)
     fingerprints = {tar: output_fingerprint(precache, tar) for tar in owned}
@@ -228,25 +262,45 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     except ImportError:
         raise StageError(f"{STAGE}: needs torch, diffusers and transformers: "
                          "pip install 'airflow-provider-mmprep[precache]'") from None
-    from ..precache.engine import EncoderOutputError, encode_in_processes, encode_tars
     from ..precache.writer import TarOutput
 
     extensions = original_extensions(precache)
-    outputs = [TarOutput(tar, output_dir / tar.name, extensions,
-                         {"precache_fingerprint": fingerprints[tar], "short": tar.name in short,
+
+    def output_for(tar: PathOrUrl, source: Path, final: Path) -> TarOutput:
+        name = tario.name_of(tar)
+        return TarOutput(source, final, extensions,
+                         {"precache_fingerprint": fingerprints[tar], "short": name in short,
                           "encoding_keys": [s.key for s in precache.encodings]},
-                         marker=tar.name in short and not tar.name.endswith(INCOMPLETE_SUFFIX))
-               for tar in pending]
-    devices = plan_devices(precache)
-    devices = devices[: len(outputs)]
+                         marker=name in short and not name.endswith(INCOMPLETE_SUFFIX))
+
+    devices = plan_devices(precache)[: len(pending)]
     log.info("%s: task %d/%d: %d tar(s) to encode (%d already done) on %s", STAGE, task_id, task_count,
-             len(outputs), summary["already_done"], ", ".join(devices))
+             len(pending), summary["already_done"], ", ".join(devices))
+    if not remote:
+        results = _encode(block, [output_for(tar, Path(tar), Path(output_dir) / Path(tar).name) for tar in pending],
+                          precache, devices)
+    else:
+        results = _encode_remote(block, pending, output_dir, output_for, precache, devices)
+    seconds = time.monotonic() - started
+    samples = sum(r["samples"] for r in results)
+    summary.update(encoded_tars=sum(len(r["tars"]) for r in results), samples=samples,
+                   skipped_samples=sum(r["skipped"] for r in results), devices=devices,
+                   seconds=round(seconds, 3), samples_per_s=round(samples / seconds, 2) if seconds else None,
+                   pipeline_seconds=max(r["pipeline_seconds"] for r in results))
+    return summary
+
+
+def _encode(block: PrecacheEncodingsConfig, outputs: Sequence[Any], precache: PrecacheConfig,
+            devices: list[str]) -> list[dict[str, Any]]:
+    """Encode ``outputs`` (local inputs and outputs) on ``devices``; errors as one-line stage errors."""
+    from ..precache.engine import EncoderOutputError, encode_in_processes, encode_tars
+
+    devices = devices[: len(outputs)]
     try:
         if len(devices) == 1:
-            results = [encode_tars(outputs, precache, devices[0])]
-        else:  # static round-robin: shards are equal-sized, so the devices finish together
-            results = encode_in_processes([(d, outputs[i::len(devices)]) for i, d in enumerate(devices)],
-                                          precache)
+            return [encode_tars(outputs, precache, devices[0])]
+        # static round-robin: shards are equal-sized, so the devices finish together
+        return encode_in_processes([(d, list(outputs[i::len(devices)])) for i, d in enumerate(devices)], precache)
     except EncoderOutputError as exc:
         raise StageError(f"{block.precache_config_path}: {exc}") from None
     except (DamagedTar, UnsafeMemberName) as exc:  # inputs are read by tarindex alone
@@ -257,10 +311,74 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
         if "writer failed" not in str(exc) and len(devices) == 1:
             raise
         raise StageError(f"{STAGE}: {exc} (finished tars are kept; rerun the task to resume)") from None
-    seconds = time.monotonic() - started
-    samples = sum(r["samples"] for r in results)
-    summary.update(encoded_tars=sum(len(r["tars"]) for r in results), samples=samples,
-                   skipped_samples=sum(r["skipped"] for r in results), devices=devices,
-                   seconds=round(seconds, 3), samples_per_s=round(samples / seconds, 2) if seconds else None,
-                   pipeline_seconds=max(r["pipeline_seconds"] for r in results))
-    return summary
+
+
+def spool_folder(output_dir: str) -> Path:
+    """The local folder a task writing to or reading from object storage spools its current round in
+    (``$MMPREP_SPOOL_DIR`` or the temp folder), one per output folder and process."""
+    root = os.environ.get("MMPREP_SPOOL_DIR") or tempfile.gettempdir()
+    digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
+    return Path(root) / f"mmprep-precache-{digest}-{os.getpid()}"
+
+
+def _fetch(tar: str, target: Path) -> None:
+    folder, _, name = str(tar).rpartition("/")
+    with tario.store(folder).open_read(name, block_size=8 * 2**20) as source, open(target, "wb") as sink:
+        shutil.copyfileobj(source, sink, 8 * 2**20)
+
+
+def _publish(local: Path, output_dir: PathOrUrl) -> None:
+    """Move one finished output (marker, tar, manifest) from the spool to ``output_dir``: the marker first
+    (a reader never sees the short tar unmarked), the tar (multipart upload on S3, committed by its
+    completion), the manifest last (a rerun trusts the tar only then)."""
+    name = local.name
+    marker = local.with_name(name + INCOMPLETE_SUFFIX)
+    remote_marker = tario.join(output_dir, name + INCOMPLETE_SUFFIX)
+    if marker.is_file():
+        tario.touch(remote_marker)
+    elif tario.exists(remote_marker) and tario.size(remote_marker) == 0:
+        tario.unlink(remote_marker)  # the input was completed since an earlier run
+    manifest = local.with_name(name + MANIFEST_SUFFIX)
+    tario.unlink(tario.join(output_dir, manifest.name))  # a tar being redone stops counting as finished first
+    with open(local, "rb") as source, tario.open_write(tario.join(output_dir, name)) as target:
+        shutil.copyfileobj(source, target, 8 * 2**20)
+    with tario.open_write(tario.join(output_dir, manifest.name)) as target:
+        target.write(manifest.read_bytes())
+    for path in (local, marker, manifest):
+        path.unlink(missing_ok=True)
+
+
+def _encode_remote(block: PrecacheEncodingsConfig, pending: list[PathOrUrl], output_dir: PathOrUrl,
+                   output_for: Any, precache: PrecacheConfig, devices: list[str]) -> list[dict[str, Any]]:
+    """Encode tars whose input or output is in object storage, in rounds of ``SPOOL_TARS_PER_DEVICE`` tars
+    per device: each round's inputs are fetched to a local spool folder, encoded there, and each output
+    published (then removed locally) before the next round. Local disk: one round's inputs and outputs."""
+    spool = spool_folder(str(output_dir))
+    shutil.rmtree(spool, ignore_errors=True)
+    results: list[dict[str, Any]] = []
+    size = SPOOL_TARS_PER_DEVICE * len(devices)
+    try:
+        for first in range(0, len(pending), size):
+            chunk = pending[first:first + size]
+            (spool / "in").mkdir(parents=True, exist_ok=True)
+            (spool / "out").mkdir(parents=True, exist_ok=True)
+            outputs = []
+            for tar in chunk:
+                name = tario.name_of(tar)
+                source = spool / "in" / name if is_url(tar) else Path(tar)
+                if is_url(tar):
+                    _fetch(tar, source)
+                final = spool / "out" / name if is_url(output_dir) else Path(output_dir) / name
+                outputs.append(output_for(tar, source, final))
+            round_results = _encode(block, outputs, precache, devices)
+            for tar in chunk:
+                if not is_url(output_dir):
+                    continue  # a local output folder: the writer put each tar in place already
+                _publish(spool / "out" / tario.name_of(tar), output_dir)
+            for tar, output in zip(chunk, outputs):
+                if is_url(tar):
+                    output.source.unlink(missing_ok=True)
+            results += round_results
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+    return results

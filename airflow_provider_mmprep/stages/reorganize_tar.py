@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 from .. import fsutil, tario
 from ..config import PipelineConfig
 from ..storage import is_url
-from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs, finished_tars, marked_short,
+from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
@@ -347,8 +347,8 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
     the outputs, the tasks no output's manifest names (if any names one)."""
     block = cfg.stage(STAGE)
     task_count = block.task_selection.task_count if task_count is None else task_count
-    tars, unlisted = finished_tars(block.output_dir)
-    marked = marked_short(block.output_dir, tars)
+    tars, unlisted = tario.finished_tars(block.output_dir)
+    marked = tario.marked_short(block.output_dir, tars)
     if not tars and not unlisted:
         return TarOutputs(tars, unlisted, {t: "no output tars" for t in range(task_count)}, marked)
     by_task = outputs_by_task(cfg, task_count)
@@ -357,7 +357,7 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
     done = {t.name for t in tars} | {t.name[: -len(INCOMPLETE_SUFFIX)] for t in tars}
     incomplete = {}
     for task, outputs in enumerate(by_task):
-        missing = [p.name for p in outputs if p.name not in done]
+        missing = [tario.name_of(p) for p in outputs if tario.name_of(p) not in done]
         if missing:
             incomplete[task] = f"output {missing[0]} is not finished" + (
                 f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
@@ -366,7 +366,7 @@ def output_state(cfg: PipelineConfig, task_count: int | None = None) -> TarOutpu
 
 def finished_outputs(cfg: PipelineConfig) -> tuple[list[FinishedTar], list[str]]:
     """The output tars with a current manifest, and the names of those without one (being written)."""
-    return finished_tars(cfg.stage(STAGE).output_dir)
+    return tario.finished_tars(cfg.stage(STAGE).output_dir)
 
 
 def incomplete_tasks(cfg: PipelineConfig, task_count: int) -> dict[int, str]:

@@ -125,13 +125,16 @@ def test_config_takes_urls_only_where_the_stage_can_and_keeps_secrets_out(tmp_pa
     assert cfg.download_parquet.output_dir == "s3://bucket/ds//x/parquet"  # a URL is kept as written
     assert cfg.generate_wdinfo.output_wdinfo_path == "s3://bucket/ds//x/wdinfo.pkl"
     assert cfg.generate_wdinfo.input_dir == tmp_path  # a local path stays a Path
+    every_stage = load_config(NEMO_YAML, ["dataset_repo_id=org/data", "dataset_output_root=s3://bucket/ds"],
+                              load_precache=False)  # every stage's folders may be URLs now
+    assert every_stage.precache_encodings.output_dir == "s3://bucket/ds/tarfiles_precached"
     with pytest.raises(ConfigError) as info:
-        load_config(NEMO_YAML, ["dataset_repo_id=org/data", "dataset_output_root=s3://bucket/ds"],
+        load_config(NEMO_YAML, ["dataset_repo_id=org/data", "dataset_output_root=s3://bucket/ds",
+                                "precache_encodings.precache_config_path=s3://bucket/precache.yaml"],
                     load_precache=False)
     refused = sorted(p.split(":")[0] for p in info.value.problems)
-    assert refused == ["download_images.input_dir", "download_images.output_dir", "precache_encodings.input_dir",
-                       "precache_encodings.output_dir"]
-    assert all("local paths only" in p for p in info.value.problems)
+    assert refused == ["precache_encodings.precache_config_path"]
+    assert all("takes a local path only" in p for p in info.value.problems)
     cfg = load_config(NEMO_YAML, ["dataset_repo_id=org/data", f"dataset_output_root={tmp_path}",
                                   "download_images.enable=false", "reorganize_tar.enable=false",
                                   "precache_encodings.enable=false", "storage_options.secret=plain-text", "storage_options.key=${env:K}"],
