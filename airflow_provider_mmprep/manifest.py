@@ -34,18 +34,33 @@ def manifest_path(tar_path: str | Path) -> Path:
     return tar_path.with_name(tar_path.name + MANIFEST_SUFFIX)
 
 
+def offsets_path(tar_path: str | Path) -> Path:
+    tar_path = Path(tar_path)
+    return tar_path.with_name(tar_path.name + OFFSETS_SUFFIX)
+
+
+def manifest_records(tar_name: str, sample_count: int, tar_size: int,
+                     member_offsets: dict[str, Any] | None = None,
+                     **fields: Any) -> tuple[tuple[str, bytes] | None, tuple[str, bytes]]:
+    """``(offsets sidecar, manifest)`` as (file name, bytes) for the tar named ``tar_name``: the one format,
+    whether the files go to a local folder or an object store; write the sidecar (if any) first."""
+    body = {"tar": tar_name, "sample_count": int(sample_count), "tar_size": tar_size, **fields}
+    sidecar = None
+    if member_offsets is not None:
+        sidecar = (tar_name + OFFSETS_SUFFIX, json.dumps({**member_offsets, "tar_size": tar_size}).encode())
+        body["member_offsets"] = {"version": member_offsets["version"], "file": sidecar[0]}
+    return sidecar, (tar_name + MANIFEST_SUFFIX, json.dumps(body, sort_keys=True).encode())
+
+
 def write_manifest(tar_path: str | Path, sample_count: int, member_offsets: dict[str, Any] | None = None,
                    **fields: Any) -> None:
     """Record ``sample_count`` (and any extra JSON-able fields) for a tar that already exists; with
     ``member_offsets`` (:func:`.tarindex.member_offsets`), write them to their sidecar first and name it."""
     tar_path = Path(tar_path)
-    tar_size = tar_path.stat().st_size
-    body = {"tar": tar_path.name, "sample_count": int(sample_count), "tar_size": tar_size, **fields}
-    if member_offsets is not None:
-        sidecar = tar_path.with_name(tar_path.name + OFFSETS_SUFFIX)
-        atomic_write_bytes(sidecar, json.dumps({**member_offsets, "tar_size": tar_size}).encode())
-        body["member_offsets"] = {"version": member_offsets["version"], "file": sidecar.name}
-    atomic_write_bytes(manifest_path(tar_path), json.dumps(body, sort_keys=True).encode())
+    sidecar, manifest = manifest_records(tar_path.name, sample_count, tar_path.stat().st_size, member_offsets,
+                                         **fields)
+    for name, data in filter(None, (sidecar, manifest)):
+        atomic_write_bytes(tar_path.with_name(name), data)
 
 
 def read_offsets(tar_path: str | Path, body: dict[str, Any]) -> dict[str, Any] | None:

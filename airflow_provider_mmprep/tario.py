@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, Mapping
 
 from . import fsutil
-from .manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, OFFSETS_SUFFIX, TAR_SUFFIXES, FinishedTar,
-                       current_manifest_body)
+from .manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, TAR_SUFFIXES, FinishedTar, current_manifest_body,
+                       manifest_records)
 from .manifest import finished_tars as _finished_tars_local
 from .manifest import marked_short as _marked_short_local
 from .manifest import read_manifest as _read_manifest_local
@@ -220,12 +220,9 @@ def write_manifest(tar: PathOrUrl, sample_count: int, member_offsets: dict[str, 
         return
     folder, name = _split(str(tar))
     tar_size = folder.size(name) if tar_size is None else tar_size
-    body = {"tar": name, "sample_count": int(sample_count), "tar_size": tar_size, **fields}
-    if member_offsets is not None:
-        sidecar = name + OFFSETS_SUFFIX
-        folder.write_bytes(sidecar, json.dumps({**member_offsets, "tar_size": tar_size}).encode())
-        body["member_offsets"] = {"version": member_offsets["version"], "file": sidecar}
-    folder.write_bytes(name + MANIFEST_SUFFIX, json.dumps(body, sort_keys=True).encode())
+    sidecar, manifest = manifest_records(name, sample_count, tar_size, member_offsets, **fields)
+    for record_name, data in filter(None, (sidecar, manifest)):
+        folder.write_bytes(record_name, data)
 
 
 def remove_leftovers(folder: PathOrUrl, outputs: Iterable[str] | None = None) -> int:

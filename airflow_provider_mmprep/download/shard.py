@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
-from ..manifest import OFFSETS_SUFFIX, manifest_path, write_manifest
+from ..manifest import manifest_path, offsets_path, write_manifest
 from ..tarindex import offsets_of
 from ..tarwriter import TarWriter
 from .options import DownloadOptions
@@ -237,8 +237,7 @@ def publish_shard(spool_dir: Path, shard_id: int, folder_url: str) -> None:
 
     paths = shard_paths(spool_dir, shard_id)
     manifest = manifest_path(paths["tar"])
-    sidecar = paths["tar"].with_name(paths["tar"].name + OFFSETS_SUFFIX)
-    order = [paths["tar"], sidecar, manifest, paths["parquet"], paths["stats"]]
+    order = [paths["tar"], offsets_path(paths["tar"]), manifest, paths["parquet"], paths["stats"]]
     store = tario.store(folder_url)
     store.remove(paths["stats"].name)  # a shard being redone stops counting as complete before its files change
     for path in order:
