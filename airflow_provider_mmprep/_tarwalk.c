@@ -10,19 +10,22 @@
  * error message, naming the tar), and the walk resumes after it. So messages, checks and results are the
  * general parser's by construction; the tests compare both member for member (and with tarfile).
  *
- * walk(buffer, offset, file_size, limit, member_type) ->
- *     (stop, full, names, heads, datas, sizes, regular, mtimes, layout)
+ * walk(fd or buffer, offset, file_size, limit, member_type) ->
+ *     (stop, full, names, heads, datas, sizes, regular, mtimes, layout, suspect)
  *   stop     byte offset where the walk stopped (the next header chain to parse)
  *   full     True when it stopped because it took `limit` members (call again from `stop`)
  *   names... one list per column, as tarindex.Batch holds them
  *   layout   (keep, dots, starts, members, keys) as tarindex.Layout: the grouping, with the kept members
- *            made as member_type (tarindex.Member) tuples and each sample's key; or None where the grouping
+ *            made as member_type (tarindex.Member) tuples, in one list per sample, and each sample's key;
+ *            or None where the grouping
  *            must be done one member at a time in Python (a non-ASCII name, an extension repeated within a
  *            key's run)
+ *   suspect  True when a name starts with '/' or holds "..": Python checks every name (unsafe names)
  *
  * The walk itself runs without the GIL (page faults of a cold file included), so indexing overlaps the
  * copy threads and the interpreter.
  */
+#define _GNU_SOURCE /* memmem */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -398,7 +401,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
         goto done;
     }
-    int layout_ok = 1, run_len = 0;
+    int layout_ok = 1, run_len = 0, suspect = 0;
     Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         const Rec *r = &recs[i];
@@ -408,6 +411,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         if (text == NULL)
             goto done;
         PyList_SET_ITEM(names, i, text);
+        if (name[0] == '/' || memmem(name, (size_t)n, "..", 2) != NULL)
+            suspect = 1; /* an absolute name or one that may climb out: Python checks each name */
         PyObject *head = PyLong_FromLongLong(r->head), *data = PyLong_FromLongLong(r->header + BLOCK),
                  *size = PyLong_FromLongLong(r->size), *mtime;
         if (r->pax_mtime_len > 0) { /* int(float(text)), as Python spells it */
@@ -460,6 +465,12 @@ static PyObject *walk(PyObject *self, PyObject *args) {
             run_len = 0;
             memcpy(prev_key, name, (size_t)key_len);
             prev_key_len = key_len;
+            PyObject *group = PyList_New(0);
+            if (group == NULL || PyList_Append(members, group) < 0) {
+                Py_XDECREF(group);
+                goto done;
+            }
+            Py_DECREF(group);
             PyObject *key = PyUnicode_DecodeASCII((const char *)name, key_len, NULL);
             if (key == NULL || PyList_Append(keys, key) < 0) {
                 Py_XDECREF(key);
@@ -507,7 +518,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         PyTuple_SET_ITEM(member, 4, head);
         PyTuple_SET_ITEM(member, 5, mtime);
         PyObject_GC_UnTrack(member); /* str and int only: never part of a cycle (the GC would untrack a tuple) */
-        int failed = PyList_Append(members, member);
+        int failed = PyList_Append(PyList_GET_ITEM(members, PyList_GET_SIZE(members) - 1), member);
         Py_DECREF(member);
         if (failed)
             goto done;
@@ -521,8 +532,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         layout = Py_None;
         Py_INCREF(layout);
     }
-    result = Py_BuildValue("(LOOOOOOOO)", (long long)stop, (count == limit) ? Py_True : Py_False, names, heads,
-                           datas, sizes, regular, mtimes, layout);
+    result = Py_BuildValue("(LOOOOOOOOO)", (long long)stop, (count == limit) ? Py_True : Py_False, names, heads,
+                           datas, sizes, regular, mtimes, layout, suspect ? Py_True : Py_False);
 done:
     free(recs);
     PyMem_Free(run);
@@ -545,8 +556,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"walk", walk, METH_VARARGS,
-     "walk(buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, regular, "
-     "mtimes, layout): the plain member headers from offset (see the module source)."},
+     "walk(fd or buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, "
+     "regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -23,6 +23,7 @@ general parser (:func:`_parse_chain`), which writes every message and which the 
 
 from __future__ import annotations
 
+import gc
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ class Batch(NamedTuple):
     regular: list[bool]
     mtimes: list[int]
     layout: "Layout | None" = None
+    suspect: bool = True  # a name may be absolute or hold "..": check each (False: none can be)
 
 
 class Layout(NamedTuple):
@@ -260,8 +262,8 @@ class Layout(NamedTuple):
     keep: list[bool]  # regular, not metadata, has a key and an extension
     dots: list[int]  # where each kept name's extension starts, less one
     starts: list[int]  # positions among the kept members where a sample starts; the first always does
-    members: "list[Member] | None" = None  # the kept members, made already (the compiled walker makes them)
-    keys: list[str] | None = None  # the key of the sample at each of ``starts`` (with ``members``)
+    groups: "list[list[Member]] | None" = None  # each sample's members, made already (by the compiled walker)
+    keys: list[str] | None = None  # the key of the sample at each of ``starts`` (with ``groups``)
 WALK_BATCH = 1 << 15  # headers gathered and checked at once (32,768 headers: 16 MiB of header copies)
 PROBE = 64  # headers walked first, to measure how densely headers lie
 #: Mean member record (header + data) below which scanning every block beats walking header to header:
@@ -430,10 +432,11 @@ def _members_compiled(path: Path, file_size: int, problems: list[str]) -> Iterat
 
         offset = 0
         while True:
-            offset, full, names, heads, datas, sizes, regular, mtimes, layout = _tarwalk.walk(
+            offset, full, names, heads, datas, sizes, regular, mtimes, layout, suspect = _tarwalk.walk(
                 fd, offset, file_size, COMPILED_BATCH, Member)
             if names:
-                yield Batch(names, heads, datas, sizes, regular, mtimes, None if layout is None else Layout(*layout))
+                yield Batch(names, heads, datas, sizes, regular, mtimes, None if layout is None else Layout(*layout),
+                            suspect)
             if full:
                 continue
             chain = _parse_chain(read, file_size, problems, offset)
@@ -477,7 +480,13 @@ def index_tar(path: str | Path, *, reference: bool = False) -> TarIndex:
     file_size = os.stat(path).st_size
     index = TarIndex(path=path, file_size=file_size)
     members = (_members_reference if reference else _members)(path, file_size, index.problems)
-    group_members(index, members)
+    enabled = gc.isenabled()
+    gc.disable()  # millions of acyclic objects: collections here would only traverse them (~10% of the time)
+    try:
+        group_members(index, members)
+    finally:
+        if enabled:
+            gc.enable()
     return index
 
 
@@ -489,10 +498,11 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
     skipped = 0
     for batch in batches:
         names = batch.names
-        text = "\n".join(names)
-        if text.startswith("/") or "\n/" in text or ".." in text:  # rare: find which, in order
-            for name in names:
-                check_member_name(name, index.path)
+        if batch.suspect:
+            text = "\n".join(names)
+            if text.startswith("/") or "\n/" in text or ".." in text:  # rare: find which, in order
+                for name in names:
+                    check_member_name(name, index.path)
         layout = batch.layout
         general = len(names)  # rows before this one are grouped one at a time, the rest by the layout
         if layout is not None:
@@ -524,17 +534,15 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
         assert layout is not None
         skip_kept = sum(layout.keep[:general])
         keep = layout.keep[general:]
-        if layout.members is not None and layout.keys is not None:  # made by the compiled walker
-            members = layout.members[skip_kept:] if skip_kept else layout.members
-            skipped += len(keep) - len(members)
-            if not members:
+        if layout.groups is not None and layout.keys is not None:  # made by the compiled walker
+            groups, keys = layout.groups, layout.keys
+            if skip_kept:  # the samples before the one at kept row skip_kept were grouped above
+                first = layout.starts.index(skip_kept)
+                groups, keys = groups[first:], keys[first:]
+            skipped += len(keep) - (len(layout.dots) - skip_kept)
+            if not groups:
                 continue
-            starts, keys = layout.starts, layout.keys
-            if skip_kept:
-                keys = [k for s, k in zip(starts, keys) if s >= skip_kept]
-                starts = [s - skip_kept for s in starts if s >= skip_kept]
-            bounds = starts + [len(members)]
-            samples.extend(map(Sample, keys, [members[i:j] for i, j in zip(bounds, bounds[1:])]))
+            samples.extend(map(Sample, keys, groups))
             current = samples[-1]
             seen_ext = {m.ext.lower() for m in current.members}
             continue
