@@ -280,6 +280,14 @@ def main() -> int:
     parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: measure its inputs again")
     args = parser.parse_args()
 
+    # As pip-installed packages are (compiled at install): an editable checkout run under
+    # PYTHONDONTWRITEBYTECODE would make every reorganize process compile the package from source.
+    import compileall
+
+    compileall.compile_dir(REPO / "airflow_provider_mmprep", quiet=2)
+    from airflow_provider_mmprep import tarindex
+
+    print(f"compiled header walker: {'built' if tarindex._tarwalk is not None else 'NOT BUILT (pure-Python walk)'}")
     sources = args.sources.split(",")
     work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
     keep = args.keep or args.reuse is not None
