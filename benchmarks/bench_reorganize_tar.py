@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -127,13 +128,21 @@ def make_warm(tars: list[Path]) -> None:
 
 # --- the two contenders -------------------------------------------------------------------------------
 
-def time_cat(tars: list[Path], out: Path) -> float:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_cat(tars: list[Path], out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``cat`` copying the tars into one file."""
+    cpu = children_cpu()
     started = time.perf_counter()
     with open(out, "wb") as handle:
         subprocess.run(["cat", *map(str, tars)], stdout=handle, check=True)
     elapsed = time.perf_counter() - started
     out.unlink()
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path:
@@ -145,9 +154,11 @@ def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path
     return path
 
 
-def time_reorganize(config: Path, out_dir: Path, tasks: int) -> float:
-    """Wall seconds of ``tasks`` whole reorganize_tar processes started together, until the last ends."""
+def time_reorganize(config: Path, out_dir: Path, tasks: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all) of ``tasks`` whole reorganize_tar processes started together,
+    until the last ends."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cpu = children_cpu()
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config),
                                "--stage", "reorganize_tar", "--task-id", str(i), "--task-count", str(tasks)],
@@ -158,7 +169,7 @@ def time_reorganize(config: Path, out_dir: Path, tasks: int) -> float:
     for proc, err in zip(procs, errors):
         if proc.returncode:
             raise SystemExit(f"reorganize_tar failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, drop: bool, repeat: int,
@@ -167,23 +178,31 @@ def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, dr
     total = sum(p.stat().st_size for p in tars)
     out_dir = work / "reorganized"
     config = write_config(work, input_dir, out_dir, chunk)
-    cat, reorg = [], []
+    cat, reorg, cat_cpu, reorg_cpu, loads = [], [], [], [], []
     for round_no in range(repeat):
         for which in (("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")):
             shutil.rmtree(out_dir, ignore_errors=True)
             make_cold(tars, drop) if cold else make_warm(tars)
+            loads.append(os.getloadavg()[0])
             if which == "cat":
-                cat.append(time_cat(tars, work / "cat.out"))
+                wall, cpu = time_cat(tars, work / "cat.out")
+                cat.append(wall)
+                cat_cpu.append(cpu)
             else:
-                reorg.append(time_reorganize(config, out_dir, tasks))
+                wall, cpu = time_reorganize(config, out_dir, tasks)
+                reorg.append(wall)
+                reorg_cpu.append(cpu)
     cat_s, reorg_s = statistics.median(cat), statistics.median(reorg)
     result = {"source": source, "tasks": tasks, "cache": "cold" if cold else "warm", "mb": total / 1e6,
               "tars": len(tars), "cat_s": cat_s, "reorganize_s": reorg_s, "ratio": cat_s / reorg_s,
-              "target": TARGETS[source]}
+              "cat_cpu_s": statistics.median(cat_cpu), "reorganize_cpu_s": statistics.median(reorg_cpu),
+              "load": statistics.median(loads), "target": TARGETS[source]}
     print(f"{source:11s} {tasks} task(s) {result['cache']}: {len(tars)} tars, {total / 1e6:.0f} MB; "
           f"cat {cat_s:.2f}s ({total / 1e6 / cat_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in cat)}], "
           f"reorganize {reorg_s:.2f}s ({total / 1e6 / reorg_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in reorg)}]"
-          f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]})", flush=True)
+          f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]}); CPU seconds cat "
+          f"{result['cat_cpu_s']:.2f}, reorganize {result['reorganize_cpu_s']:.2f}; load average "
+          f"{min(loads):.1f}-{max(loads):.1f}", flush=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
@@ -307,10 +326,12 @@ def main() -> int:
                    for source, folder in folders.items()
                    for tasks in args.tasks.split(",") for mode in args.modes.split(",")]
         rates = report_header_rates(work, folders)
-        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | target |\n|---|---|---|---|---|---|---|---|")
+        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | target | CPU s cat / reorganize "
+              "| load |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['source']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
-                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | >= {r['target']} |")
+                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | >= {r['target']} | "
+                  f"{r['cat_cpu_s']:.2f} / {r['reorganize_cpu_s']:.2f} | {r['load']:.1f} |")
         print(json.dumps({"results": results, "header_rates": rates}))
         if args.wdinfo_tars:
             bench_wdinfo(work, args.wdinfo_tars)
