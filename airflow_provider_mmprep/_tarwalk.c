@@ -332,6 +332,140 @@ static int append_long(PyObject *list, long long value) {
     return failed;
 }
 
+typedef struct {
+    int layout_ok, run_len, prev_key_len;
+    Py_ssize_t kept;
+    unsigned char prev_key[BLOCK];
+    Ext *run;
+    PyObject *keep, *dots, *starts, *groups, *keys;
+} Grouping;
+
+/* Member i of a batch into the grouping, as tarindex.group_members (and tarbulk._layout) does it: sets
+ * keep[i], and for a kept member its dot, its sample (a new one at a new key) and its Member tuple. Names
+ * that are not ASCII, too long, or an extension repeated within a key's run turn the layout off (Python
+ * groups that batch). Returns -1 on a Python error. */
+static int group_one(Grouping *g, Py_ssize_t i, const unsigned char *name, int n, int ends_in_slash, PyObject *text,
+                     PyObject *data, PyObject *size, PyObject *head, PyObject *mtime, PyTypeObject *member_type) {
+    if (n >= BLOCK)
+        g->layout_ok = 0;
+    int last_slash = -1, dot = -1;
+    for (int k = 0; k < n; k++) {
+        if (name[k] >= 128)
+            g->layout_ok = 0;
+        else if (name[k] == '/')
+            last_slash = k;
+    }
+    for (int k = last_slash + 1; k < n; k++)
+        if (name[k] == '.') {
+            dot = k;
+            break;
+        }
+    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
+                   && name[n - 2] == '_';
+    int kept_here = dot > last_slash + 1 && dot != n - 1 && !metadata && !ends_in_slash;
+    PyObject *flag = kept_here ? Py_True : Py_False;
+    Py_INCREF(flag);
+    PyList_SET_ITEM(g->keep, i, flag);
+    if (!kept_here || !g->layout_ok)
+        return 0;
+    int key_len = dot, ext_len = n - dot - 1;
+    int new_key = g->kept == 0 || key_len != g->prev_key_len || memcmp(g->prev_key, name, (size_t)key_len) != 0;
+    if (new_key) {
+        g->run_len = 0;
+        memcpy(g->prev_key, name, (size_t)key_len);
+        g->prev_key_len = key_len;
+        PyObject *group = PyList_New(0);
+        if (group == NULL || PyList_Append(g->groups, group) < 0) {
+            Py_XDECREF(group);
+            return -1;
+        }
+        Py_DECREF(group);
+        PyObject *key = PyUnicode_DecodeASCII((const char *)name, key_len, NULL);
+        if (key == NULL || PyList_Append(g->keys, key) < 0) {
+            Py_XDECREF(key);
+            return -1;
+        }
+        Py_DECREF(key);
+        if (append_long(g->starts, g->kept) < 0)
+            return -1;
+    } else if (g->run_len == MAX_RUN) {
+        g->layout_ok = 0;
+        return 0;
+    }
+    Ext *here = &g->run[g->run_len];
+    here->len = ext_len;
+    for (int k = 0; k < ext_len; k++) {
+        unsigned char c = name[dot + 1 + k];
+        here->text[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    }
+    for (int k = 0; k < g->run_len; k++)
+        if (g->run[k].len == ext_len && memcmp(g->run[k].text, here->text, (size_t)ext_len) == 0)
+            g->layout_ok = 0; /* webdataset starts a new sample here: grouped in Python */
+    if (!g->layout_ok)
+        return 0;
+    g->run_len++;
+    if (append_long(g->dots, dot) < 0)
+        return -1;
+    /* Member(name, ext, offset, size, header_offset, mtime), made as tuple.__new__(Member, ...) */
+    PyObject *ext = PyUnicode_DecodeASCII((const char *)name + dot + 1, ext_len, NULL);
+    if (ext == NULL)
+        return -1;
+    PyObject *member = member_type->tp_alloc(member_type, 6);
+    if (member == NULL) {
+        Py_DECREF(ext);
+        return -1;
+    }
+    Py_INCREF(text);
+    Py_INCREF(data);
+    Py_INCREF(size);
+    Py_INCREF(head);
+    Py_INCREF(mtime);
+    PyTuple_SET_ITEM(member, 0, text);
+    PyTuple_SET_ITEM(member, 1, ext);
+    PyTuple_SET_ITEM(member, 2, data);
+    PyTuple_SET_ITEM(member, 3, size);
+    PyTuple_SET_ITEM(member, 4, head);
+    PyTuple_SET_ITEM(member, 5, mtime);
+    PyObject_GC_UnTrack(member); /* str and int only: never part of a cycle (the GC would untrack a tuple) */
+    int failed = PyList_Append(PyList_GET_ITEM(g->groups, PyList_GET_SIZE(g->groups) - 1), member);
+    Py_DECREF(member);
+    if (failed)
+        return -1;
+    g->kept++;
+    return 0;
+}
+
+static int grouping_start(Grouping *g, Py_ssize_t count) {
+    memset(g, 0, sizeof(*g));
+    g->layout_ok = 1;
+    g->keep = PyList_New(count);
+    g->dots = PyList_New(0);
+    g->starts = PyList_New(0);
+    g->groups = PyList_New(0);
+    g->keys = PyList_New(0);
+    g->run = PyMem_Malloc(MAX_RUN * sizeof(Ext));
+    if (!g->keep || !g->dots || !g->starts || !g->groups || !g->keys || !g->run) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* The layout tuple (keep, dots, starts, groups, keys), or None; NULL on error. Releases the grouping. */
+static PyObject *grouping_finish(Grouping *g, int ok) {
+    PyObject *layout = NULL;
+    if (ok)
+        layout = g->layout_ok ? PyTuple_Pack(5, g->keep, g->dots, g->starts, g->groups, g->keys) : Py_NewRef(Py_None);
+    PyMem_Free(g->run);
+    Py_XDECREF(g->keep);
+    Py_XDECREF(g->dots);
+    Py_XDECREF(g->starts);
+    Py_XDECREF(g->groups);
+    Py_XDECREF(g->keys);
+    return layout;
+}
+
 static PyObject *walk(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer view = {0};
@@ -374,35 +508,24 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     }
     PyMem_RawFree(src.win);
     PyObject *result = NULL, *names = NULL, *heads = NULL, *datas = NULL, *sizes = NULL, *regular = NULL,
-             *mtimes = NULL, *keep = NULL, *dots = NULL, *starts = NULL, *members = NULL, *keys = NULL,
-             *layout = NULL;
-    Ext *run = NULL;
-    unsigned char prev_key[BLOCK];
-    int prev_key_len = 0;
+             *mtimes = NULL, *layout = NULL;
+    Grouping g;
+    int grouping = 0, suspect = 0;
     if (nomem) {
         PyErr_NoMemory();
         goto done;
     }
+    grouping = 1;
+    if (grouping_start(&g, count) < 0)
+        goto done;
     names = PyList_New(count);
     heads = PyList_New(count);
     datas = PyList_New(count);
     sizes = PyList_New(count);
     regular = PyList_New(count);
     mtimes = PyList_New(count);
-    keep = PyList_New(count);
-    dots = PyList_New(0);
-    starts = PyList_New(0);
-    members = PyList_New(0);
-    keys = PyList_New(0);
-    run = PyMem_Malloc(MAX_RUN * sizeof(Ext));
-    if (!names || !heads || !datas || !sizes || !regular || !mtimes || !keep || !dots || !starts || !members
-        || !keys || !run) {
-        if (!PyErr_Occurred())
-            PyErr_NoMemory();
+    if (!names || !heads || !datas || !sizes || !regular || !mtimes)
         goto done;
-    }
-    int layout_ok = 1, run_len = 0, suspect = 0;
-    Py_ssize_t kept = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         const Rec *r = &recs[i];
         const unsigned char *name = r->name;
@@ -438,123 +561,85 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         PyObject *reg = ends_in_slash ? Py_False : Py_True;
         Py_INCREF(reg);
         PyList_SET_ITEM(regular, i, reg);
-        /* grouping, as tarindex.group_members (and tarbulk._layout) does it */
-        int last_slash = -1, dot = -1;
-        for (int k = 0; k < n; k++) {
-            if (name[k] >= 128)
-                layout_ok = 0;
-            else if (name[k] == '/')
-                last_slash = k;
-        }
-        for (int k = last_slash + 1; k < n; k++)
-            if (name[k] == '.') {
-                dot = k;
-                break;
-            }
-        int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
-                       && name[n - 2] == '_';
-        int kept_here = dot > last_slash + 1 && dot != n - 1 && !metadata && !ends_in_slash;
-        PyObject *flag = kept_here ? Py_True : Py_False;
-        Py_INCREF(flag);
-        PyList_SET_ITEM(keep, i, flag);
-        if (!kept_here || !layout_ok)
-            continue;
-        int key_len = dot, ext_len = n - dot - 1;
-        int new_key = kept == 0 || key_len != prev_key_len || memcmp(prev_key, name, (size_t)key_len) != 0;
-        if (new_key) {
-            run_len = 0;
-            memcpy(prev_key, name, (size_t)key_len);
-            prev_key_len = key_len;
-            PyObject *group = PyList_New(0);
-            if (group == NULL || PyList_Append(members, group) < 0) {
-                Py_XDECREF(group);
-                goto done;
-            }
-            Py_DECREF(group);
-            PyObject *key = PyUnicode_DecodeASCII((const char *)name, key_len, NULL);
-            if (key == NULL || PyList_Append(keys, key) < 0) {
-                Py_XDECREF(key);
-                goto done;
-            }
-            Py_DECREF(key);
-            if (append_long(starts, kept) < 0)
-                goto done;
-        } else if (run_len == MAX_RUN) {
-            layout_ok = 0;
-            continue;
-        }
-        Ext *here = &run[run_len];
-        here->len = ext_len;
-        for (int k = 0; k < ext_len; k++) {
-            unsigned char c = name[dot + 1 + k];
-            here->text[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
-        }
-        for (int k = 0; k < run_len; k++)
-            if (run[k].len == ext_len && memcmp(run[k].text, here->text, (size_t)ext_len) == 0)
-                layout_ok = 0; /* webdataset starts a new sample here: grouped in Python */
-        if (!layout_ok)
-            continue;
-        run_len++;
-        if (append_long(dots, dot) < 0)
+        if (group_one(&g, i, name, n, ends_in_slash, text, data, size, head, mtime, member_type) < 0)
             goto done;
-        /* Member(name, ext, offset, size, header_offset, mtime), made as tuple.__new__(Member, ...) */
-        PyObject *ext = PyUnicode_DecodeASCII((const char *)name + dot + 1, ext_len, NULL);
-        if (ext == NULL)
-            goto done;
-        PyObject *member = member_type->tp_alloc(member_type, 6);
-        if (member == NULL) {
-            Py_DECREF(ext);
-            goto done;
-        }
-        Py_INCREF(text);
-        Py_INCREF(data);
-        Py_INCREF(size);
-        Py_INCREF(head);
-        Py_INCREF(mtime);
-        PyTuple_SET_ITEM(member, 0, text);
-        PyTuple_SET_ITEM(member, 1, ext);
-        PyTuple_SET_ITEM(member, 2, data);
-        PyTuple_SET_ITEM(member, 3, size);
-        PyTuple_SET_ITEM(member, 4, head);
-        PyTuple_SET_ITEM(member, 5, mtime);
-        PyObject_GC_UnTrack(member); /* str and int only: never part of a cycle (the GC would untrack a tuple) */
-        int failed = PyList_Append(PyList_GET_ITEM(members, PyList_GET_SIZE(members) - 1), member);
-        Py_DECREF(member);
-        if (failed)
-            goto done;
-        kept++;
     }
-    if (layout_ok) {
-        layout = PyTuple_Pack(5, keep, dots, starts, members, keys);
-        if (layout == NULL)
-            goto done;
-    } else {
-        layout = Py_None;
-        Py_INCREF(layout);
-    }
+    layout = grouping_finish(&g, 1);
+    grouping = 0;
+    if (layout == NULL)
+        goto done;
     result = Py_BuildValue("(LOOOOOOOOO)", (long long)stop, (count == limit) ? Py_True : Py_False, names, heads,
                            datas, sizes, regular, mtimes, layout, suspect ? Py_True : Py_False);
 done:
+    if (grouping)
+        grouping_finish(&g, 0);
     free(recs);
-    PyMem_Free(run);
     Py_XDECREF(names);
     Py_XDECREF(heads);
     Py_XDECREF(datas);
     Py_XDECREF(sizes);
     Py_XDECREF(regular);
     Py_XDECREF(mtimes);
-    Py_XDECREF(keep);
-    Py_XDECREF(dots);
-    Py_XDECREF(starts);
-    Py_XDECREF(members);
-    Py_XDECREF(keys);
     Py_XDECREF(layout);
     if (view.obj != NULL)
         PyBuffer_Release(&view);
     return result;
 }
 
+/* group(names, heads, datas, sizes, mtimes, member_type) -> layout or None: the grouping of members given
+ * as columns (a manifest's member_offsets), as walk() makes it for the members it reads. */
+static PyObject *group(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *names, *heads, *datas, *sizes, *mtimes;
+    PyTypeObject *member_type;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
+                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(names);
+    if (!PyType_IsSubtype(member_type, &PyTuple_Type) || PyList_GET_SIZE(heads) != count
+        || PyList_GET_SIZE(datas) != count || PyList_GET_SIZE(sizes) != count || PyList_GET_SIZE(mtimes) != count) {
+        PyErr_SetString(PyExc_ValueError, "columns of different lengths, or member_type not a tuple type");
+        return NULL;
+    }
+    Grouping g;
+    if (grouping_start(&g, count) < 0) {
+        grouping_finish(&g, 0);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *text = PyList_GET_ITEM(names, i);
+        Py_ssize_t n;
+        const char *name = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &n) : NULL;
+        if (name == NULL) {
+            PyErr_Clear(); /* not text, or not encodable: Python groups it (and says what is wrong) */
+            g.layout_ok = 0;
+            break;
+        }
+        if (n == 0 || n >= BLOCK) {
+            g.layout_ok = 0;
+            break;
+        }
+        int ends_in_slash = name[n - 1] == '/';
+        if (group_one(&g, i, (const unsigned char *)name, (int)n, ends_in_slash, text, PyList_GET_ITEM(datas, i),
+                      PyList_GET_ITEM(sizes, i), PyList_GET_ITEM(heads, i), PyList_GET_ITEM(mtimes, i),
+                      member_type) < 0) {
+            grouping_finish(&g, 0);
+            return NULL;
+        }
+        if (!g.layout_ok)
+            break;
+    }
+    if (!g.layout_ok) { /* keep[] may hold NULL slots: never handed out */
+        grouping_finish(&g, 0);
+        Py_RETURN_NONE;
+    }
+    return grouping_finish(&g, 1);
+}
+
 static PyMethodDef methods[] = {
+    {"group", group, METH_VARARGS,
+     "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
+     "the grouping of members given as columns, as walk() makes it."},
     {"walk", walk, METH_VARARGS,
      "walk(fd or buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, "
      "regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import mmap
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from pathlib import Path
@@ -480,14 +481,22 @@ def index_tar(path: str | Path, *, reference: bool = False) -> TarIndex:
     file_size = os.stat(path).st_size
     index = TarIndex(path=path, file_size=file_size)
     members = (_members_reference if reference else _members)(path, file_size, index.problems)
-    enabled = gc.isenabled()
-    gc.disable()  # millions of acyclic objects: collections here would only traverse them (~10% of the time)
-    try:
+    with _gc_paused():
         group_members(index, members)
+    return index
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while an index is built: millions of acyclic objects (members, samples)
+    that collections would only traverse (~10% of the time). Restores the collector as it was."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if enabled:
             gc.enable()
-    return index
 
 
 def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
@@ -626,7 +635,12 @@ def index_from_offsets(path: str | Path, file_size: int, record: Any) -> TarInde
     if names and skipped == 0 and (heads[0] != 0 or any(h != end for h, end in zip(heads[1:], ends))):
         raise contradicted("members do not follow each other")
     index = TarIndex(path=path, file_size=file_size, skipped_members=0)
-    group_members(index, [Batch(names, heads, datas, sizes, [True] * len(names), mtimes)])
+    layout = None
+    if _tarwalk is not None:  # the grouping and the Member tuples in C, as for headers read
+        grouped = _tarwalk.group(names, heads, datas, sizes, mtimes, Member)
+        layout = None if grouped is None else Layout(*grouped)
+    with _gc_paused():
+        group_members(index, [Batch(names, heads, datas, sizes, [True] * len(names), mtimes, layout)])
     if sum(len(s.members) for s in index.samples) != len(names) or index.skipped_members:
         raise contradicted("members without a key or extension")
     index.skipped_members = skipped

@@ -549,3 +549,27 @@ def test_damaged_writer_output_reports_what_the_general_parser_does(tmp_path: Pa
     rewrite(cut, last.offset_data - 512, 0, b"../up.jpg\0")
     bulk, reference = index_pair(cut)
     assert bulk == reference and bulk[0] is UnsafeMemberName and str(cut) in bulk[1]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_index_from_offsets_matches_the_headers(tmp_path: Path, fmt: int | str) -> None:
+    """A manifest's member_offsets give the index its headers give (grouped in C with the compiled walker,
+    in Python without), on names that group in every way."""
+    from airflow_provider_mmprep.tarindex import index_from_offsets, offsets_of
+
+    path = mixed_tar(tmp_path / "t.tar", fmt, count=15)
+    record = offsets_of(path)
+    from_headers = index_tar(path)
+    from_offsets = index_from_offsets(path, path.stat().st_size, record)
+    assert [(s.key, s.members) for s in from_offsets.samples] == [(s.key, s.members) for s in from_headers.samples]
+    names = ["a.jpg", "a.txt", "a.JPG", "b.jpg", "é.jpg", "é.txt", "c.d/e.f.g", "c.d/e.h"]
+    tar = tmp_path / "names.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as out:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            out.addfile(info, io.BytesIO(b"x"))
+    record = offsets_of(tar)
+    assert [(s.key, s.members) for s in index_from_offsets(tar, tar.stat().st_size, record).samples] == [
+        (s.key, s.members) for s in index_tar(tar).samples]
+    assert [s.key for s in index_tar(tar).samples] == ["a", "a", "b", "é", "c.d/e"]
