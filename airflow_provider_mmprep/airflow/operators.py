@@ -44,13 +44,15 @@ class MmprepStageOperator(BaseOperator):
     ui_color = "#e8f1fb"
 
     def __init__(self, *, config_path: str, overrides: Sequence[str] = (), stage_task_id: int = 0,
-                 stage_task_count: int = 1, hf_conn_id: str | None = None, **kwargs: Any) -> None:
+                 stage_task_count: int = 1, hf_conn_id: str | None = None, storage_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config_path = config_path
         self.overrides = list(overrides)
         self.stage_task_id = stage_task_id
         self.stage_task_count = stage_task_count
         self.hf_conn_id = hf_conn_id
+        self.storage_conn_id = storage_conn_id
 
     def label(self, cfg: PipelineConfig) -> str:
         return task_label(self.stage_task_id, self.stage_task_count)
@@ -60,8 +62,12 @@ class MmprepStageOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         # the precache YAML only matters to precache: a download task must not fail on it (found live)
+        from .hooks import storage_connection_options
+
+        # object-storage credentials from the Airflow connection, handed to the stage in memory only
         cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name],
-                          load_precache=self.stage_name == "precache_encodings")
+                          load_precache=self.stage_name == "precache_encodings",
+                          connection_options=storage_connection_options(self.storage_conn_id))
         context["mmprep_label"] = self.label(cfg)
         with _env(self.task_env()):
             summary = run_stage_task(cfg, self.stage_name, int(self.stage_task_id), int(self.stage_task_count))
