@@ -133,3 +133,20 @@ def test_a_stage_operator_reads_and_writes_s3_with_the_connection_alone(
     assert message.startswith(f"generate_wdinfo: {url}/precached: access denied") and "\n" not in message
     assert "check the credentials" in message and "not-the-secret" not in message
     assert Store(url, s3_server.storage_options).read_bytes("wdinfo.pkl") == written  # untouched
+
+
+def test_the_yaml_storage_conn_id_wins_over_the_mmprep_option(tmp_path: Path, nemo_config) -> None:
+    import dataclasses
+
+    from airflow_provider_mmprep.airflow.dag import build_dag
+    from airflow_provider_mmprep.airflow.settings import ClusterDefaults
+
+    cluster = dataclasses.replace(ClusterDefaults.from_airflow_config(), storage_conn_id="cluster_s3")
+    plain = build_dag(nemo_config(), cluster)
+    assert plain.get_task("generate_wdinfo").partial_kwargs["storage_conn_id"] == "cluster_s3"
+    own = tmp_path / "own.yaml"
+    own.write_text(nemo_config().read_text() + "storage_conn_id: team_a_s3\n")
+    dag = build_dag(own, cluster)
+    assert dag.get_task("reorganize_tar").partial_kwargs["storage_conn_id"] == "team_a_s3"
+    cfg = load_config(own, ["dataset_repo_id=o/d", "dataset_output_root=s3://b/x"], load_precache=False)
+    assert cfg.storage_conn_id == "team_a_s3" and not any("storage_conn_id" in w for w in cfg.warnings)
