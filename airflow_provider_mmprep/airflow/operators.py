@@ -2,7 +2,9 @@
 
 Every operator runs task ``stage_task_id`` of ``stage_task_count`` of its stage with the pipeline YAML at
 ``config_path`` plus dotlist ``overrides`` (both templated), exactly what ``mmprep run`` and the pods do,
-so the same task gives the same output whichever runner ran it. Mapped instances label themselves
+so the same task gives the same output whichever runner ran it. With ``storage_conn_id`` (``[mmprep]
+storage_conn_id`` or the YAML's), the connection's object-storage credentials reach the stage as storage
+options in memory (:class:`.hooks.ObjectStorageHook`). Mapped instances label themselves
 (``part-00003`` for download_images, ``task 67/100`` otherwise) through the ``mmprep_label`` context key
 that the DAG's ``map_index_template`` reads.
 """
