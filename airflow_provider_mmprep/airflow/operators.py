@@ -7,6 +7,11 @@ storage_conn_id`` or the YAML's), the connection's object-storage credentials re
 options in memory (:class:`.hooks.ObjectStorageHook`). Mapped instances label themselves
 (``part-00003`` for download_images, ``task 67/100`` otherwise) through the ``mmprep_label`` context key
 that the DAG's ``map_index_template`` reads.
+
+Per-instance cost matters at a 1,024-way fan-out, so an instance makes no execution-API call a plain mapped
+``@task`` does not: the stage summary goes to the task log, not to XCom (nothing reads it; ``do_xcom_push``
+is off unless asked for), and the label rides on the task's final state update instead of a call of its own
+(``benchmarks/bench_fanout.py`` measures both).
 """
 
 from __future__ import annotations
@@ -38,6 +43,18 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def _carry_label(context: Any, label: str) -> None:
+    """Set the mapped instance's label on the task instance before it runs, so that the map_index_template,
+    rendered again after execute, finds it unchanged: the task runner then sends no separate
+    set-rendered-map-index call and the label reaches the API server with the success (or failure) update,
+    which carries ``rendered_map_index``. Where the runtime has no such attribute, the template alone still
+    sets the label (one call more)."""
+    ti = context.get("ti")
+    map_index = getattr(ti, "map_index", None)
+    if isinstance(map_index, int) and map_index >= 0 and hasattr(ti, "rendered_map_index"):
+        ti.rendered_map_index = label
+
+
 class MmprepStageOperator(BaseOperator):
     """Run one task of one stage in the Airflow worker (``runner: local``)."""
 
@@ -48,6 +65,7 @@ class MmprepStageOperator(BaseOperator):
     def __init__(self, *, config_path: str, overrides: Sequence[str] = (), stage_task_id: int = 0,
                  stage_task_count: int = 1, hf_conn_id: str | None = None, storage_conn_id: str | None = None,
                  **kwargs: Any) -> None:
+        kwargs.setdefault("do_xcom_push", False)
         super().__init__(**kwargs)
         self.config_path = config_path
         self.overrides = list(overrides)
@@ -63,14 +81,16 @@ class MmprepStageOperator(BaseOperator):
         return {}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        # the precache YAML only matters to precache: a download task must not fail on it (found live)
         from .hooks import storage_connection_options
 
-        # object-storage credentials from the Airflow connection, handed to the stage in memory only
+        # the precache YAML only matters to precache: a download task must not fail on it (found live);
+        # object-storage credentials from the Airflow connection (one connection fetch, only where one is
+        # named), handed to the stage in memory only
         cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name],
                           load_precache=self.stage_name == "precache_encodings",
                           connection_options=storage_connection_options(self.storage_conn_id))
-        context["mmprep_label"] = self.label(cfg)
+        label = context["mmprep_label"] = self.label(cfg)
+        _carry_label(context, label)
         with _env(self.task_env()):
             summary = run_stage_task(cfg, self.stage_name, int(self.stage_task_id), int(self.stage_task_count))
         self.after_run(cfg, summary, context)
