@@ -108,8 +108,9 @@ class ObjectStorageHook(BaseHook):
         if conn.password:
             options["secret"] = conn.password
         if (conn.conn_type or "").lower() in ("aws", "s3"):
-            s3_config = (extra.get("service_config") or {}).get("s3") or {}
-            if s3_config.get("endpoint_url") and not extra.get("endpoint_url"):
+            service_config = extra.get("service_config")
+            s3_config = service_config.get("s3") if isinstance(service_config, dict) else None
+            if isinstance(s3_config, dict) and s3_config.get("endpoint_url") and not extra.get("endpoint_url"):
                 extra["endpoint_url"] = s3_config["endpoint_url"]
             unused = sorted(set(extra) - set(_AWS_EXTRAS) - {"service_config"})
             if unused:
