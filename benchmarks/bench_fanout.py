@@ -179,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([str(mmprep), "run", str(dags / "fanout.yaml"), "--stage", "precache_encodings",
                         "--task-id", "0", "--task-count", str(args.tasks)], check=True, capture_output=True)
         (dags / "plain_fanout.py").write_text(PLAIN_DAG.replace("{tasks}", str(args.tasks)))
+        # Airflow's default re-parse interval (the live harness uses 5 s so tests see new files at once):
+        # every re-parse of both DAG files costs the dag-processor CPU for as long as a run lasts
         config = {"MMPREP__RETRIES": "0", "CORE__MAX_MAP_LENGTH": str(max(1024, args.tasks)),
-                  "LOGGING__LOGGING_LEVEL": "WARNING"}
+                  "LOGGING__LOGGING_LEVEL": "WARNING", "DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30"}
         with LiveAirflow(work / "live", dags, airflow_config=config, parallelism=args.parallelism) as live:
             live.wait_parsed(["plain_fanout", "mmprep_fanout"])
             timeout = 60 + 5 * args.tasks
