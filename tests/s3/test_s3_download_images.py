@@ -103,10 +103,8 @@ KILLER = textwrap.dedent("""\
     import s3fs.core
     from airflow_provider_mmprep import storage
     from airflow_provider_mmprep.config import load_config
-    from airflow_provider_mmprep.download import shard
     from airflow_provider_mmprep.stages import run_stage_task
     storage.PART_SIZE = 5 * 2**20  # S3's smallest part: a shard's tar is then several parts
-    shard.PUBLISH_SINGLE_PUT = 2**20
     real = s3fs.core.S3File._upload_chunk
     def upload_chunk(self, final=False):
         result = real(self, final)
