@@ -177,3 +177,49 @@ def test_retry_failed_on_s3_reads_the_shards_there_and_adds_a_retry_shard(tmp_pa
     assert json.loads(Store(f"{url}/p").read_bytes("00003_stats.json"))["retry_round"]
     third = run(path)
     assert third["retried_urls"] == 0 and "00004.tar" not in Store(f"{url}/p").list_files()
+
+
+def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Path, host: ImageHost,
+                                                                   s3_env: SeaweedS3, s3_bucket: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process: while shard 0's upload is held, shard 1 is still downloaded and finished (the upload is
+    not on the event loop), but no piece of shard 2 starts: 2 x MAX_OPEN_PIECES pieces are out and not
+    uploaded, the bound on local disk. Released, the outputs are the local run's bytes."""
+    import threading
+
+    from airflow_provider_mmprep.download import pipeline
+
+    urls = sample_data.add_images(host, 32, size=(96, 64))
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    run(config_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "ref"), number_sample_per_shard=8))
+    expected = local_tree(tmp_path / "ref")
+
+    url = f"s3://{s3_bucket}/out"
+    spool = download_images.spool_folder(f"{url}/p")
+    shard_1_finished = threading.Event()
+    seen: dict[str, Any] = {}
+    real_submit, real_publish = pipeline.Publisher.submit, pipeline.publish_pieces
+
+    def submit(self: Any, job: Any, *args: Any) -> None:
+        real_submit(self, job, *args)
+        if job.shard_id == 1:
+            shard_1_finished.set()
+
+    def publish(job: Any, *args: Any) -> Any:
+        if job.shard_id == 0:
+            seen["shard 1 finished during shard 0's upload"] = shard_1_finished.wait(60)
+            threading.Event().wait(0.5)  # room for a (wrong) start of shard 2
+            seen["shard 2 requests"] = sum(n - before[path] for path, n in host.hits.items()
+                                           if any(u.endswith(path) for u in urls[16:24]))
+            seen["shard 2 pieces"] = sorted(p.name for p in spool.glob(".00002.piece*"))
+            seen["pieces"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
+        return real_publish(job, *args)
+
+    monkeypatch.setattr(pipeline.Publisher, "submit", submit)
+    monkeypatch.setattr(pipeline, "publish_pieces", publish)
+    before = dict(host.hits)  # the local run's requests
+    summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8))
+    assert summary["downloaded_shards"] == 4
+    assert seen == {"shard 1 finished during shard 0's upload": True, "shard 2 requests": 0, "shard 2 pieces": [],
+                    "pieces": 2 * pipeline.MAX_OPEN_PIECES}
+    assert store_tree(url) == expected
