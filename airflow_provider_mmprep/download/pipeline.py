@@ -269,9 +269,10 @@ def run_loop(coroutine: Any) -> Any:
 
 
 class Publisher:
-    """Uploads finished shards (:func:`.shard.publish_pieces`) in a thread of its own, one at a time in the
-    order they finish, so downloading never waits for an upload; counts the pieces handed out and not yet
-    uploaded, so callers hold back new pieces beyond :attr:`limit` (local disk stays bounded)."""
+    """Uploads shards (:func:`.shard.publish_pieces`) in a thread of its own, one at a time in the order they
+    were handed out, each piece as soon as it is finished, so downloading never waits for an upload and the
+    last shard's upload ends soon after its last piece; counts the pieces handed out and not yet uploaded,
+    so callers hold back new pieces beyond :attr:`limit` (local disk stays bounded)."""
 
     def __init__(self, options: DownloadOptions, processes: int):
         self.options = options
@@ -280,7 +281,8 @@ class Publisher:
         self.error: BaseException | None = None
         self._outstanding = 0
         self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[ShardJob, list[Outcome], list[Path], float] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._queue: queue.Queue[_Shard | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="mmprep-publish", daemon=True)
         self._thread.start()
 
@@ -288,15 +290,20 @@ class Publisher:
         with self._lock:
             self._outstanding += count
 
+    def _uploaded(self, _number: int) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
     @property
     def room(self) -> bool:
         """Whether another piece may be handed out (raises the uploader's error, if any)."""
         self._raise_if_failed()
         return self._outstanding < self.limit
 
-    def submit(self, job: ShardJob, outcomes: list[Outcome], pieces: list[Path], start: float) -> None:
+    def submit(self, shard: "_Shard") -> None:
+        """Upload ``shard`` after those submitted before it, its pieces as they finish."""
         self._raise_if_failed()
-        self._queue.put((job, outcomes, pieces, start))
+        self._queue.put(shard)
 
     def close(self) -> list[dict[str, Any]]:
         """Wait for every submitted shard's upload; the stats of each, or the first upload error."""
@@ -307,8 +314,8 @@ class Publisher:
         return self.results
 
     def abort(self) -> None:
-        """Stop after the upload in progress (an error elsewhere ends the task; pieces left are removed)."""
-        self.error = self.error or RuntimeError("aborted")
+        """Stop: the upload in progress is abandoned (no object appears), shards not begun are dropped."""
+        self._stopping.set()
         self._queue.put(None)
         self._thread.join()
 
@@ -318,21 +325,18 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            shard = self._queue.get()
+            if shard is None:
                 return
-            job, outcomes, pieces, start = item
+            if self.error is not None or self._stopping.is_set():
+                continue
             try:
-                if self.error is None:
-                    self.results.append(publish_pieces(job, self.options, outcomes, pieces, start,
-                                                       str(self.options.publish_to)))
+                self.results.append(publish_pieces(shard.job, self.options, shard.paths, shard.start,
+                                                   str(self.options.publish_to), shard.joined,
+                                                   lambda number, shard=shard: shard.wait(number, self._stopping),
+                                                   self._uploaded))
             except BaseException as exc:  # noqa: BLE001 - handed to the downloading side, which fails the task
                 self.error = exc
-            finally:
-                for piece in pieces:
-                    piece.unlink(missing_ok=True)
-                with self._lock:
-                    self._outstanding -= len(pieces)
 
 
 def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
@@ -357,6 +361,8 @@ def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: P
             ranges = split_rows(len(job), pieces_per_shard)
             paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
             shards[job.shard_id] = _Shard(job, paths)
+            if publisher is not None:
+                publisher.submit(shards[job.shard_id])
             waiting.extend(Piece(job, number, rows, paths[number]) for number, rows in enumerate(ranges))
         if publisher is not None:
             publisher.handed_out()
@@ -366,9 +372,7 @@ def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: P
         shard = shards[piece.job.shard_id]
         if shard.add(piece.number, outcomes):
             del shards[piece.job.shard_id]
-            if publisher is not None:
-                publisher.submit(shard.job, shard.joined(), shard.paths, shard.start)
-            else:
+            if publisher is None:  # else its upload has its pieces already
                 results.append(finish_shard(shard.job, options, out_dir, shard.joined(), shard.paths, shard.start))
 
     try:
@@ -433,12 +437,20 @@ class _Shard:
         self.job, self.paths, self.start = job, paths, time.time()
         self.outcomes: list[list[Outcome] | None] = [None] * len(paths)
         self.left = len(paths)
+        self._finished = [threading.Event() for _ in paths]
 
     def add(self, number: int, outcomes: list[Outcome]) -> bool:
-        """Record piece ``number``'s outcomes; True once every piece is back."""
+        """Record piece ``number``'s outcomes (its file is complete); True once every piece is back."""
         self.outcomes[number] = outcomes
         self.left -= 1
+        self._finished[number].set()
         return self.left == 0
+
+    def wait(self, number: int, stopping: threading.Event) -> None:
+        """Block until piece ``number`` is finished (for the uploader); raise if ``stopping`` is set first."""
+        while not self._finished[number].wait(0.1):
+            if stopping.is_set():
+                raise RuntimeError("download stopped")
 
     def joined(self) -> list[Outcome]:
         return [o for piece_outcomes in self.outcomes for o in piece_outcomes or []]
@@ -474,6 +486,8 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
             ranges = split_rows(len(job), pieces_per_shard)
             paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
             shards[job.shard_id] = _Shard(job, paths)
+            if publisher is not None:
+                publisher.submit(shards[job.shard_id])
             for number, rows in enumerate(ranges):
                 yield Piece(job, number, rows, paths[number])
         for _ in range(processes):
@@ -518,9 +532,7 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
             shard = shards[shard_id]
             if shard.add(number, outcomes):
                 del shards[shard_id]
-                if publisher is not None:  # uploaded in a thread: this loop keeps feeding the workers
-                    publisher.submit(shard.job, shard.joined(), shard.paths, shard.start)
-                else:
+                if publisher is None:  # else uploaded in a thread, piece by piece: this loop keeps feeding
                     results.append(finish_shard(shard.job, options, out_dir, shard.joined(), shard.paths,
                                                 shard.start))
             progress(done.value, ok.value)

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -238,58 +238,62 @@ def end_of_archive(size: int) -> bytes:
     return bytes(2 * BLOCK + -(size + 2 * BLOCK) % RECORD)
 
 
-def pieces_offsets(pieces: list[Path]) -> dict[str, Any]:
-    """:func:`..tarindex.offsets_of` of the tar the pieces make once joined, without joining them: each piece
-    indexed from its headers (page cache), its offsets moved by the bytes before it."""
-    from ..tarindex import index_tar, member_offsets  # noqa: PLC0415
+def piece_members(piece: Path, base: int) -> tuple[list[Any], int]:
+    """A piece's members (from its headers, in the page cache) with offsets as in the joined tar, where the
+    piece starts at ``base``; and how many members the index skips."""
+    from ..tarindex import index_tar  # noqa: PLC0415
 
-    members: list[Any] = []
-    skipped = 0
-    base = 0
-    for piece in pieces:
-        size = piece.stat().st_size
-        if size:
-            index = index_tar(piece)
-            skipped += index.skipped_members
-            members += [m._replace(offset=m.offset + base, header_offset=m.header_offset + base)
-                        for sample in index.samples for m in sample.members]
-        base += size
-    return member_offsets(members, skipped)
+    if not piece.stat().st_size:
+        return [], 0
+    index = index_tar(piece)
+    return [m._replace(offset=m.offset + base, header_offset=m.header_offset + base)
+            for sample in index.samples for m in sample.members], index.skipped_members
 
 
-def publish_pieces(job: ShardJob, options: DownloadOptions, outcomes: list[Outcome], pieces: list[Path],
-                   start: float, folder_url: str) -> dict[str, Any]:
-    """Upload one finished shard straight from its pieces to ``folder_url`` and remove them locally: the same
-    bytes :func:`finish_shard` writes, without a joined copy on local disk.
+def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], start: float, folder_url: str,
+                   outcomes: Callable[[], list[Outcome]], wait: Callable[[int], None] = lambda number: None,
+                   uploaded: Callable[[int], None] = lambda number: None) -> dict[str, Any]:
+    """Upload one shard straight from its pieces to ``folder_url``, each piece as soon as it is finished
+    (``wait(i)`` returns then) and removed locally once uploaded (``uploaded(i)``): the same bytes
+    :func:`finish_shard` writes, without a joined copy on local disk. ``outcomes()`` (every URL's, in row
+    order) is asked once every piece is finished.
 
     Each object appears only complete (one PUT, or a multipart upload whose completion is the commit: see
     :meth:`..storage.Store.open_write`): the old ``_stats.json`` goes first (a shard being redone stops
     counting as complete before its files change), then the tar (the pieces in order, then the
     end-of-archive marker), its offsets sidecar and manifest, the parquet, and ``_stats.json`` last. A kill
-    part-way leaves no stats: the rerun redoes the shard and overwrites whatever of it was uploaded.
+    part-way leaves no stats and at most an unfinished upload: the rerun aborts it and redoes the shard.
     """
     from .. import tario  # noqa: PLC0415 - fsspec only when publishing to object storage
+    from ..tarindex import member_offsets  # noqa: PLC0415
 
     store = tario.store(folder_url)
     stem = f"{job.shard_id:05d}"
+    members: list[Any] = []
+    skipped = 0
+    size = 0
     try:
-        offsets = pieces_offsets(pieces)
         store.remove(f"{stem}_stats.json")
-        size = 0
         with store.open_write(f"{stem}.tar") as target:
-            for piece in pieces:
+            for number, piece in enumerate(pieces):
+                wait(number)
+                found, skips = piece_members(piece, size)
+                members += found
+                skipped += skips
                 with open(piece, "rb") as source:
                     while chunk := source.read(PUBLISH_READ):
                         target.write(chunk)
                         size += len(chunk)
+                piece.unlink()
+                uploaded(number)
             target.write(end_of_archive(size))
-        tar_size = size + len(end_of_archive(size))
-        successes = sum(o.status == SUCCESS for o in outcomes)
-        sidecar, manifest = manifest_records(f"{stem}.tar", successes, tar_size, offsets,
-                                             **manifest_fields(job, options))
+        rows = outcomes()
+        successes = sum(o.status == SUCCESS for o in rows)
+        sidecar, manifest = manifest_records(f"{stem}.tar", successes, size + len(end_of_archive(size)),
+                                             member_offsets(members, skipped), **manifest_fields(job, options))
         sink = pa.BufferOutputStream()
-        pq.write_table(shard_table(job, options, outcomes), sink)
-        stats = shard_stats(job, options, outcomes, start)
+        pq.write_table(shard_table(job, options, rows), sink)
+        stats = shard_stats(job, options, rows, start)
         for name, data in (*filter(None, (sidecar, manifest)), (f"{stem}.parquet", sink.getvalue().to_pybytes()),
                            (f"{stem}_stats.json", json.dumps(stats, indent=1).encode())):
             store.write_bytes(name, data)

@@ -198,12 +198,13 @@ def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Pat
     spool = download_images.spool_folder(f"{url}/p")
     shard_1_finished = threading.Event()
     seen: dict[str, Any] = {}
-    real_submit, real_publish = pipeline.Publisher.submit, pipeline.publish_pieces
+    real_add, real_publish = pipeline._Shard.add, pipeline.publish_pieces
 
-    def submit(self: Any, job: Any, *args: Any) -> None:
-        real_submit(self, job, *args)
-        if job.shard_id == 1:
+    def add(self: Any, number: int, outcomes: Any) -> bool:
+        complete = real_add(self, number, outcomes)
+        if complete and self.job.shard_id == 1:
             shard_1_finished.set()
+        return complete
 
     def publish(job: Any, *args: Any) -> Any:
         if job.shard_id == 0:
@@ -215,7 +216,7 @@ def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Pat
             seen["pieces"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
         return real_publish(job, *args)
 
-    monkeypatch.setattr(pipeline.Publisher, "submit", submit)
+    monkeypatch.setattr(pipeline._Shard, "add", add)
     monkeypatch.setattr(pipeline, "publish_pieces", publish)
     before = dict(host.hits)  # the local run's requests
     summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8))
