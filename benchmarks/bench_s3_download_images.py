@@ -12,7 +12,7 @@ loopback. Then, alternating, ``--repeat`` times each, it runs ``mmprep run --sta
 separate process into a local folder (``local``, the anchor) and into ``s3://bench/…`` (``s3``) and reports
 for each: wall time, images/s, CPU seconds of the process tree, peak RSS of the tree, and for ``s3`` the
 peak bytes in the local spool folder (``$MMPREP_SPOOL_DIR``, sampled every 20 ms) next to the mean shard
-size. It prints each pair's ratio s3 time / local time and the median ratio against the goal (<= 1.10).
+size, and the CPU seconds the S3 server spent meanwhile (taken from the same cores). It prints each pair's ratio s3 time / local time and the median ratio against the goal (<= 1.10).
 
 The S3 server, the image host and both runs share the machine's CPUs, so the ratio is a conservative one:
 the server's work (receiving and storing every byte) is taken from the download's CPUs here, not on a real
@@ -72,6 +72,16 @@ class PeakFolderBytes:
         return self.peak
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc), 0.0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run_stage(parquet_dir: Path, out: str, work: Path, label: str, mode: dict, args: argparse.Namespace,
               env: dict[str, str]) -> dict:
     """``mmprep run --stage download_images`` into ``out`` (a folder or URL), as a separate process."""
@@ -119,7 +129,9 @@ def main() -> None:
                         label = f"{target}_{mode_name}_{rep}"
                         out = str(work / label) if target == "local" else f"s3://{BUCKET}/{label}"
                         sampler = PeakFolderBytes(spool) if target == "s3" else None
+                        server_cpu = process_cpu(server.process.pid)
                         result = run_stage(parquet_dir, out, work, label, mode, args, env)
+                        result["server_cpu"] = process_cpu(server.process.pid) - server_cpu
                         result["spool_peak"] = sampler.stop() if sampler else 0
                         host_timeline.take()
                         if target == "local":
@@ -136,7 +148,8 @@ def main() -> None:
                         result["shard_mb"] = statistics.mean(tars) / 1e6 if tars else 0.0
                         runs[target].append(result)
                         spool_note = (f", spool peak {result['spool_peak'] / 1e6:.1f} MB (mean shard "
-                                      f"{result['shard_mb']:.1f} MB)" if target == "s3" else "")
+                                      f"{result['shard_mb']:.1f} MB), S3 server CPU {result['server_cpu']:.1f}s"
+                                      if target == "s3" else "")
                         print(f"  {mode_name} {target:5s} run {rep}: {result['ok']} images in {result['wall']:.2f}s "
                               f"= {result['ips']:.0f} img/s, CPU {result['cpu']:.1f}s, peak RSS "
                               f"{result['rss'] / 2**20:.0f} MB{spool_note}", flush=True)
