@@ -22,11 +22,11 @@ Bounds per worker process (documented in docs/download_images.md):
 - bodies waiting for decode: ``threads``;
 - open pieces: ``MAX_OPEN_PIECES`` (two files each).
 
-Writing to object storage (``options.publish_to``), every shard is cut into ``MAX_OPEN_PIECES`` pieces, so a
-worker's open pieces hold about one shard, and finished shards are uploaded by a :class:`Publisher` thread
-straight from their pieces while downloads go on; pieces handed out and not yet uploaded are capped at
-``MAX_OPEN_PIECES`` x (processes + 1): local disk holds about one shard per worker process plus one shard
-waiting for or in its upload (docs/object-storage.md).
+Writing to object storage (``options.publish_to``), every shard is cut into ``MAX_OPEN_PIECES`` pieces and
+uploaded by a :class:`Publisher` thread straight from its pieces, each as soon as it is finished, while
+downloads go on; pieces handed out and not yet uploaded (open, or finished and waiting for the upload) are
+capped at ``MAX_OPEN_PIECES`` x processes: local disk holds at most one shard's rows per worker process
+(docs/object-storage.md).
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class Publisher:
 
     def __init__(self, options: DownloadOptions, processes: int):
         self.options = options
-        self.limit = MAX_OPEN_PIECES * (processes + 1)
+        self.limit = MAX_OPEN_PIECES * processes  # one shard's rows per process: open or waiting for upload
         self.results: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self._outstanding = 0

@@ -182,9 +182,10 @@ def test_retry_failed_on_s3_reads_the_shards_there_and_adds_a_retry_shard(tmp_pa
 def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Path, host: ImageHost,
                                                                    s3_env: SeaweedS3, s3_bucket: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """One process: while shard 0's upload is held, shard 1 is still downloaded and finished (the upload is
-    not on the event loop), but no piece of shard 2 starts: 2 x MAX_OPEN_PIECES pieces are out and not
-    uploaded, the bound on local disk. Released, the outputs are the local run's bytes."""
+    """One process, 8 rows per shard (one row per piece): while shard 0's upload is held open after its first
+    piece (nothing visible at its name yet), the download goes on (the upload is not on the event loop) but only as far as the bound
+    on local disk lets it: one shard's pieces out and not uploaded, so exactly one new piece (shard 1's first
+    row) starts and no other. Released, the outputs are the local run's bytes."""
     import threading
 
     from airflow_provider_mmprep.download import pipeline
@@ -193,34 +194,33 @@ def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Pat
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
     run(config_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "ref"), number_sample_per_shard=8))
     expected = local_tree(tmp_path / "ref")
+    paths = ["/" + u.split("/", 3)[3] for u in urls]
 
     url = f"s3://{s3_bucket}/out"
     spool = download_images.spool_folder(f"{url}/p")
-    shard_1_finished = threading.Event()
     seen: dict[str, Any] = {}
-    real_add, real_publish = pipeline._Shard.add, pipeline.publish_pieces
+    real_uploaded = pipeline.Publisher._uploaded
 
-    def add(self: Any, number: int, outcomes: Any) -> bool:
-        complete = real_add(self, number, outcomes)
-        if complete and self.job.shard_id == 1:
-            shard_1_finished.set()
-        return complete
+    def requested(index: int) -> int:
+        return host.hits[paths[index]] - before[paths[index]]
 
-    def publish(job: Any, *args: Any) -> Any:
-        if job.shard_id == 0:
-            seen["shard 1 finished during shard 0's upload"] = shard_1_finished.wait(60)
-            threading.Event().wait(0.5)  # room for a (wrong) start of shard 2
-            seen["shard 2 requests"] = sum(n - before[path] for path, n in host.hits.items()
-                                           if any(u.endswith(path) for u in urls[16:24]))
-            seen["shard 2 pieces"] = sorted(p.name for p in spool.glob(".00002.piece*"))
-            seen["pieces"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
-        return real_publish(job, *args)
+    def uploaded(self: Any, number: int) -> None:
+        real_uploaded(self, number)
+        if not seen:  # shard 0's first piece is up; its multipart upload stays open while we look
+            deadline = threading.Event()
+            for _ in range(600):
+                if requested(8) or deadline.wait(0.1):
+                    break
+            deadline.wait(0.5)  # room for a (wrong) start of a further piece
+            seen["shard 1 row 0 fetched during shard 0's upload"] = requested(8)
+            seen["rows fetched past it"] = sum(requested(i) for i in range(9, 32))
+            seen["objects visible"] = Store(f"{url}/p").list_files()  # the tar appears only complete
+            seen["pieces on disk"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
 
-    monkeypatch.setattr(pipeline._Shard, "add", add)
-    monkeypatch.setattr(pipeline, "publish_pieces", publish)
+    monkeypatch.setattr(pipeline.Publisher, "_uploaded", uploaded)
     before = dict(host.hits)  # the local run's requests
     summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8))
     assert summary["downloaded_shards"] == 4
-    assert seen == {"shard 1 finished during shard 0's upload": True, "shard 2 requests": 0, "shard 2 pieces": [],
-                    "pieces": 2 * pipeline.MAX_OPEN_PIECES}
+    assert seen == {"shard 1 row 0 fetched during shard 0's upload": 1, "rows fetched past it": 0,
+                    "objects visible": [], "pieces on disk": pipeline.MAX_OPEN_PIECES}
     assert store_tree(url) == expected
