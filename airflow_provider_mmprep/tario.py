@@ -29,6 +29,7 @@ from .tarindex import TarIndex, find_tars as _find_tars_local, index_tar as _ind
 PathOrUrl = Path | str
 _options: Mapping[str, Any] | None = None
 _stores: dict[str, Store] = {}
+_stores_pid = os.getpid()
 
 
 def set_storage_options(options: Mapping[str, Any] | None) -> None:
@@ -39,8 +40,18 @@ def set_storage_options(options: Mapping[str, Any] | None) -> None:
     _options = dict(options) if options else None
 
 
+def get_storage_options() -> dict[str, Any] | None:
+    """What :func:`set_storage_options` set (to hand to a process that reads URLs on the task's behalf)."""
+    return dict(_options) if _options else None
+
+
 def store(folder: str) -> Store:
-    """The (cached) store of a URL folder."""
+    """The (cached) store of a URL folder; a forked child (a DataLoader worker) makes its own, as a client
+    made before the fork is bound to the parent's event-loop thread."""
+    global _stores_pid
+    if os.getpid() != _stores_pid:
+        _stores.clear()
+        _stores_pid = os.getpid()
     folder = folder.rstrip("/")
     found = _stores.get(folder)
     if found is None:

@@ -84,7 +84,7 @@ class DownloadOptions:
     # part restarts img2dataset's shard numbering, and reorganize_tar merges all parts into one order).
     key_prefix: str = ""
     # Not an option of the YAML: where finished shards go when output_dir is a URL (set by the stage; the
-    # shard is written to a local spool folder first, then uploaded by :func:`.shard.publish_shard`).
+    # shard's pieces are written to a local spool folder, then uploaded by :func:`.shard.publish_pieces`).
     publish_to: str | None = field(default=None, compare=False)
     warnings: tuple[str, ...] = field(default=(), compare=False)
 

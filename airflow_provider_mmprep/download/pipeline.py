@@ -21,6 +21,12 @@ Bounds per worker process (documented in docs/download_images.md):
   then a spill file on disk;
 - bodies waiting for decode: ``threads``;
 - open pieces: ``MAX_OPEN_PIECES`` (two files each).
+
+Writing to object storage (``options.publish_to``), every shard is cut into ``MAX_OPEN_PIECES`` pieces and
+uploaded by a :class:`Publisher` thread straight from its pieces, each as soon as it is finished, while
+downloads go on; pieces handed out and not yet uploaded (open, or finished and waiting for the upload) are
+capped at ``MAX_OPEN_PIECES`` x processes: local disk holds at most one shard's rows per worker process
+(docs/object-storage.md).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import gc
 import multiprocessing
 import os
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +49,7 @@ from .options import DownloadOptions
 from .reader import ShardJob
 from .resizer import ImageRejected, process_image
 from .shard import (FAILED_DOWNLOAD, FAILED_RESIZE, SUCCESS, MemoryBudget, Outcome, OrderedSampleWriter,
-                    finish_shard, piece_path, split_rows)
+                    finish_shard, piece_path, publish_pieces, split_rows)
 from ..fsutil import TMP_MARKER
 from ..procutil import die_with_parent
 from ..tarwriter import TarWriter
@@ -261,25 +268,125 @@ def run_loop(coroutine: Any) -> Any:
         gc.unfreeze()
 
 
+class Publisher:
+    """Uploads shards (:func:`.shard.publish_pieces`) in a thread of its own, one at a time in the order they
+    were handed out, each piece as soon as it is finished, so downloading never waits for an upload and the
+    last shard's upload ends soon after its last piece; counts the pieces handed out and not yet uploaded,
+    so callers hold back new pieces beyond :attr:`limit` (local disk stays bounded)."""
+
+    def __init__(self, options: DownloadOptions, processes: int):
+        self.options = options
+        self.limit = MAX_OPEN_PIECES * processes  # one shard's rows per process: open or waiting for upload
+        self.results: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._queue: queue.Queue[_Shard | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="mmprep-publish", daemon=True)
+        self._thread.start()
+
+    def handed_out(self, count: int = 1) -> None:
+        with self._lock:
+            self._outstanding += count
+
+    def _uploaded(self, _number: int) -> None:
+        with self._lock:
+            self._outstanding -= 1
+
+    @property
+    def room(self) -> bool:
+        """Whether another piece may be handed out (raises the uploader's error, if any)."""
+        self._raise_if_failed()
+        return self._outstanding < self.limit
+
+    def submit(self, shard: "_Shard") -> None:
+        """Upload ``shard`` after those submitted before it, its pieces as they finish."""
+        self._raise_if_failed()
+        self._queue.put(shard)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Wait for every submitted shard's upload; the stats of each, or the first upload error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+        return self.results
+
+    def abort(self) -> None:
+        """Stop: the upload in progress is abandoned (no object appears), shards not begun are dropped."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            shard = self._queue.get()
+            if shard is None:
+                return
+            if self.error is not None or self._stopping.is_set():
+                continue
+            try:
+                self.results.append(publish_pieces(shard.job, self.options, shard.paths, shard.start,
+                                                   str(self.options.publish_to), shard.joined,
+                                                   lambda number, shard=shard: shard.wait(number, self._stopping),
+                                                   self._uploaded))
+            except BaseException as exc:  # noqa: BLE001 - handed to the downloading side, which fails the task
+                self.error = exc
+
+
 def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
                   on_done: Callable[[bool], None] | None = None) -> list[dict[str, Any]]:
-    """Download every job in this process (one piece per shard), finishing each shard as it completes."""
+    """Download every job in this process, finishing each shard as it completes: in one piece written in
+    place locally, or (``options.publish_to``) in ``MAX_OPEN_PIECES`` pieces uploaded by a :class:`Publisher`."""
     job_iter = iter(jobs)
-    started: dict[int, float] = {}
+    shards: dict[int, _Shard] = {}
     results: list[dict[str, Any]] = []
+    publisher = Publisher(options, 1) if options.publish_to else None
+    pieces_per_shard = MAX_OPEN_PIECES if publisher else 1
+    waiting: list[Piece] = []
 
     async def next_piece() -> Piece | None:
-        job = next(job_iter, None)
-        if job is None:
-            return None
-        started[job.shard_id] = time.time()
-        return Piece(job, 0, range(len(job)), piece_path(out_dir, job.shard_id, 0))
+        if publisher is not None:
+            while not publisher.room:  # downloads in flight go on meanwhile
+                await asyncio.sleep(0.01)
+        if not waiting:
+            job = next(job_iter, None)
+            if job is None:
+                return None
+            ranges = split_rows(len(job), pieces_per_shard)
+            paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
+            shards[job.shard_id] = _Shard(job, paths)
+            if publisher is not None:
+                publisher.submit(shards[job.shard_id])
+            waiting.extend(Piece(job, number, rows, paths[number]) for number, rows in enumerate(ranges))
+        if publisher is not None:
+            publisher.handed_out()
+        return waiting.pop(0)
 
     def piece_done(piece: Piece, outcomes: list[Outcome]) -> None:
-        results.append(finish_shard(piece.job, options, out_dir, outcomes, [piece.path],
-                                    started.pop(piece.job.shard_id)))
+        shard = shards[piece.job.shard_id]
+        if shard.add(piece.number, outcomes):
+            del shards[piece.job.shard_id]
+            if publisher is None:  # else its upload has its pieces already
+                results.append(finish_shard(shard.job, options, out_dir, shard.joined(), shard.paths, shard.start))
 
-    run_loop(pump(options, next_piece, piece_done, on_done))
+    try:
+        run_loop(pump(options, next_piece, piece_done, on_done))
+        if publisher is not None:
+            results += publisher.close()
+    except BaseException:
+        if publisher is not None:
+            publisher.abort()
+        raise
+    finally:
+        for shard in shards.values():
+            for path in shard.paths:
+                path.unlink(missing_ok=True)
     return results
 
 
@@ -324,12 +431,29 @@ def _worker(pieces: Any, results: Any, done: Any, ok: Any, options: DownloadOpti
 
 
 class _Shard:
-    """A shard whose pieces are out with the workers."""
+    """A shard whose pieces are out being downloaded."""
 
     def __init__(self, job: ShardJob, paths: list[Path]):
         self.job, self.paths, self.start = job, paths, time.time()
         self.outcomes: list[list[Outcome] | None] = [None] * len(paths)
         self.left = len(paths)
+        self._finished = [threading.Event() for _ in paths]
+
+    def add(self, number: int, outcomes: list[Outcome]) -> bool:
+        """Record piece ``number``'s outcomes (its file is complete); True once every piece is back."""
+        self.outcomes[number] = outcomes
+        self.left -= 1
+        self._finished[number].set()
+        return self.left == 0
+
+    def wait(self, number: int, stopping: threading.Event) -> None:
+        """Block until piece ``number`` is finished (for the uploader); raise if ``stopping`` is set first."""
+        while not self._finished[number].wait(0.1):
+            if stopping.is_set():
+                raise RuntimeError("download stopped")
+
+    def joined(self) -> list[Outcome]:
+        return [o for piece_outcomes in self.outcomes for o in piece_outcomes or []]
 
 
 def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
@@ -340,6 +464,9 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
     worker has room, about one waiting per worker, and a shard is finished here once all its pieces are back.
     """
     processes = options.processes
+    publisher = Publisher(options, processes) if options.publish_to else None
+    if publisher is not None:
+        pieces_per_shard = max(pieces_per_shard, MAX_OPEN_PIECES)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__``. Nothing here
     # holds a lock or a socket at that point: the event loop and sessions are created inside each worker.
     methods = multiprocessing.get_all_start_methods()
@@ -359,6 +486,8 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
             ranges = split_rows(len(job), pieces_per_shard)
             paths = [piece_path(out_dir, job.shard_id, i) for i in range(len(ranges))]
             shards[job.shard_id] = _Shard(job, paths)
+            if publisher is not None:
+                publisher.submit(shards[job.shard_id])
             for number, rows in enumerate(ranges):
                 yield Piece(job, number, rows, paths[number])
         for _ in range(processes):
@@ -370,17 +499,23 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
         waiting = next(feed, None)
         fed_all = False
         while finished_workers < processes:
+            held_back = False
             while not fed_all:
+                if waiting is not None and publisher is not None and not publisher.room:
+                    held_back = True  # local disk: wait for an upload to finish
+                    break
                 try:
                     piece_queue.put_nowait(waiting)
                 except queue.Full:
                     break
+                if waiting is not None and publisher is not None:
+                    publisher.handed_out()
                 try:
                     waiting = next(feed)
                 except StopIteration:
                     fed_all = True
             try:
-                message = result_queue.get(timeout=0.5)
+                message = result_queue.get(timeout=0.02 if held_back else 0.5)
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
@@ -395,15 +530,20 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
                 continue
             _kind, shard_id, number, outcomes = message
             shard = shards[shard_id]
-            shard.outcomes[number] = outcomes
-            shard.left -= 1
-            if shard.left == 0:
+            if shard.add(number, outcomes):
                 del shards[shard_id]
-                joined = [o for piece_outcomes in shard.outcomes for o in piece_outcomes or []]
-                results.append(finish_shard(shard.job, options, out_dir, joined, shard.paths, shard.start))
+                if publisher is None:  # else uploaded in a thread, piece by piece: this loop keeps feeding
+                    results.append(finish_shard(shard.job, options, out_dir, shard.joined(), shard.paths,
+                                                shard.start))
             progress(done.value, ok.value)
+        if publisher is not None:
+            results += publisher.close()
         progress(done.value, ok.value)
         return results
+    except BaseException:
+        if publisher is not None:
+            publisher.abort()
+        raise
     finally:
         for worker in workers:
             if worker.is_alive() and finished_workers < processes:

@@ -13,19 +13,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fsutil import TMP_MARKER, atomic_path, atomic_write_bytes
-from ..manifest import manifest_path, offsets_path, write_manifest
+from ..manifest import manifest_records, write_manifest
 from ..tarindex import offsets_of
-from ..tarwriter import TarWriter
+from ..tarwriter import BLOCK, RECORD, TarWriter
 from .options import DownloadOptions
 from .reader import ShardJob
 
@@ -33,8 +32,8 @@ SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "fail
 #: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar, over all
 #: the pieces a worker has open; beyond this they wait in a spill file.
 MEMORY_CAP_BYTES = 48 * 1024 * 1024
-#: Shard files up to this size are uploaded in one PUT; bigger ones (tars) as a multipart upload.
-PUBLISH_SINGLE_PUT = 8 * 1024 * 1024
+#: Bytes read from a piece per write into a shard's upload (the upload buffers one part, storage.PART_SIZE).
+PUBLISH_READ = 8 * 1024 * 1024
 
 
 @dataclass
@@ -155,27 +154,9 @@ def split_rows(count: int, pieces: int) -> list[range]:
     return ranges
 
 
-def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcomes: list[Outcome],
-                 pieces: list[Path], start: float) -> dict[str, Any]:
-    """Join the pieces into ``{shard}.tar`` and write ``.parquet``, the manifest and ``_stats.json`` (last)."""
-    paths = shard_paths(out_dir, job.shard_id)
+def shard_table(job: ShardJob, options: DownloadOptions, outcomes: list[Outcome]) -> pa.Table:
+    """The shard's ``.parquet`` rows: every URL with its outcome (one builder for local and published shards)."""
     hash_name = options.compute_hash or "sha256"
-    extension = options.extension
-    try:
-        with atomic_path(paths["tar"]) as tmp_tar:
-            # the first piece becomes the tar (a rename, not a copy: a shard's bytes are written once)
-            os.replace(pieces[0], tmp_tar)
-            tar = TarWriter(tmp_tar, append=True)
-            try:
-                for piece in pieces[1:]:
-                    tar.append_file(piece)
-            finally:
-                tar.close()
-    finally:
-        for piece in pieces:
-            piece.unlink(missing_ok=True)
-    successes = sum(o.status == SUCCESS for o in outcomes)
-
     columns: dict[str, pa.Array] = {
         "key": pa.array(job.keys, pa.string()),
         "url": pa.array(job.urls, pa.string()),
@@ -197,56 +178,126 @@ def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcome
         for name in job.extra.column_names:
             if name not in table.column_names:
                 table = table.append_column(name, job.extra.column(name))
-    with atomic_path(paths["parquet"]) as tmp:
-        pq.write_table(table, tmp)
+    return table
 
-    failed_download = sum(o.status == FAILED_DOWNLOAD for o in outcomes)
-    failed_resize = sum(o.status == FAILED_RESIZE for o in outcomes)
+
+def manifest_fields(job: ShardJob, options: DownloadOptions) -> dict[str, Any]:
+    """The manifest's fields beside the sample count and offsets (the same for local and published shards)."""
+    extensions = sorted([options.extension, "json"] + (["txt"] if job.captions is not None else []))
+    return {"shard": job.shard_id, "extensions": extensions, "every_sample_has": extensions,
+            "retry_round": job.retry, "source": "download_images", "options_fingerprint": options.fingerprint()}
+
+
+def shard_stats(job: ShardJob, options: DownloadOptions, outcomes: list[Outcome], start: float) -> dict[str, Any]:
+    """img2dataset's ``_stats.json`` body (plus our fingerprint), ended now."""
+    successes = sum(o.status == SUCCESS for o in outcomes)
     status_dict: dict[str, int] = {}
     for outcome in outcomes:
         label = outcome.error or outcome.status
         status_dict[label] = status_dict.get(label, 0) + 1
     end = time.time()
-    extensions = sorted([extension, "json"] + (["txt"] if job.captions is not None else []))
-    write_manifest(paths["tar"], successes, shard=job.shard_id, extensions=extensions,
-                   every_sample_has=extensions, retry_round=job.retry, source="download_images",
-                   options_fingerprint=options.fingerprint(),
-                   member_offsets=offsets_of(paths["tar"]))  # so reorganize_tar reads no header of it
-    stats = {"count": len(outcomes), "successes": successes, "failed_to_download": failed_download,
-             "failed_to_resize": failed_resize, "retryable": sum(o.retryable for o in outcomes),
-             "duration": end - start, "start_time": start, "end_time": end,
-             "status_dict": dict(sorted(status_dict.items(), key=lambda kv: -kv[1])),
-             "shard": job.shard_id, "retry_round": job.retry,
-             "options_fingerprint": options.fingerprint(), "options": options.shaping()}
+    return {"count": len(outcomes), "successes": successes,
+            "failed_to_download": sum(o.status == FAILED_DOWNLOAD for o in outcomes),
+            "failed_to_resize": sum(o.status == FAILED_RESIZE for o in outcomes),
+            "retryable": sum(o.retryable for o in outcomes),
+            "duration": end - start, "start_time": start, "end_time": end,
+            "status_dict": dict(sorted(status_dict.items(), key=lambda kv: -kv[1])),
+            "shard": job.shard_id, "retry_round": job.retry,
+            "options_fingerprint": options.fingerprint(), "options": options.shaping()}
+
+
+def finish_shard(job: ShardJob, options: DownloadOptions, out_dir: Path, outcomes: list[Outcome],
+                 pieces: list[Path], start: float) -> dict[str, Any]:
+    """Join the pieces into ``{shard}.tar`` and write ``.parquet``, the manifest and ``_stats.json`` (last)."""
+    paths = shard_paths(out_dir, job.shard_id)
+    try:
+        with atomic_path(paths["tar"]) as tmp_tar:
+            # the first piece becomes the tar (a rename, not a copy: a shard's bytes are written once)
+            os.replace(pieces[0], tmp_tar)
+            tar = TarWriter(tmp_tar, append=True)
+            try:
+                for piece in pieces[1:]:
+                    tar.append_file(piece)
+            finally:
+                tar.close()
+    finally:
+        for piece in pieces:
+            piece.unlink(missing_ok=True)
+    with atomic_path(paths["parquet"]) as tmp:
+        pq.write_table(shard_table(job, options, outcomes), tmp)
+    successes = sum(o.status == SUCCESS for o in outcomes)
+    write_manifest(paths["tar"], successes, member_offsets=offsets_of(paths["tar"]),  # so reorganize_tar
+                   **manifest_fields(job, options))                                  # reads no header of it
+    stats = shard_stats(job, options, outcomes, start)
     atomic_write_bytes(paths["stats"], json.dumps(stats, indent=1).encode())
-    if options.publish_to:
-        publish_shard(out_dir, job.shard_id, options.publish_to)
     return stats
 
 
-def publish_shard(spool_dir: Path, shard_id: int, folder_url: str) -> None:
-    """Upload one finished shard from the local spool to ``folder_url`` and remove it locally.
+def end_of_archive(size: int) -> bytes:
+    """What :meth:`TarWriter.close` appends to ``size`` bytes of members: two zero blocks, padded to a record."""
+    return bytes(2 * BLOCK + -(size + 2 * BLOCK) % RECORD)
+
+
+def piece_members(piece: Path, base: int) -> tuple[list[Any], int]:
+    """A piece's members (from its headers, in the page cache) with offsets as in the joined tar, where the
+    piece starts at ``base``; and how many members the index skips."""
+    from ..tarindex import index_tar  # noqa: PLC0415
+
+    if not piece.stat().st_size:
+        return [], 0
+    index = index_tar(piece)
+    return [m._replace(offset=m.offset + base, header_offset=m.header_offset + base)
+            for sample in index.samples for m in sample.members], index.skipped_members
+
+
+def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], start: float, folder_url: str,
+                   outcomes: Callable[[], list[Outcome]], wait: Callable[[int], None] = lambda number: None,
+                   uploaded: Callable[[int], None] = lambda number: None) -> dict[str, Any]:
+    """Upload one shard straight from its pieces to ``folder_url``, each piece as soon as it is finished
+    (``wait(i)`` returns then) and removed locally once uploaded (``uploaded(i)``): the same bytes
+    :func:`finish_shard` writes, without a joined copy on local disk. ``outcomes()`` (every URL's, in row
+    order) is asked once every piece is finished.
 
     Each object appears only complete (one PUT, or a multipart upload whose completion is the commit: see
-    :meth:`..storage.Store.open_write`); the tar goes first, then its offsets sidecar and manifest, the
-    parquet, and ``_stats.json`` last, so a shard counts as complete (``_stats.json`` present) only once
-    everything it describes is there. A kill part-way leaves no stats: the rerun redoes the shard and
-    overwrites whatever of it was uploaded.
+    :meth:`..storage.Store.open_write`): the old ``_stats.json`` goes first (a shard being redone stops
+    counting as complete before its files change), then the tar (the pieces in order, then the
+    end-of-archive marker), its offsets sidecar and manifest, the parquet, and ``_stats.json`` last. A kill
+    part-way leaves no stats and at most an unfinished upload: the rerun aborts it and redoes the shard.
     """
     from .. import tario  # noqa: PLC0415 - fsspec only when publishing to object storage
+    from ..tarindex import member_offsets  # noqa: PLC0415
 
-    paths = shard_paths(spool_dir, shard_id)
-    manifest = manifest_path(paths["tar"])
-    order = [paths["tar"], offsets_path(paths["tar"]), manifest, paths["parquet"], paths["stats"]]
     store = tario.store(folder_url)
-    store.remove(paths["stats"].name)  # a shard being redone stops counting as complete before its files change
-    for path in order:
-        if not path.is_file():
-            continue
-        if path.stat().st_size <= PUBLISH_SINGLE_PUT:
-            store.write_bytes(path.name, path.read_bytes())
-        else:
-            with open(path, "rb") as source, store.open_write(path.name) as target:
-                shutil.copyfileobj(source, target, 2**20)
-    for path in order:
-        path.unlink(missing_ok=True)
+    stem = f"{job.shard_id:05d}"
+    members: list[Any] = []
+    skipped = 0
+    size = 0
+    try:
+        store.remove(f"{stem}_stats.json")
+        with store.open_write(f"{stem}.tar") as target:
+            for number, piece in enumerate(pieces):
+                wait(number)
+                found, skips = piece_members(piece, size)
+                members += found
+                skipped += skips
+                with open(piece, "rb") as source:
+                    while chunk := source.read(PUBLISH_READ):
+                        target.write(chunk)
+                        size += len(chunk)
+                piece.unlink()
+                uploaded(number)
+            target.write(end_of_archive(size))
+        rows = outcomes()
+        successes = sum(o.status == SUCCESS for o in rows)
+        sidecar, manifest = manifest_records(f"{stem}.tar", successes, size + len(end_of_archive(size)),
+                                             member_offsets(members, skipped), **manifest_fields(job, options))
+        sink = pa.BufferOutputStream()
+        pq.write_table(shard_table(job, options, rows), sink)
+        stats = shard_stats(job, options, rows, start)
+        for name, data in (*filter(None, (sidecar, manifest)), (f"{stem}.parquet", sink.getvalue().to_pybytes()),
+                           (f"{stem}_stats.json", json.dumps(stats, indent=1).encode())):
+            store.write_bytes(name, data)
+    finally:
+        for piece in pieces:
+            piece.unlink(missing_ok=True)
+    return stats

@@ -3,6 +3,12 @@
 Batches are jobs over sample ranges of an input tar; a DataLoader worker indexes the tar from its headers
 when it first needs it, reads just the members it needs, and batches come back in the order the sampler
 issued them (map-style dataset), which lets the writer emit samples in input order without reordering.
+
+An input tar may be a URL in object storage: it is then never copied whole to local disk. Its index comes
+from the member offsets its manifest names (download_images and reorganize_tar record them), else from its
+headers (read-ahead reads), and each batch fetches just its members' bytes as coalesced, concurrent ranged
+reads (:meth:`..storage.Store.read_ranges`); the originals ``save_original_in_tar`` copies travel with the
+batch to the writer as bytes.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import tarindex
+from .. import tario, tarindex
 from ..manifest import read_manifest
+from ..storage import is_url
 from ..tarindex import Member, Sample
 
 log = logging.getLogger(__name__)
@@ -31,12 +38,25 @@ def intact_samples(path: str | Path) -> list[Sample]:
     """Samples of an uncompressed tar in order, from its headers only (:func:`tarindex.index_tar`: the same
     grouping, unsafe-name refusal and damage detection as reorganize_tar and inspect), or DamagedTar: unlike
     ``index_tar``, which keeps a damaged tar's readable samples, precache must encode every sample it was
-    given, so a damaged input fails instead of silently losing its tail."""
-    index = tarindex.index_tar(path)
+    given, so a damaged input fails instead of silently losing its tail. A URL's index comes from the
+    member offsets its current manifest names when there are some, else from its headers."""
+    index = _url_index(str(path)) if is_url(path) else tarindex.index_tar(path)
     if index.problems:
-        raise tarindex.DamagedTar(f"{Path(path).name} is damaged: {'; '.join(index.problems)}; redo the "
+        raise tarindex.DamagedTar(f"{tario.name_of(path)} is damaged: {'; '.join(index.problems)}; redo the "
                                   "reorganize_tar output (or download shard) it came from")
     return index.samples
+
+
+def _url_index(url: str) -> tarindex.TarIndex:
+    """The index of a tar in object storage: from its manifest's member offsets (no read of the tar), else
+    from its headers through read-ahead reads."""
+    body = tario.read_manifest(url)
+    record = tario.read_offsets(url, body) if body is not None else None
+    if record is not None:
+        index = tarindex.index_from_offsets(url, int(body["tar_size"]), record)
+        if index is not None:
+            return index
+    return tario.index_tar(url)
 
 
 def members_by_extension(sample: Sample) -> dict[str, Member]:
@@ -91,9 +111,9 @@ class InputSpec:
     preprocess: Callable[[list[str]], Any] | None = None
 
 
-def count_samples(tar: Path) -> int:
+def count_samples(tar: Path | str) -> int:
     """Samples in a shard: from the producing stage's manifest when there is a current one, else headers."""
-    manifest = read_manifest(tar)
+    manifest = tario.read_manifest(tar) if is_url(tar) else read_manifest(tar)
     if manifest is not None and isinstance(manifest.get("sample_count"), int):
         return manifest["sample_count"]
     return len(intact_samples(tar))
@@ -127,6 +147,8 @@ class KeptSample:
     key: str
     mtime: int
     originals: tuple[tuple[str, Member], ...]
+    #: the originals' bytes, for an input in object storage (a local input's are copied by the writer)
+    original_data: tuple[bytes, ...] | None = None
 
 
 class BatchDataset(torch.utils.data.Dataset):
@@ -136,10 +158,11 @@ class BatchDataset(torch.utils.data.Dataset):
     out of the batch and reported in ``bad`` with the reason; the writer records it in the manifest.
     """
 
-    def __init__(self, tars: Sequence[Path], inputs: Sequence[InputSpec], image_size: int, crop_size: int,
-                 originals: Sequence[str] = ()):
+    def __init__(self, tars: Sequence[Path | str], inputs: Sequence[InputSpec], image_size: int, crop_size: int,
+                 originals: Sequence[str] = (), storage_options: dict[str, Any] | None = None):
         self.tars, self.inputs = list(tars), list(inputs)
         self.image_size, self.crop_size, self.originals = image_size, crop_size, tuple(originals)
+        self.storage_options = storage_options  # for URL inputs, in whichever process reads them
         self._open: tuple[int, Any, list[Sample]] | None = None  # the input tar this worker has open
 
     def __len__(self) -> int:
@@ -147,22 +170,36 @@ class BatchDataset(torch.utils.data.Dataset):
 
     def _tar(self, tar_index: int) -> tuple[Any, list[Sample]]:
         if self._open is None or self._open[0] != tar_index:
-            if self._open is not None:
+            if self._open is not None and self._open[1] is not None:
                 self._open[1].close()
             path = self.tars[tar_index]
-            self._open = (tar_index, open(path, "rb"), intact_samples(path))
+            if is_url(path):  # no handle: each batch's members are fetched as ranged reads
+                tario.set_storage_options(self.storage_options)
+                self._open = (tar_index, None, intact_samples(path))
+            else:
+                self._open = (tar_index, open(path, "rb"), intact_samples(path))
         return self._open[1], self._open[2]
 
-    @staticmethod
-    def _read(handle: Any, member: Member) -> bytes:
-        handle.seek(member.offset)
-        return handle.read(member.size)
+    def _reader(self, tar_index: int, handle: Any, samples: list[Sample], exts: list[str]
+                ) -> Callable[[Member], bytes]:
+        """How this batch reads a member: seek and read in a local file; for a URL, the members of every
+        extension wanted (and the originals) fetched for the whole batch at once, as ranged reads."""
+        if handle is not None:
+            def read(member: Member) -> bytes:
+                handle.seek(member.offset)
+                return handle.read(member.size)
+            return read
+        wanted = [m for sample in samples for m in sample.members if m.ext in exts]
+        blobs = tario.read_ranges(self.tars[tar_index], [(m.offset, m.offset + m.size) for m in wanted])
+        fetched = {m.offset: blob for m, blob in zip(wanted, blobs)}
+        return lambda member: fetched[member.offset]
 
     def __getitem__(self, job: BatchJob) -> dict[str, Any]:
         handle, index = self._tar(job.tar_index)
         samples = index[job.start:] if job.last_in_tar else index[job.start:job.stop]
         image_exts = sorted({i.extension for i in self.inputs if i.modality == "image"})
         text_exts = sorted({i.extension for i in self.inputs if i.modality == "text"})
+        read = self._reader(job.tar_index, handle, samples, [*image_exts, *text_exts, *self.originals])
         kept: list[KeptSample] = []
         bad: list[tuple[str, str]] = []
         images: dict[str, list[np.ndarray]] = {ext: [] for ext in image_exts}
@@ -175,17 +212,18 @@ class BatchDataset(torch.utils.data.Dataset):
                     if ext not in members:
                         raise LookupError(f"no .{ext} member")
                 for ext in image_exts:
-                    decoded_images[ext] = decode_image(self._read(handle, members[ext]),
+                    decoded_images[ext] = decode_image(read(members[ext]),
                                                        self.image_size, self.crop_size)
                 for ext in text_exts:
-                    decoded_texts[ext] = self._read(handle, members[ext]).decode("utf-8")
+                    decoded_texts[ext] = read(members[ext]).decode("utf-8")
             except Exception as exc:  # PIL raises many kinds; any of them means: skip this sample
                 reason = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}")  # deterministic manifests
-                log.warning("%s: sample %s skipped: %s", self.tars[job.tar_index].name, sample.key, reason)
+                log.warning("%s: sample %s skipped: %s", tario.name_of(self.tars[job.tar_index]), sample.key, reason)
                 bad.append((sample.key, reason))
                 continue
-            kept.append(KeptSample(sample.key, sample.members[0].mtime,
-                                   tuple((ext, members[ext]) for ext in self.originals if ext in members)))
+            originals = tuple((ext, members[ext]) for ext in self.originals if ext in members)
+            kept.append(KeptSample(sample.key, sample.members[0].mtime, originals,
+                                   None if handle is not None else tuple(read(m) for _, m in originals)))
             for ext, array in decoded_images.items():
                 images[ext].append(array)
             for ext, text in decoded_texts.items():

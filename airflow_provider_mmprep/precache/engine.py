@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .. import tario
 from ..config import EncodingSpec, PrecacheConfig
 from ..encoders import build_encoder
 from ..procutil import die_with_parent
@@ -141,7 +142,7 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
               for _, spec, encoder, _ in encoders]
     originals = sorted({tuple(o.originals) for o in outputs})
     dataset = BatchDataset([o.source for o in outputs], inputs, precache.image_size, precache.crop_size,
-                           originals[0] if originals else ())
+                           originals[0] if originals else (), tario.get_storage_options())
     workers = precache.dataloader_num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=JobSampler(dataset.tars, precache.batch_size_per_GPU),
@@ -200,12 +201,13 @@ def encode_tars(outputs: Sequence[TarOutput], precache: PrecacheConfig, device_n
 
 
 def _child_main(index: int, device_name: str, outputs: list[TarOutput], precache: PrecacheConfig,
-                results: Any, parent: int) -> None:
+                results: Any, parent: int, storage_options: dict[str, Any] | None = None) -> None:
     """Entry point of a spawned per-device process: results (or the error) go back on ``results``. A task
     killed outright (SIGKILL) must not leave it encoding behind it: it dies with ``parent``."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s [{device_name}] %(name)s: %(message)s")
     die_with_parent(parent)
+    tario.set_storage_options(storage_options)  # a spawned process: the task's options for URL inputs
     try:
         results.put((index, "ok", encode_tars(outputs, precache, device_name)))
     except BaseException as exc:
@@ -222,7 +224,8 @@ def encode_in_processes(assignments: Sequence[tuple[str, list[TarOutput]]],
     processes = []
     for index, (device_name, outputs) in enumerate(assignments):
         process = context.Process(target=_child_main,
-                                  args=(index, device_name, outputs, precache, results, os.getpid()),
+                                  args=(index, device_name, outputs, precache, results, os.getpid(),
+                                        tario.get_storage_options()),
                                   name=f"mmprep-precache-{device_name}-{index}")  # not daemonic: it
         # needs DataLoader worker children of its own
         process.start()

@@ -22,6 +22,8 @@ import numpy as np
 
 from ..fsutil import temp_path_for
 from ..manifest import INCOMPLETE_SUFFIX, write_manifest
+from ..storage import is_url
+from ..tario import name_of
 from ..tarwriter import PAX, MemberMetadata, TarWriter
 from .data import KeptSample, Member
 
@@ -44,7 +46,7 @@ class EncodedBatch:
 
 @dataclass
 class TarOutput:
-    source: Path
+    source: Path | str  # a local path or a URL (read with ranged reads, never copied whole)
     final: Path
     originals: Sequence[str]  # extensions copied untouched
     manifest_fields: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +63,8 @@ class _OpenTar:
         self.output = output
         self.tmp = temp_path_for(output.final)
         self.tar = TarWriter(self.tmp, METADATA)
-        self.source = os.open(output.source, os.O_RDONLY) if output.originals else None
+        local = not is_url(output.source)
+        self.source = os.open(output.source, os.O_RDONLY) if output.originals and local else None
         self.written = 0
         self.skipped: list[dict[str, str]] = []
         self.encodings: dict[str, dict[str, Any]] = {}
@@ -172,8 +175,11 @@ class TarWriterThread:
                     value = value[masks[key][row].astype(bool)]
                 record[key] = np.ascontiguousarray(value)
             current.add(f"{sample.key}.pickle", pickle.dumps(record, protocol=PICKLE_PROTOCOL), sample.mtime)
-            for ext, member in sample.originals:
-                current.copy_member(f"{sample.key}.{ext}", member)
+            for number, (ext, member) in enumerate(sample.originals):
+                if sample.original_data is not None:  # an input in object storage: the bytes came with it
+                    current.add(f"{sample.key}.{ext}", sample.original_data[number], member.mtime)
+                else:
+                    current.copy_member(f"{sample.key}.{ext}", member)
             if current.written == 0:
                 current.encodings = {key: {"shape": list(v.shape), "dtype": str(v.dtype)}
                                      for key, v in record.items()}
@@ -195,7 +201,7 @@ class TarWriterThread:
         elif marker.is_file() and marker.stat().st_size == 0:
             marker.unlink()  # the input was completed since an earlier run
         os.replace(current.tmp, output.final)
-        fields = {"source_tar": output.source.name, "source_sample_count": current.written + len(current.skipped),
+        fields = {"source_tar": name_of(output.source), "source_sample_count": current.written + len(current.skipped),
                   "encodings": current.encodings, "skipped_samples": current.skipped,
                   "extensions": ["pickle", *output.originals], **output.manifest_fields}
         write_manifest(output.final, current.written, **fields)

@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 STAGE = "precache_encodings"
 #: bump when the output format changes so older outputs are redone
 FORMAT_VERSION = 1
-#: With object storage, input tars are fetched (and outputs uploaded) in rounds of this many tars per
-#: encoder process: local disk holds at most one round's inputs and outputs (see docs/object-storage.md).
+#: With an output folder in object storage, outputs are written locally and uploaded in rounds of this many
+#: tars per encoder process: local disk holds at most one round's outputs (inputs in object storage are read
+#: with ranged reads, never copied whole; see docs/object-storage.md).
 SPOOL_TARS_PER_DEVICE = 4
 
 PathOrUrl = tario.PathOrUrl
@@ -266,7 +267,7 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
 
     extensions = original_extensions(precache)
 
-    def output_for(tar: PathOrUrl, source: Path, final: Path) -> TarOutput:
+    def output_for(tar: PathOrUrl, source: PathOrUrl, final: Path) -> TarOutput:
         name = tario.name_of(tar)
         return TarOutput(source, final, extensions,
                          {"precache_fingerprint": fingerprints[tar], "short": name in short,
@@ -314,17 +315,11 @@ def _encode(block: PrecacheEncodingsConfig, outputs: Sequence[Any], precache: Pr
 
 
 def spool_folder(output_dir: str) -> Path:
-    """The local folder a task writing to or reading from object storage spools its current round in
+    """The local folder a task writing to object storage spools its current round's outputs in
     (``$MMPREP_SPOOL_DIR`` or the temp folder), one per output folder and process."""
     root = os.environ.get("MMPREP_SPOOL_DIR") or tempfile.gettempdir()
     digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:16]
     return Path(root) / f"mmprep-precache-{digest}-{os.getpid()}"
-
-
-def _fetch(tar: str, target: Path) -> None:
-    folder, _, name = str(tar).rpartition("/")
-    with tario.store(folder).open_read(name, block_size=8 * 2**20) as source, open(target, "wb") as sink:
-        shutil.copyfileobj(source, sink, 8 * 2**20)
 
 
 def _publish(local: Path, output_dir: PathOrUrl) -> None:
@@ -350,9 +345,14 @@ def _publish(local: Path, output_dir: PathOrUrl) -> None:
 
 def _encode_remote(block: PrecacheEncodingsConfig, pending: list[PathOrUrl], output_dir: PathOrUrl,
                    output_for: Any, precache: PrecacheConfig, devices: list[str]) -> list[dict[str, Any]]:
-    """Encode tars whose input or output is in object storage, in rounds of ``SPOOL_TARS_PER_DEVICE`` tars
-    per device: each round's inputs are fetched to a local spool folder, encoded there, and each output
-    published (then removed locally) before the next round. Local disk: one round's inputs and outputs."""
+    """Encode tars whose input or output is in object storage. Inputs in object storage are read where they
+    are (ranged reads of each batch's members: :mod:`..precache.data`), never copied whole. Outputs going to
+    object storage are written to a local spool folder in rounds of ``SPOOL_TARS_PER_DEVICE`` tars per
+    device and each published (then removed locally) before the next round. Local disk: one round's
+    outputs."""
+    if not is_url(output_dir):  # the writer puts each tar in place, as locally
+        return _encode(block, [output_for(tar, tar, Path(output_dir) / tario.name_of(tar)) for tar in pending],
+                       precache, devices)
     spool = spool_folder(str(output_dir))
     shutil.rmtree(spool, ignore_errors=True)
     results: list[dict[str, Any]] = []
@@ -360,24 +360,11 @@ def _encode_remote(block: PrecacheEncodingsConfig, pending: list[PathOrUrl], out
     try:
         for first in range(0, len(pending), size):
             chunk = pending[first:first + size]
-            (spool / "in").mkdir(parents=True, exist_ok=True)
             (spool / "out").mkdir(parents=True, exist_ok=True)
-            outputs = []
-            for tar in chunk:
-                name = tario.name_of(tar)
-                source = spool / "in" / name if is_url(tar) else Path(tar)
-                if is_url(tar):
-                    _fetch(tar, source)
-                final = spool / "out" / name if is_url(output_dir) else Path(output_dir) / name
-                outputs.append(output_for(tar, source, final))
+            outputs = [output_for(tar, tar, spool / "out" / tario.name_of(tar)) for tar in chunk]
             round_results = _encode(block, outputs, precache, devices)
             for tar in chunk:
-                if not is_url(output_dir):
-                    continue  # a local output folder: the writer put each tar in place already
                 _publish(spool / "out" / tario.name_of(tar), output_dir)
-            for tar, output in zip(chunk, outputs):
-                if is_url(tar):
-                    output.source.unlink(missing_ok=True)
             results += round_results
     finally:
         shutil.rmtree(spool, ignore_errors=True)

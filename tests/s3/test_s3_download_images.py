@@ -103,10 +103,8 @@ KILLER = textwrap.dedent("""\
     import s3fs.core
     from airflow_provider_mmprep import storage
     from airflow_provider_mmprep.config import load_config
-    from airflow_provider_mmprep.download import shard
     from airflow_provider_mmprep.stages import run_stage_task
     storage.PART_SIZE = 5 * 2**20  # S3's smallest part: a shard's tar is then several parts
-    shard.PUBLISH_SINGLE_PUT = 2**20
     real = s3fs.core.S3File._upload_chunk
     def upload_chunk(self, final=False):
         result = real(self, final)
@@ -179,3 +177,50 @@ def test_retry_failed_on_s3_reads_the_shards_there_and_adds_a_retry_shard(tmp_pa
     assert json.loads(Store(f"{url}/p").read_bytes("00003_stats.json"))["retry_round"]
     third = run(path)
     assert third["retried_urls"] == 0 and "00004.tar" not in Store(f"{url}/p").list_files()
+
+
+def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Path, host: ImageHost,
+                                                                   s3_env: SeaweedS3, s3_bucket: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """One process, 8 rows per shard (one row per piece): while shard 0's upload is held open after its first
+    piece (nothing visible at its name yet), the download goes on (the upload is not on the event loop) but only as far as the bound
+    on local disk lets it: one shard's pieces out and not uploaded, so exactly one new piece (shard 1's first
+    row) starts and no other. Released, the outputs are the local run's bytes."""
+    import threading
+
+    from airflow_provider_mmprep.download import pipeline
+
+    urls = sample_data.add_images(host, 32, size=(96, 64))
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    run(config_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "ref"), number_sample_per_shard=8))
+    expected = local_tree(tmp_path / "ref")
+    paths = ["/" + u.split("/", 3)[3] for u in urls]
+
+    url = f"s3://{s3_bucket}/out"
+    spool = download_images.spool_folder(f"{url}/p")
+    seen: dict[str, Any] = {}
+    real_uploaded = pipeline.Publisher._uploaded
+
+    def requested(index: int) -> int:
+        return host.hits[paths[index]] - before[paths[index]]
+
+    def uploaded(self: Any, number: int) -> None:
+        real_uploaded(self, number)
+        if not seen:  # shard 0's first piece is up; its multipart upload stays open while we look
+            deadline = threading.Event()
+            for _ in range(600):
+                if requested(8) or deadline.wait(0.1):
+                    break
+            deadline.wait(0.5)  # room for a (wrong) start of a further piece
+            seen["shard 1 row 0 fetched during shard 0's upload"] = requested(8)
+            seen["rows fetched past it"] = sum(requested(i) for i in range(9, 32))
+            seen["objects visible"] = Store(f"{url}/p").list_files()  # the tar appears only complete
+            seen["pieces on disk"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
+
+    monkeypatch.setattr(pipeline.Publisher, "_uploaded", uploaded)
+    before = dict(host.hits)  # the local run's requests
+    summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8))
+    assert summary["downloaded_shards"] == 4
+    assert seen == {"shard 1 row 0 fetched during shard 0's upload": 1, "rows fetched past it": 0,
+                    "objects visible": [], "pieces on disk": pipeline.MAX_OPEN_PIECES}
+    assert store_tree(url) == expected

@@ -102,3 +102,32 @@ def test_a_killed_runs_upload_is_removed_and_the_tar_redone(tmp_path: Path, mode
     assert rerun["already_done"] == 1 and rerun["encoded_tars"] == 1
     assert store_tree(url) == local_tree(tmp_path / "ref")
     assert fs.list_multipart_uploads(s3_bucket) == []
+
+
+def test_inputs_in_s3_are_read_in_ranges_never_whole(tmp_path: Path, models, s3_env: SeaweedS3, s3_bucket: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Input tars with manifests naming their member offsets (as download_images and reorganize_tar write
+    them) are indexed from the offsets and read as ranged reads of each batch's members, in forked DataLoader
+    workers too: no input is ever opened for a whole read; outputs equal the local run's."""
+    from airflow_provider_mmprep.manifest import write_manifest
+    from airflow_provider_mmprep.tarindex import offsets_of
+
+    for tar in fx.write_shards(tmp_path / "in", 3, 5):
+        write_manifest(tar, 5, member_offsets=offsets_of(tar), source="test")
+    body = {**precache(models), "dataloader_num_workers": 2}
+    run_stage_task(config(tmp_path, "ref", str(tmp_path / "in"), str(tmp_path / "ref"), body), STAGE, 0, 1)
+    expected = local_tree(tmp_path / "ref")
+    s3_env.filesystem().put(f"{tmp_path / 'in'}/", f"{s3_bucket}/in", recursive=True)
+
+    real_open_read = Store.open_read
+
+    def open_read(self: Store, name: str, **kwargs):
+        if name.endswith(".tar"):
+            raise AssertionError(f"{self.url(name)} opened for a whole read")
+        return real_open_read(self, name, **kwargs)
+
+    monkeypatch.setattr(Store, "open_read", open_read)
+    target = f"s3://{s3_bucket}/out"
+    cfg = config(tmp_path, "s3", f"s3://{s3_bucket}/in", target, body)
+    assert sum(run_stage_task(cfg, STAGE, t, 2)["encoded_tars"] for t in range(2)) == 3
+    assert store_tree(target) == expected

