@@ -34,7 +34,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urljoin
 
 import aiohappyeyeballs
@@ -188,7 +188,7 @@ class _Connection(asyncio.Protocol):
 
     Per request it allocates one future and the body chunks; the parser, this object and the socket are
     reused for every request the connection carries. The waiting request is woken once: at the end of the
-    head when the body is not wanted (not 200, X-Robots-Tag present, Content-Length over the cap), else
+    head when the body is not wanted (not 200, an X-Robots-Tag that forbids it, Content-Length over the cap), else
     when the body is complete."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
@@ -199,6 +199,7 @@ class _Connection(asyncio.Protocol):
         self.released_at = 0.0
         self.reused = False
         self.waiter: asyncio.Future | None = None
+        self.refused: Callable[[list[str]], str | None] = lambda _values: None
         self._begin(0)
 
     def _begin(self, cap: int) -> None:
@@ -207,16 +208,19 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
         self.size = 0
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes received while the head is incomplete
+        self.head_size = 0  # bytes of the header lines
         self.content_length: int | None = None
         self.head_done = False
         self.message_done = False
         self.want_body = False
         self.keep_alive = False
 
-    def request(self, data: bytes, cap: int) -> asyncio.Future:
-        """Send one request; the returned future completes as described in the class doc."""
+    def request(self, data: bytes, cap: int, refused: Callable[[list[str]], str | None]) -> asyncio.Future:
+        """Send one request; the returned future completes as described in the class doc. ``refused`` says
+        whether X-Robots-Tag values forbid the image (then its body is not read)."""
         self._begin(cap)
+        self.refused = refused
         self.waiter = waiter = self.loop.create_future()
         assert self.transport is not None
         self.transport.write(data)
@@ -261,6 +265,7 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
         name = name.lower()
         if name in _WANTED_HEADERS:
             self.headers.append((name, value))
@@ -272,14 +277,18 @@ class _Connection(asyncio.Protocol):
             self.head_done = False
             self.headers = []
             return
+        if self.head_size > HEAD_LIMIT_BYTES:
+            self._fail(_BadResponse(f"response head larger than {HEAD_LIMIT_BYTES} bytes"))
+            return
         length = self.header(b"content-length")
         if length is not None:
             try:
                 self.content_length = int(length)
             except ValueError:
                 self.content_length = None
-        self.want_body = (status == 200 and self.header(b"x-robots-tag") is None
-                          and (self.content_length is None or self.content_length <= self.cap))
+        tags = self.header_values(b"x-robots-tag")
+        self.want_body = (status == 200 and (self.content_length is None or self.content_length <= self.cap)
+                          and not (tags and self.refused(tags)))
         if not self.want_body and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -382,6 +391,9 @@ class Fetcher:
                            ).encode("utf-8")
         self._robots_agent = options.user_agent_token or "mmprep"
 
+    def _refused(self, values: list[str]) -> str | None:
+        return robots_disallowed(values, self.options.disallowed_header_directives, self._robots_agent)
+
     async def __aenter__(self) -> "Fetcher":
         self._loop = asyncio.get_running_loop()
         self._sweeper = self._loop.call_later(KEEPALIVE_SECONDS / 2, self._sweep)
@@ -463,8 +475,7 @@ class Fetcher:
                 transient = status >= 500 or status in (408, 429)
                 retry_after = _retry_after_seconds(conn.header(b"retry-after")) if status in (429, 503) else None
                 raise _Failure(f"HTTP {status}", transient, retry_after)
-            directive = robots_disallowed(conn.header_values(b"x-robots-tag"), options.disallowed_header_directives,
-                                          self._robots_agent)
+            directive = self._refused(conn.header_values(b"x-robots-tag"))
             if directive:
                 raise _Failure(f"X-Robots-Tag forbids use ({directive})", False)
             if conn.content_length is not None and conn.content_length > cap:
@@ -490,7 +501,7 @@ class Fetcher:
                 if conn is None:
                     conn = await self._connect(host, port, https)
                 try:
-                    await conn.request(request, cap)
+                    await conn.request(request, cap, self._refused)
                 except (ServerDisconnectedError, ConnectionResetError, BrokenPipeError):
                     # a kept-alive connection the server closed as we reused it: once more on a new one
                     if not reused:
