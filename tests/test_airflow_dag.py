@@ -91,6 +91,19 @@ def test_every_stage_runs_labels_instances_and_writes_wdinfo(clean_run: dict[str
     assert clean_run["run_id"] in page and "No failed or missing tasks found." in page
 
 
+def test_stage_instances_leave_their_summary_in_the_log_not_in_xcom(clean_run: dict[str, Any]) -> None:
+    """At a 1,024-way fan-out an XCom push is one more execution-API call per instance (bench_fanout); the
+    plan tasks' XComs are what the DAG maps over and must stay."""
+    from airflow import settings
+    from airflow.models.xcom import XComModel
+
+    with settings.Session() as session:
+        pushed = {row.task_id for row in session.query(XComModel).filter(XComModel.run_id == clean_run["run_id"])}
+    assert {"plan", "plan_precache_encodings"} <= pushed
+    assert not pushed & {"download_parquet", "download_images", "reorganize_tar", "precache_encodings",
+                         "generate_wdinfo"}
+
+
 def test_after_a_clean_run_every_stage_says_nothing_is_left_and_the_demo_counts_its_tars(
         clean_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     from airflow_provider_mmprep.config import load_config

@@ -82,7 +82,8 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
                 if stage == "download_parquet":
                     extra["hf_conn_id"] = cluster.hf_conn_id
                 node = OPERATORS[stage].partial(**common, config_path=str(spec.config_path),
-                                                map_index_template=MAP_INDEX_TEMPLATE, **extra
+                                                map_index_template=MAP_INDEX_TEMPLATE, do_xcom_push=False,
+                                                **extra
                                                 ).expand_kwargs(instances)
             instances >> node
             previous = node

@@ -5,6 +5,11 @@ Every operator runs task ``stage_task_id`` of ``stage_task_count`` of its stage 
 so the same task gives the same output whichever runner ran it. Mapped instances label themselves
 (``part-00003`` for download_images, ``task 67/100`` otherwise) through the ``mmprep_label`` context key
 that the DAG's ``map_index_template`` reads.
+
+Per-instance cost matters at a 1,024-way fan-out, so an instance makes no execution-API call a plain mapped
+``@task`` does not: the stage summary goes to the task log, not to XCom (nothing reads it; ``do_xcom_push``
+is off unless asked for), and the label rides on the task's final state update instead of a call of its own
+(``benchmarks/bench_fanout.py`` measures both).
 """
 
 from __future__ import annotations
@@ -36,6 +41,18 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def _carry_label(context: Any, label: str) -> None:
+    """Set the mapped instance's label on the task instance before it runs, so that the map_index_template,
+    rendered again after execute, finds it unchanged: the task runner then sends no separate
+    set-rendered-map-index call and the label reaches the API server with the success (or failure) update,
+    which carries ``rendered_map_index``. Where the runtime has no such attribute, the template alone still
+    sets the label (one call more)."""
+    ti = context.get("ti")
+    map_index = getattr(ti, "map_index", None)
+    if isinstance(map_index, int) and map_index >= 0 and hasattr(ti, "rendered_map_index"):
+        ti.rendered_map_index = label
+
+
 class MmprepStageOperator(BaseOperator):
     """Run one task of one stage in the Airflow worker (``runner: local``)."""
 
@@ -45,6 +62,7 @@ class MmprepStageOperator(BaseOperator):
 
     def __init__(self, *, config_path: str, overrides: Sequence[str] = (), stage_task_id: int = 0,
                  stage_task_count: int = 1, hf_conn_id: str | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("do_xcom_push", False)
         super().__init__(**kwargs)
         self.config_path = config_path
         self.overrides = list(overrides)
@@ -62,7 +80,8 @@ class MmprepStageOperator(BaseOperator):
         # the precache YAML only matters to precache: a download task must not fail on it (found live)
         cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name],
                           load_precache=self.stage_name == "precache_encodings")
-        context["mmprep_label"] = self.label(cfg)
+        label = context["mmprep_label"] = self.label(cfg)
+        _carry_label(context, label)
         with _env(self.task_env()):
             summary = run_stage_task(cfg, self.stage_name, int(self.stage_task_id), int(self.stage_task_count))
         self.after_run(cfg, summary, context)
