@@ -66,7 +66,7 @@ class RawServer:
 
 def options(**changes: object):
     base = parse_options({"timeout": 3}, threads=4, processes=1)
-    return dataclasses.replace(base, allow_private_addresses=True, **changes)
+    return dataclasses.replace(base, **{"allow_private_addresses": True, **changes})
 
 
 def run(body: Callable[[], Awaitable[object]]) -> object:
@@ -187,3 +187,20 @@ def test_status_robots_and_redirects_through_raw_replies() -> None:
     assert b"GET /next " in server.requests[1]
     assert results[1].body == IMAGE  # a directive scoped to another agent does not apply
     assert results[2].error == "X-Robots-Tag forbids use (noimageai)"
+
+
+def test_names_are_resolved_and_their_addresses_checked_before_connecting() -> None:
+    async def body() -> tuple[FetchResult, FetchResult, int]:
+        async with RawServer(lambda n: reply(IMAGE, f"Content-Length: {len(IMAGE)}")) as server:
+            named = server.url.replace("127.0.0.1", "localhost")
+            async with Fetcher(options()) as fetcher:
+                allowed = await fetcher.fetch(named + "/ok")
+            async with Fetcher(options(allow_private_addresses=False)) as fetcher:
+                refused = await fetcher.fetch(named + "/metadata")
+            return allowed, refused, len(server.requests)
+
+    allowed, refused, requests = run(body)  # type: ignore[misc]
+    assert allowed.body == IMAGE
+    assert refused.body is None and not refused.transient
+    assert (refused.error or "").startswith("refused loopback address")
+    assert requests == 1  # the refused name never reached the server

@@ -645,10 +645,15 @@ class Fetcher:
             pending = self._dns_pending.get(key)
             if pending is None:
                 pending = self._dns_pending[key] = asyncio.ensure_future(self._lookup(bare, port))
-                pending.add_done_callback(lambda _f: self._dns_pending.pop(key, None))
+                pending.add_done_callback(lambda done: self._lookup_done(key, done))
             infos = await asyncio.shield(pending)
         self._dns[key] = (now + DNS_TTL_SECONDS, infos)
         return infos
+
+    def _lookup_done(self, key: tuple[str, int], done: asyncio.Future) -> None:
+        self._dns_pending.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every request waiting on it may have timed out meanwhile
 
     async def _lookup(self, host: str, port: int) -> list[tuple]:
         assert self._loop is not None
