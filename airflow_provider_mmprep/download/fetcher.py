@@ -197,7 +197,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.released_at = 0.0
-        self.reused = False
         self.waiter: asyncio.Future | None = None
         self.refused: Callable[[list[str]], str | None] = lambda _values: None
         self._begin(0)
