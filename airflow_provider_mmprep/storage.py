@@ -118,7 +118,7 @@ def resolve_options(storage_options: Mapping[str, Any] | None, url: str, *,
         return {}
     environ = os.environ if environ is None else environ
     options = dict(storage_options)
-    if any("://" in str(k) for k in options):
+    if _is_prefixed(options):
         if not all("://" in str(k) for k in options):
             raise StorageError(f"{key_path}: mixes URL-prefix keys and option keys; use one form")
         matches = [k for k in options if url.rstrip("/") == k.rstrip("/") or url.startswith(k.rstrip("/") + "/")]
@@ -130,6 +130,40 @@ def resolve_options(storage_options: Mapping[str, Any] | None, url: str, *,
             raise StorageError(f"{key_path}.{chosen}: must be a mapping of options")
         return _expand_env(dict(value), f"{key_path}.{chosen}", environ)
     return _expand_env(options, key_path, environ)
+
+
+def _is_prefixed(options: Mapping[str, Any]) -> bool:
+    return any("://" in str(k) for k in options)
+
+
+def _merge_one(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``; mappings under one key (``client_kwargs``, ``config_kwargs``) merged."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def merge_options(base: Mapping[str, Any] | None, options: Mapping[str, Any] | None,
+                  urls: Iterable[str] = ()) -> dict[str, Any] | None:
+    """The pipeline's ``storage_options`` on top of ``base``, a deployment's flat options (an Airflow
+    connection's), in a form :func:`resolve_options` reads: the pipeline's keys win. With URL-prefix keys,
+    each entry is merged over ``base``, and each scheme of ``urls`` gets ``base`` under ``"scheme://"`` (the
+    shortest prefix), so a URL no entry matches still gets the connection's credentials."""
+    if not base:
+        return dict(options) if options else None
+    if not options:
+        return dict(base)
+    if not _is_prefixed(options):
+        return _merge_one(base, options)
+    merged: dict[str, Any] = {k: _merge_one(base, v) if isinstance(v, Mapping) else v for k, v in options.items()}
+    for url in urls:
+        if is_url(url):
+            merged.setdefault(f"{scheme(url)}://", dict(base))
+    return merged
 
 
 def _one_line(exc: BaseException) -> str:
@@ -149,7 +183,7 @@ def storage_errors(url: str) -> Iterator[None]:
         raise
     except PermissionError as exc:
         raise StorageError(f"{url}: access denied ({_one_line(exc)}); check the credentials "
-                           "(storage_options or the storage client's environment)") from None
+                           "(storage_options, the Airflow connection or the storage client's environment)") from None
     except FileNotFoundError as exc:
         message = _one_line(exc)
         if "bucket" in message.lower():

@@ -1,8 +1,7 @@
 """The pipeline YAML's object-storage keys (issue 17), kept apart from config.py's models and loader.
 
 ``DataPath`` types every path key: a URL (``s3://…``) stays a string, since a ``Path`` would fold its
-``//``; anything else becomes a local ``Path``. :func:`url_problems` refuses a URL where the stage cannot
-use one yet (one line naming the key, instead of a local folder named ``s3:``), and
+``//``; anything else becomes a local ``Path``. Every path key of every stage takes a URL (issue 17).
 :func:`read_storage_options` reads the ``storage_options`` block as written: ``${env:NAME}`` references stay
 unresolved until :mod:`.storage` makes the filesystem where the stage runs, so no secret enters the config
 object, the plan or a pod's arguments.
@@ -19,15 +18,6 @@ from pydantic import PlainValidator
 
 from .storage import is_url
 
-#: The path keys whose stage reads or writes URLs.
-URL_CAPABLE_KEYS: dict[str, tuple[str, ...]] = {
-    "download_parquet": ("output_dir",),
-    "download_images": ("input_dir", "output_dir"),
-    "precache_encodings": ("input_dir", "output_dir"),
-    "reorganize_tar": ("input_dir", "output_dir"),
-    "generate_wdinfo": ("input_dir", "output_wdinfo_path"),
-}
-PATH_KEYS = ("input_dir", "output_dir", "output_wdinfo_path", "precache_config_path")
 #: storage_options keys whose values are secrets: they must reference the environment, never be literal
 _SECRET_OPTION_RE = re.compile(r"secret|token|password|credential|account_key|sas", re.IGNORECASE)
 
@@ -43,19 +33,6 @@ def data_path(value: Any) -> Path | str:
 
 #: A path or URL key of the pipeline YAML.
 DataPath = Annotated[Union[Path, str], PlainValidator(data_path)]
-
-
-def url_problems(models: dict[str, Any]) -> list[str]:
-    """A URL in a path key of a stage that cannot use one yet: one line naming the key."""
-    problems = []
-    for name, block in models.items():
-        for key in PATH_KEYS:
-            value = getattr(block, key, None)
-            if isinstance(value, str) and is_url(value) and key not in URL_CAPABLE_KEYS.get(name, ()):
-                problems.append(f"{name}.{key}: {value}: this key takes a local path only so far (object "
-                                "storage: every stage's input_dir/output_dir and output_wdinfo_path); use a local "
-                                "or shared-volume path")
-    return problems
 
 
 def read_storage_options(raw: DictConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:

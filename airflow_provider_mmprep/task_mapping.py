@@ -21,7 +21,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -44,6 +44,8 @@ class DagSpec:
     wdinfo_path: str | None = None
     image: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the YAML's ``storage_conn_id`` (an Airflow connection for object storage), None where not set
+    storage_conn_id: str | None = None
 
 
 def _leaf(raw: DictConfig, key: str) -> Any:
@@ -81,8 +83,10 @@ def read_dag_spec(config_path: str | Path) -> DagSpec:
     defaults = {"dataset_repo_id": _leaf(raw, "dataset_repo_id"),
                 "dataset_output_root": _leaf(raw, "dataset_output_root")}
     image = _leaf(raw, "container")
+    conn_id = _leaf(raw, "storage_conn_id")
     return DagSpec(path, dag_id, schedule, stages, runners, str(wdinfo) if wdinfo else None,
-                   str(image) if isinstance(image, str) else None, defaults)
+                   str(image) if isinstance(image, str) else None, defaults,
+                   conn_id if isinstance(conn_id, str) and conn_id else None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -119,9 +123,11 @@ def check_fan_out(stage: str, count: int, limit: int) -> None:
             "fewer, larger tasks (lower node_array_size; for download_images, fewer parquet_subpartitions)."])
 
 
-def plan_run(spec: DagSpec, params: dict[str, Any], limit: int) -> dict[str, Any]:
+def plan_run(spec: DagSpec, params: dict[str, Any], limit: int,
+             connection_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``plan`` task's result: ``{stage: [kwargs, …], "overrides": [...], "stages": [...]}``; at most
-    ``limit`` instances per stage (Airflow's ``[core] max_map_length``)."""
+    ``limit`` instances per stage (Airflow's ``[core] max_map_length``). ``connection_options``: storage
+    options from the deployment (:func:`config.load_config`), used to read URLs, never returned."""
     overrides = overrides_from_params(params)
     selected = params.get("stages") or spec.stages
     unknown = [s for s in selected if s not in spec.stages]
@@ -132,7 +138,8 @@ def plan_run(spec: DagSpec, params: dict[str, Any], limit: int) -> dict[str, Any
     # it from their own mount (the chart's ConfigMap), and a run of other stages does not need the encoders.
     cfg = load_config(spec.config_path, overrides,
                       load_precache="precache_encodings" in selected
-                      and spec.runners.get("precache_encodings", "local") != "kubernetes")
+                      and spec.runners.get("precache_encodings", "local") != "kubernetes",
+                      connection_options=connection_options)
     result: dict[str, Any] = {"overrides": overrides, "stages": list(selected)}
     for stage in spec.stages:
         result[stage] = []
@@ -153,14 +160,14 @@ def plan_run(spec: DagSpec, params: dict[str, Any], limit: int) -> dict[str, Any
     return result
 
 
-def plan_download_images(spec: DagSpec, overrides: list[str], selected: list[str],
-                         limit: int) -> list[dict[str, Any]]:
+def plan_download_images(spec: DagSpec, overrides: list[str], selected: list[str], limit: int,
+                         connection_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """download_images' instances: one per parquet part present now (after download_parquet)."""
     if "download_images" not in selected:
         return []
     from .stages.download_images import input_parts  # the stage says which inputs are its tasks'
 
-    cfg = load_config(spec.config_path, overrides, load_precache=False)
+    cfg = load_config(spec.config_path, overrides, load_precache=False, connection_options=connection_options)
     block = cfg.download_images
     parts = input_parts(cfg)
     if not parts:

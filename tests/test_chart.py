@@ -254,6 +254,13 @@ def test_install_notes_name_the_pool_command(helm_env: dict[str, str]) -> None:
                               "--dry-run=client", "--output", "json"))
     notes = release["info"]["notes"]
     assert 'airflow pools set mmprep_gpu 8 "mmprep GPU pods"' in notes and "{{" not in notes
+    assert "dataset volume (ReadWriteMany): mmprep-dataset" in notes
+    release = json.loads(helm(helm_env, "install", "mmprep", CHART, "--namespace", NAMESPACE, "--dry-run=client",
+                              "--output", "json", "--set", "objectStorage.enabled=true",
+                              "--set", "objectStorage.connId=team_s3"))
+    notes = release["info"]["notes"]
+    assert "dataset volume" not in notes and "{{" not in notes
+    assert "no volume; pods' credentials from Secret mmprep-s3, workers' from Airflow connection team_s3" in notes
 
 
 def test_mmprep_env_keys_are_provider_config_options(helm_env: dict[str, str]) -> None:
@@ -353,16 +360,20 @@ def test_object_storage_mode_has_no_dataset_volume_and_names_the_credentials_sec
         helm_env: dict[str, str], kube: str) -> None:
     """objectStorage.enabled: no PVC is created or mounted; the pods' [mmprep] storage_secret is the Secret
     holding the storage client's credentials (issue 17). Validated like every other render."""
-    sets = {"objectStorage.enabled": "true", "objectStorage.secretName": "team-s3"}
+    sets = {"objectStorage.enabled": "true", "objectStorage.secretName": "team-s3", "objectStorage.connId": "team_s3"}
     objects = render(helm_env, kube=kube, sets=sets)
     assert sorted(o["kind"] for o in objects) == ["ConfigMap", "ConfigMap", "Role", "RoleBinding", "ServiceAccount"]
     for obj in objects:
         validate_strict(obj, kube)
     env = configmap(objects, DEFAULTS["airflowEnvConfigMapName"])
     assert env["AIRFLOW__MMPREP__PVC_CLAIM_NAME"] == "" and env["AIRFLOW__MMPREP__STORAGE_SECRET"] == "team-s3"
+    assert env["AIRFLOW__MMPREP__STORAGE_CONN_ID"] == "team_s3"  # the workers' tasks: the Airflow connection
     out = helm(helm_env, "lint", "--strict", "--kube-version", f"{kube}.0", CHART, *_values_args(None, sets))
     assert "1 chart(s) linted, 0 chart(s) failed" in out
     default_env = configmap(render(helm_env, kube=kube), DEFAULTS["airflowEnvConfigMapName"])
     assert default_env["AIRFLOW__MMPREP__STORAGE_SECRET"] == ""  # the shared-volume mode: no secret
+    assert default_env["AIRFLOW__MMPREP__STORAGE_CONN_ID"] == ""
+    with pytest.raises(HelmFailed, match="connId"):
+        render(helm_env, kube=kube, sets={**sets, "objectStorage.connId": "a b"})
     with pytest.raises(HelmFailed, match="secretName"):
         render(helm_env, kube=kube, sets={"objectStorage.enabled": "true", "objectStorage.secretName": "Not_A_Name"})

@@ -11,6 +11,7 @@ from typing import Any
 from airflow.sdk import DAG, Asset, Param, get_current_context, get_parsing_context, task, teardown
 
 from ..task_mapping import DagSpec, plan_download_images, plan_run, read_dag_spec
+from .hooks import storage_connection_options
 from .operators import MAP_INDEX_TEMPLATE, OPERATORS
 from .settings import ClusterDefaults, max_map_length
 
@@ -44,6 +45,9 @@ def _params(spec: DagSpec) -> dict[str, Param]:
 def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -> DAG:
     spec = read_dag_spec(config_path)
     cluster = cluster or ClusterDefaults.from_airflow_config()
+    # object-storage credentials of the tasks run here (pods get [mmprep] storage_secret instead); fetched
+    # by each task when it runs, never at parse time
+    storage_conn_id = spec.storage_conn_id or cluster.storage_conn_id or None
     default_args = {"retries": cluster.retries, "retry_delay": timedelta(seconds=cluster.retry_delay_seconds),
                     "retry_exponential_backoff": True, "max_retry_delay": timedelta(hours=1)}
     with DAG(dag_id=spec.dag_id, schedule=spec.schedule, catchup=False, params=_params(spec),
@@ -53,13 +57,15 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
 
         @task(task_id="plan", retries=0)
         def plan() -> dict[str, Any]:
-            return plan_run(spec, dict(get_current_context()["params"]), limit=max_map_length())
+            return plan_run(spec, dict(get_current_context()["params"]), limit=max_map_length(),
+                            connection_options=storage_connection_options(storage_conn_id))
 
         @task(retries=0, trigger_rule="none_failed")
         def stage_tasks(planned: dict[str, Any], stage: str) -> list[dict[str, Any]]:
             """The plan's list for one stage (Airflow maps only over a task's whole return value)."""
             if stage == "download_images" and "download_parquet" in spec.stages:
-                return plan_download_images(spec, planned["overrides"], planned["stages"], limit=max_map_length())
+                return plan_download_images(spec, planned["overrides"], planned["stages"], limit=max_map_length(),
+                                            connection_options=storage_connection_options(storage_conn_id))
             return planned[stage]
 
         planned = plan()
@@ -78,7 +84,7 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
                 node = KubernetesPodOperator.partial(**common, **pod_partial_kwargs(stage, cluster, spec.image)
                                                      ).expand_kwargs(instances)
             else:
-                extra: dict[str, Any] = {}
+                extra: dict[str, Any] = {"storage_conn_id": storage_conn_id}
                 if stage == "download_parquet":
                     extra["hf_conn_id"] = cluster.hf_conn_id
                 node = OPERATORS[stage].partial(**common, config_path=str(spec.config_path),
@@ -102,7 +108,8 @@ def build_dag(config_path: str | Path, cluster: ClusterDefaults | None = None) -
             # only the stages this run selected (the `stages` Param): the others' outputs may live elsewhere,
             # and listing them as missing would send users to redo work this run never owned
             unselected = [f"{stage}.enable=False" for stage in spec.stages if stage not in planned["stages"]]
-            cfg = load_config(spec.config_path, [*planned["overrides"], *unselected], load_precache=False)
+            cfg = load_config(spec.config_path, [*planned["overrides"], *unselected], load_precache=False,
+                              connection_options=storage_connection_options(storage_conn_id))
             return str(write_report(cfg, overrides=planned["overrides"], dag_id=spec.dag_id,
                                     run_id=context["run_id"]))
 

@@ -2,7 +2,9 @@
 
 Every operator runs task ``stage_task_id`` of ``stage_task_count`` of its stage with the pipeline YAML at
 ``config_path`` plus dotlist ``overrides`` (both templated), exactly what ``mmprep run`` and the pods do,
-so the same task gives the same output whichever runner ran it. Mapped instances label themselves
+so the same task gives the same output whichever runner ran it. With ``storage_conn_id`` (``[mmprep]
+storage_conn_id`` or the YAML's), the connection's object-storage credentials reach the stage as storage
+options in memory (:class:`.hooks.ObjectStorageHook`). Mapped instances label themselves
 (``part-00003`` for download_images, ``task 67/100`` otherwise) through the ``mmprep_label`` context key
 that the DAG's ``map_index_template`` reads.
 
@@ -61,7 +63,8 @@ class MmprepStageOperator(BaseOperator):
     ui_color = "#e8f1fb"
 
     def __init__(self, *, config_path: str, overrides: Sequence[str] = (), stage_task_id: int = 0,
-                 stage_task_count: int = 1, hf_conn_id: str | None = None, **kwargs: Any) -> None:
+                 stage_task_count: int = 1, hf_conn_id: str | None = None, storage_conn_id: str | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("do_xcom_push", False)
         super().__init__(**kwargs)
         self.config_path = config_path
@@ -69,6 +72,7 @@ class MmprepStageOperator(BaseOperator):
         self.stage_task_id = stage_task_id
         self.stage_task_count = stage_task_count
         self.hf_conn_id = hf_conn_id
+        self.storage_conn_id = storage_conn_id
 
     def label(self, cfg: PipelineConfig) -> str:
         return task_label(self.stage_task_id, self.stage_task_count)
@@ -77,9 +81,14 @@ class MmprepStageOperator(BaseOperator):
         return {}
 
     def execute(self, context: Any) -> dict[str, Any]:
-        # the precache YAML only matters to precache: a download task must not fail on it (found live)
+        from .hooks import storage_connection_options
+
+        # the precache YAML only matters to precache: a download task must not fail on it (found live);
+        # object-storage credentials from the Airflow connection (one connection fetch, only where one is
+        # named), handed to the stage in memory only
         cfg = load_config(self.config_path, list(self.overrides), stages=[self.stage_name],
-                          load_precache=self.stage_name == "precache_encodings")
+                          load_precache=self.stage_name == "precache_encodings",
+                          connection_options=storage_connection_options(self.storage_conn_id))
         label = context["mmprep_label"] = self.label(cfg)
         _carry_label(context, label)
         with _env(self.task_env()):

@@ -68,6 +68,10 @@ MMPREP_CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
     "storage_secret": _option("Kubernetes secret whose keys become environment variables of every pod, for "
                               "datasets in object storage (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                               "AWS_ENDPOINT_URL). Empty: pods get none.", "", "string", "mmprep-s3"),
+    "storage_conn_id": _option("Airflow connection (type aws, or any other whose extra holds fsspec options) "
+                               "whose credentials become the storage_options of tasks run in Airflow's workers, for "
+                               "datasets in object storage; a pipeline YAML's storage_conn_id wins. Empty: the "
+                               "storage client's environment of the worker.", "", "string", "mmprep_s3"),
     "retries": _option("Retries per mapped task instance.", "2", "integer"),
     "retry_delay_seconds": _option("First retry delay; doubles each retry (exponential backoff).", "60",
                                    "integer"),
@@ -98,6 +102,7 @@ class ClusterDefaults:
     hf_conn_id: str = "hf_default"
     hf_token_secret: str = ""
     storage_secret: str = ""
+    storage_conn_id: str = ""
     retries: int = 2
     retry_delay_seconds: int = 60
     deferrable: bool = False
@@ -136,7 +141,7 @@ class ClusterDefaults:
             gpu_pool=text("gpu_pool"), node_selector=json_value("node_selector", dict),
             tolerations=json_value("tolerations", list), worker_resources=json_value("worker_resources", dict),
             hf_conn_id=text("hf_conn_id") or "hf_default", hf_token_secret=text("hf_token_secret"),
-            storage_secret=text("storage_secret"),
+            storage_secret=text("storage_secret"), storage_conn_id=text("storage_conn_id"),
             retries=number("retries"), retry_delay_seconds=number("retry_delay_seconds"),
             deferrable=flag("deferrable"))
 

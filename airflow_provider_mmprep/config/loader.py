@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
 from pydantic import ValidationError
 
-from ..storage_config import data_path, read_storage_options, url_problems
+from ..storage import Store, StorageError, is_url, merge_options
+from ..storage_config import data_path, read_storage_options
 from .models import (RANGE_DEFAULT_TASK_COUNT, STAGE_MODELS, STAGE_NAMES, DownloadImagesConfig, EncodingSpec,
                      PipelineConfig, PrecacheConfig, RunConfig)
 
@@ -186,7 +187,8 @@ def load_raw(path: str | Path, overrides: list[str] | None = None) -> DictConfig
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None, *,
-                load_precache: bool = True, stages: list[str] | None = None) -> PipelineConfig:
+                load_precache: bool = True, stages: list[str] | None = None,
+                connection_options: Mapping[str, Any] | None = None) -> PipelineConfig:
     """Load, resolve and validate the pipeline config; raise :class:`ConfigError` listing every problem.
 
     Everything a stage would reject before doing work is checked here, so ``validate``/``plan`` fail
@@ -194,6 +196,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     the stages that will run in this process: model paths are then errors if precache_encodings is among
     them and skipped if not. ``None`` (validate, plan, Airflow's plan task): errors where precache runs
     locally (``runner: local``), warnings where a pod runs it (its volumes are not visible here).
+    ``connection_options``: flat fsspec options from the deployment (in Airflow, the storage connection's),
+    under the YAML's ``storage_options`` (:func:`storage.merge_options`); they reach the stages through
+    ``PipelineConfig.storage_options`` and are never written anywhere.
     """
     raw = load_raw(path, overrides)
     if not any(_has(raw, name) for name in STAGE_NAMES):
@@ -204,7 +209,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     resolver = _Resolver()
 
     unknown_top = sorted(set(raw.keys()) - set(STAGE_NAMES) - {"dataset_repo_id", "dataset_output_root"}
-                         - {"storage_options"} - _IGNORED_TOP_LEVEL)
+                         - {"storage_options", "storage_conn_id"} - _IGNORED_TOP_LEVEL)
     if unknown_top:
         warnings.append(f"top level: keys not used by mmprep: {', '.join(map(str, unknown_top))}")
 
@@ -273,10 +278,19 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
                             f"{name}.override_task_count to the task count of the run you resume")
     if "download_images" in models:
         problems.extend(download_option_problems(models["download_images"]))
-    problems.extend(url_problems(models))
     storage_options, option_problems, option_warnings = read_storage_options(raw)
     problems.extend(option_problems)
     warnings.extend(option_warnings)
+    urls = [str(getattr(block, key)) for block in models.values() for key in _PATH_KEYS
+            if is_url(str(getattr(block, key, "") or ""))]
+    storage_options = merge_options(connection_options, storage_options, urls)
+    storage_conn_id = None
+    if _has(raw, "storage_conn_id"):
+        storage_conn_id = resolver.leaf(raw, "storage_conn_id", "storage_conn_id")
+        if storage_conn_id is not None and (not isinstance(storage_conn_id, str)
+                                            or not re.match(r"^[\w.-]*$", storage_conn_id)):
+            problems.append(f"storage_conn_id: expected an Airflow connection id, got {_describe(storage_conn_id)}")
+            storage_conn_id = None
 
     run_model = RunConfig()
     if isinstance(run_block, dict):
@@ -289,7 +303,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     if load_precache and "precache_encodings" in models:
         precache_path = models["precache_encodings"].precache_config_path
         try:
-            precache = load_precache_config(precache_path, key_prefix="precache_encodings.precache_config_path")
+            precache = load_precache_config(precache_path, key_prefix="precache_encodings.precache_config_path",
+                                            storage_options=storage_options)
         except ConfigError as exc:
             problems.extend(exc.problems)
         if precache is not None and (stages is None or "precache_encodings" in stages):
@@ -311,6 +326,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
         dataset_repo_id=dataset_repo_id,
         dataset_output_root=data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
         storage_options=storage_options,
+        storage_conn_id=storage_conn_id or None,
         precache=precache,
         source_path=Path(path),
         warnings=warnings,
@@ -318,6 +334,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     )
 
 
+#: the keys of stage blocks that name a folder or file, local or a URL
+_PATH_KEYS = ("input_dir", "output_dir", "output_wdinfo_path", "precache_config_path")
 #: encoder_config kwargs that name model weights, for the encoders we build (NeMo's names and ours)
 _MODEL_PATH_KWARGS = ("from_pretrained", "version", "encoder_path")
 _PLACEHOLDER_RE = re.compile(r"(^|/)path/to(/|$)|<[^>]*>|^\?\?\?$|^(TODO|CHANGEME|REPLACE)", re.IGNORECASE)
@@ -375,15 +393,40 @@ def download_option_problems(block: DownloadImagesConfig) -> list[str]:
     return []
 
 
-def load_precache_config(path: str | Path, key_prefix: str = "precache") -> PrecacheConfig:
-    """Load the precache YAML named by ``precache_config_path``; errors are prefixed with the file name.
-    Keys no field reads are warned about, never dropped silently (``batch_size_per_gpu`` is not
-    ``batch_size_per_GPU``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"{key_prefix}: precache config file not found: {path}"])
+def _read_precache_yaml(path: str | Path, key_prefix: str, storage_options: Mapping[str, Any] | None) -> str:
+    """The precache YAML's text, from a local file or a URL (through :class:`storage.Store`)."""
+    if not is_url(str(path)):
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"{key_prefix}: precache config file not found: {path}"])
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{key_prefix}: cannot read {path}: {str(exc).splitlines()[0]}"]) from None
+    folder, _, name = str(path).rstrip("/").rpartition("/")
     try:
-        raw = OmegaConf.load(path)
+        data = Store(folder, storage_options, key_path="storage_options").read_bytes(name)
+    except FileNotFoundError:
+        raise ConfigError([f"{key_prefix}: precache config file not found: {path}"]) from None
+    except StorageError as exc:  # credentials, bucket, endpoint: the Store's one line names the URL
+        raise ConfigError([f"{key_prefix}: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{key_prefix}: cannot read {path}: {str(exc).splitlines()[0]}"]) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{key_prefix}: cannot read {path}: {exc}"]) from None
+
+
+def load_precache_config(path: str | Path, key_prefix: str = "precache",
+                         storage_options: Mapping[str, Any] | None = None) -> PrecacheConfig:
+    """Load the precache YAML named by ``precache_config_path`` (a local path or a URL read with the
+    pipeline's ``storage_options``); errors name the key and the file. Keys no field reads are warned about,
+    never dropped silently (``batch_size_per_gpu`` is not ``batch_size_per_GPU``)."""
+    text = _read_precache_yaml(path, key_prefix, storage_options)
+    path = str(path) if is_url(str(path)) else Path(path)
+    try:
+        raw = OmegaConf.create(text)
         data = OmegaConf.to_container(raw, resolve=True)
     except Exception as exc:
         raise ConfigError([f"{key_prefix}: cannot read {path}: {str(exc).splitlines()[0]}"]) from None

@@ -308,6 +308,9 @@ class PipelineConfig(BaseModel):
     dataset_output_root: DataPath | None
     #: our key: fsspec options for URL paths, kept unresolved (``${env:NAME}`` references resolve in storage.py)
     storage_options: dict[str, Any] | None = Field(default=None, repr=False)
+    #: our key: the Airflow connection whose credentials become storage options where Airflow runs the stage
+    #: (read by the Airflow layer only; wins over ``[mmprep] storage_conn_id``)
+    storage_conn_id: str | None = None
     download_parquet: DownloadParquetConfig | None = None
     download_images: DownloadImagesConfig | None = None
     reorganize_tar: ReorganizeTarConfig | None = None

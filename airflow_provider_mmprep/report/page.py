@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..config import PipelineConfig
 from ..fsutil import atomic_write_bytes
+from ..storage import Store, is_url
 from ..task_ids import compact_ranges
 from .facts import collect, failed_tasks
 from .plots import TOP_ERRORS, plot_download_throughput, plot_shard_sizes, plot_status_mix, plot_tar_throughput
@@ -50,16 +51,25 @@ def _img(uri: str | None, alt: str, missing: str) -> str:
     return f'<p><img alt="{html.escape(alt)}" src="{uri}"></p>'
 
 
-def default_report_path(cfg: PipelineConfig) -> Path:
-    """``report.html`` next to wdinfo.pkl; without generate_wdinfo, in the last enabled stage's output."""
+def _beside(path: str | Path, name: str) -> Path | str:
+    """``name`` in the folder of ``path``: a URL stays a URL (a ``Path`` would fold its ``//``)."""
+    if is_url(str(path)):
+        return str(path).rstrip("/").rpartition("/")[0] + "/" + name
+    return Path(path).parent / name
+
+
+def default_report_path(cfg: PipelineConfig) -> Path | str:
+    """``report.html`` next to wdinfo.pkl; without generate_wdinfo, in the last enabled stage's output's
+    parent (a URL where that is one)."""
     if cfg.generate_wdinfo is not None:
-        return Path(cfg.generate_wdinfo.output_wdinfo_path).parent / REPORT_NAME
+        return _beside(cfg.generate_wdinfo.output_wdinfo_path, REPORT_NAME)
     for name in reversed(cfg.enabled_stages):
         out = getattr(cfg.stage(name), "output_dir", None)
         if out is not None:
-            return Path(out).parent / REPORT_NAME
+            return _beside(out, REPORT_NAME)
     if cfg.dataset_output_root is not None:
-        return Path(cfg.dataset_output_root) / REPORT_NAME
+        root = cfg.dataset_output_root
+        return f"{str(root).rstrip('/')}/{REPORT_NAME}" if is_url(str(root)) else Path(root) / REPORT_NAME
     raise ValueError("no enabled stage has an output folder to put report.html beside")
 
 
@@ -168,14 +178,20 @@ def build_report_html(cfg: PipelineConfig, *, task_states: Mapping[str, Mapping[
 
 def write_report(cfg: PipelineConfig, out_path: str | Path | None = None, *,
                  task_states: Mapping[str, Mapping[int, str]] | None = None, overrides: Sequence[str] = (),
-                 dag_id: str | None = None, run_id: str | None = None) -> Path:
-    """Write the run report (atomically) and return its path; default: ``report.html`` beside wdinfo.pkl.
+                 dag_id: str | None = None, run_id: str | None = None) -> Path | str:
+    """Write the run report (atomically) and return its path or URL; default: ``report.html`` beside
+    wdinfo.pkl.
 
     ``task_states`` (stage → {map index: Airflow state}) lets the DAG's final task add what Airflow knows;
     ``overrides`` are repeated in the resume commands so they rebuild the same config.
     """
-    path = Path(out_path) if out_path is not None else default_report_path(cfg)
+    path: Path | str = default_report_path(cfg) if out_path is None else \
+        str(out_path) if is_url(str(out_path)) else Path(out_path)
     page = build_report_html(cfg, task_states=task_states, overrides=overrides, dag_id=dag_id, run_id=run_id)
-    atomic_write_bytes(path, page.encode("utf-8"))
+    if isinstance(path, str):  # object storage: one PUT with the pipeline's storage options
+        folder, _, name = path.rpartition("/")
+        Store(folder, cfg.storage_options).write_bytes(name, page.encode("utf-8"))
+    else:
+        atomic_write_bytes(path, page.encode("utf-8"))
     log.info("report written to %s", path)
     return path

@@ -212,8 +212,8 @@ def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, An
     precache = cfg.precache
     if precache is None:
         try:
-            precache = load_precache_config(block.precache_config_path,
-                                            key_prefix=f"{STAGE}.precache_config_path")
+            precache = load_precache_config(block.precache_config_path, key_prefix=f"{STAGE}.precache_config_path",
+                                            storage_options=cfg.storage_options)
         except ConfigError as exc:
             raise StageError("; ".join(exc.problems)) from None
     tario.set_storage_options(cfg.storage_options)
