@@ -12,7 +12,7 @@ HELM := $(VENV)/bin/helm
 install: $(STAMP) $(HELM)
 
 # torch first, strictly the local CPU build, so nothing that depends on it can pull a CUDA build.
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+$(STAMP): setup.cfg setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) --editable '.[airflow,kubernetes,precache,s3,dev]'

@@ -19,9 +19,10 @@ read. Cold: ``echo 3 > /proc/sys/vm/drop_caches`` after the sync when this user 
 else ``posix_fadvise(DONTNEED)`` on every input tar. It prints the medians and the ratio
 cat time / reorganize time (1.0 = as fast as cat; targets: ≥ 0.8 on img2dataset's shards, ≥ 0.9 on ours).
 
-It also prints the header-indexing rate of :func:`tarindex.index_tar` (warm, one core, min of 5): on
-each source's tars and on a header-dense tar (1-3 KB members), target ≥ 1 M headers/s; and the general
-one-header-at-a-time parser's rate beside it.
+It also prints the header-indexing rate of :func:`tarindex.index_tar` (warm, one thread, best of 5, wall
+and per CPU second): on each source's tars and on a header-dense tar (1-3 KB members), target ≥ 1 M
+headers/s (a member's header chain counts once; its header blocks are printed too); and beside it the
+rates without the compiled walker (the Python walk) and of the general one-header-at-a-time parser.
 
     /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--images 28000] [--sources ...]
         [--tasks 1,4] [--modes warm,cold] [--repeat 3] [--keep]
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,13 +128,21 @@ def make_warm(tars: list[Path]) -> None:
 
 # --- the two contenders -------------------------------------------------------------------------------
 
-def time_cat(tars: list[Path], out: Path) -> float:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_cat(tars: list[Path], out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``cat`` copying the tars into one file."""
+    cpu = children_cpu()
     started = time.perf_counter()
     with open(out, "wb") as handle:
         subprocess.run(["cat", *map(str, tars)], stdout=handle, check=True)
     elapsed = time.perf_counter() - started
     out.unlink()
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path:
@@ -144,9 +154,11 @@ def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path
     return path
 
 
-def time_reorganize(config: Path, out_dir: Path, tasks: int) -> float:
-    """Wall seconds of ``tasks`` whole reorganize_tar processes started together, until the last ends."""
+def time_reorganize(config: Path, out_dir: Path, tasks: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all) of ``tasks`` whole reorganize_tar processes started together,
+    until the last ends."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cpu = children_cpu()
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config),
                                "--stage", "reorganize_tar", "--task-id", str(i), "--task-count", str(tasks)],
@@ -157,7 +169,7 @@ def time_reorganize(config: Path, out_dir: Path, tasks: int) -> float:
     for proc, err in zip(procs, errors):
         if proc.returncode:
             raise SystemExit(f"reorganize_tar failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, drop: bool, repeat: int,
@@ -166,53 +178,81 @@ def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, dr
     total = sum(p.stat().st_size for p in tars)
     out_dir = work / "reorganized"
     config = write_config(work, input_dir, out_dir, chunk)
-    cat, reorg = [], []
+    cat, reorg, cat_cpu, reorg_cpu, loads = [], [], [], [], []
     for round_no in range(repeat):
         for which in (("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")):
             shutil.rmtree(out_dir, ignore_errors=True)
             make_cold(tars, drop) if cold else make_warm(tars)
+            loads.append(os.getloadavg()[0])
             if which == "cat":
-                cat.append(time_cat(tars, work / "cat.out"))
+                wall, cpu = time_cat(tars, work / "cat.out")
+                cat.append(wall)
+                cat_cpu.append(cpu)
             else:
-                reorg.append(time_reorganize(config, out_dir, tasks))
+                wall, cpu = time_reorganize(config, out_dir, tasks)
+                reorg.append(wall)
+                reorg_cpu.append(cpu)
     cat_s, reorg_s = statistics.median(cat), statistics.median(reorg)
     result = {"source": source, "tasks": tasks, "cache": "cold" if cold else "warm", "mb": total / 1e6,
               "tars": len(tars), "cat_s": cat_s, "reorganize_s": reorg_s, "ratio": cat_s / reorg_s,
-              "target": TARGETS[source]}
+              "cat_cpu_s": statistics.median(cat_cpu), "reorganize_cpu_s": statistics.median(reorg_cpu),
+              "load": statistics.median(loads), "target": TARGETS[source]}
     print(f"{source:11s} {tasks} task(s) {result['cache']}: {len(tars)} tars, {total / 1e6:.0f} MB; "
           f"cat {cat_s:.2f}s ({total / 1e6 / cat_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in cat)}], "
           f"reorganize {reorg_s:.2f}s ({total / 1e6 / reorg_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in reorg)}]"
-          f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]})", flush=True)
+          f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]}); CPU seconds cat "
+          f"{result['cat_cpu_s']:.2f}, reorganize {result['reorganize_cpu_s']:.2f}; load average "
+          f"{min(loads):.1f}-{max(loads):.1f}", flush=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 
 
 # --- header indexing --------------------------------------------------------------------------------------
 
-def header_rate(tars: list[Path], reference: bool = False, rounds: int = 5) -> tuple[int, float]:
-    """(headers, best seconds) of indexing ``tars`` warm in this process."""
-    headers = sum(len(s.members) for t in tars for s in index_tar(t).samples)
-    best = float("inf")
+def header_rate(tars: list[Path], reference: bool = False, rounds: int = 5) -> tuple[int, int, float, float]:
+    """(member headers, header blocks, best wall seconds, best CPU seconds) of indexing ``tars`` warm in
+    this process, one thread. A member's header chain is its header plus any pax or GNU long-name blocks
+    before it (img2dataset: a pax header and its records, so three blocks per member)."""
+    members = [m for t in tars for s in index_tar(t).samples for m in s.members]
+    blocks = sum((m.offset - m.header_offset) // 512 for m in members)
+    best = cpu = float("inf")
     for _ in range(rounds):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         for tar in tars:
             index_tar(tar, reference=reference)
         best = min(best, time.perf_counter() - started)
-    return headers, best
+        cpu = min(cpu, time.process_time() - started_cpu)
+    return len(members), blocks, best, cpu
 
 
 def report_header_rates(work: Path, folders: dict[str, Path]) -> dict:
+    """Header indexing rates: the compiled walker (when built), the Python walk without it, and the
+    general one-header-at-a-time parser."""
+    from airflow_provider_mmprep import tarindex
+
+    compiled = tarindex._tarwalk
     dense = write_tar(work / "dense" / "00000.tar",
                       download_style_samples(0, 40_000, random.Random(1), (1_000, 3_000)))
     rates = {}
+    print(f"compiled walker: {'built' if compiled is not None else 'NOT BUILT (pure-Python walk)'}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     for label, tars in [*((s, find_tars(f)) for s, f in folders.items()), ("dense 1-3 KB members", [dense])]:
         make_warm(tars)
-        headers, seconds = header_rate(tars)
-        _, general = header_rate(tars, reference=True, rounds=2)
-        rates[label] = headers / seconds
-        print(f"header indexing, {label}: {headers} headers in {seconds * 1000:.0f} ms = "
-              f"{headers / seconds / 1e6:.2f} M headers/s (target >= 1); general parser "
-              f"{headers / general / 1e6:.2f} M headers/s", flush=True)
+        headers, blocks, seconds, cpu = header_rate(tars)
+        tarindex._tarwalk = None
+        try:
+            _, _, python_walk, _ = header_rate(tars, rounds=2)
+        finally:
+            tarindex._tarwalk = compiled
+        _, _, general, _ = header_rate(tars, reference=True, rounds=1)
+        rates[label] = {"headers": headers, "header_blocks": blocks, "per_s": headers / seconds,
+                        "per_cpu_s": headers / cpu, "python_walk_per_s": headers / python_walk,
+                        "general_per_s": headers / general}
+        print(f"header indexing, {label}: {headers} member headers ({blocks} header blocks) in "
+              f"{seconds * 1000:.0f} ms = {headers / seconds / 1e6:.2f} M headers/s wall, "
+              f"{headers / cpu / 1e6:.2f} M/s per CPU second ({blocks / seconds / 1e6:.2f} M header blocks/s; "
+              f"target >= 1 M headers/s); without the compiled walker {headers / python_walk / 1e6:.2f} M/s; "
+              f"general parser {headers / general / 1e6:.2f} M/s", flush=True)
     shutil.rmtree(work / "dense")
     return rates
 
@@ -259,6 +299,14 @@ def main() -> int:
     parser.add_argument("--reuse", type=Path, help="a folder kept by --keep: measure its inputs again")
     args = parser.parse_args()
 
+    # As pip-installed packages are (compiled at install): an editable checkout run under
+    # PYTHONDONTWRITEBYTECODE would make every reorganize process compile the package from source.
+    import compileall
+
+    compileall.compile_dir(REPO / "airflow_provider_mmprep", quiet=2)
+    from airflow_provider_mmprep import tarindex
+
+    print(f"compiled header walker: {'built' if tarindex._tarwalk is not None else 'NOT BUILT (pure-Python walk)'}")
     sources = args.sources.split(",")
     work = args.reuse or Path(tempfile.mkdtemp(prefix="bench_reorganize_", dir=os.environ.get("BENCH_DIR")))
     keep = args.keep or args.reuse is not None
@@ -278,10 +326,12 @@ def main() -> int:
                    for source, folder in folders.items()
                    for tasks in args.tasks.split(",") for mode in args.modes.split(",")]
         rates = report_header_rates(work, folders)
-        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | target |\n|---|---|---|---|---|---|---|---|")
+        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | target | CPU s cat / reorganize "
+              "| load |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
             print(f"| {r['source']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
-                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | >= {r['target']} |")
+                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | >= {r['target']} | "
+                  f"{r['cat_cpu_s']:.2f} / {r['reorganize_cpu_s']:.2f} | {r['load']:.1f} |")
         print(json.dumps({"results": results, "header_rates": rates}))
         if args.wdinfo_tars:
             bench_wdinfo(work, args.wdinfo_tars)

@@ -72,7 +72,7 @@ def resolved_from(instructions: list[tuple[str, str]]) -> str:
     # Docker's rule: only ARGs declared before the first FROM are in scope for FROM.
     first_from = next(i for i, (k, _) in enumerate(instructions) if k == "FROM")
     assert all(k == "ARG" for k, _ in instructions[:first_from]), "only ARG may precede FROM"
-    image = substitute(instructions[first_from][1], arg_defaults(instructions[:first_from]))
+    image = substitute(instructions[first_from][1], arg_defaults(instructions[:first_from])).split()[0]  # "AS x"
     assert "$" not in image, f"FROM has an undefined build arg: {image}"
     return image
 
@@ -107,6 +107,26 @@ def pip_installs(instructions: list[tuple[str, str]]) -> list[str]:
             if tokens[:2] == ["pip", "install"]:
                 words += [t for t in tokens[2:] if not t.startswith("-")]
     return words
+
+
+def package_version() -> str:
+    return setup_cfg()["metadata"]["version"]
+
+
+def assert_wheel_is_built_with_a_compiler(instructions: list[tuple[str, str]]) -> None:
+    """The package is installed from a wheel that a build stage compiled (its C header walker, _tarwalk)
+    with gcc, the wheel of this version, and the image checks that the compiled module imports."""
+    stages = [rest.split() for keyword, rest in instructions if keyword == "FROM"]
+    assert len(stages) == 2 and stages[0][-2:] == ["AS", "build"] and stages[0][0] == stages[1][0]
+    text = " ".join(rest for keyword, rest in instructions if keyword == "RUN")
+    assert "gcc" in text and "pip wheel" in text and "setup.py" in " ".join(
+        rest for keyword, rest in instructions if keyword == "COPY")
+    values = arg_defaults(instructions)
+    assert values["MMPREP_VERSION"] == package_version()
+    installs = pip_installs(instructions)
+    assert "/opt/mmprep/wheels/airflow_provider_mmprep-${MMPREP_VERSION}-*.whl".replace(
+        "${MMPREP_VERSION}", package_version()) in installs
+    assert "import airflow_provider_mmprep._tarwalk" in text.replace("import torch, ", "import ")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +165,8 @@ def test_airflow_image_matches_the_pinned_airflow(airflow_file) -> None:
     cncf_version = next(iter(cncf.specifier)).version
     assert Version(cncf_version) in extra_requirements("kubernetes")[cncf.name].specifier
     assert cncf_version == importlib.metadata.version(cncf.name)
-    assert "/opt/mmprep/src[kubernetes,s3]" in installs
+    assert f"airflow-provider-mmprep[kubernetes,s3]=={package_version()}" in installs
+    assert_wheel_is_built_with_a_compiler(airflow_file)
 
 
 def test_worker_image_is_cuda_torch_with_precache_and_no_airflow(worker_file) -> None:
@@ -157,8 +178,9 @@ def test_worker_image_is_cuda_torch_with_precache_and_no_airflow(worker_file) ->
     assert f"torch=={torch_version}" in constraints.split()  # same torch as the tested CPU build
     assert Version(torch_version) in extra_requirements("precache")["torch"].specifier
     installs = pip_installs(worker_file)
-    assert "/opt/mmprep/src[precache,s3]" in installs  # object storage needs no dataset volume
-    assert not any("airflow" in w for w in installs)
+    assert f"airflow-provider-mmprep[precache,s3]=={package_version()}" in installs  # object storage: no volume
+    assert_wheel_is_built_with_a_compiler(worker_file)
+    assert not any("airflow" in w for w in installs if "mmprep" not in w)  # (our own package is named so)
     # no Airflow reaches the image through the package's own core requirements either
     core = setup_cfg()["options"]["install_requires"]
     assert "airflow" not in core
@@ -187,7 +209,7 @@ def test_build_context_excludes_local_state() -> None:
     assert {".venv", ".git", "demo-output"} <= ignored
     for dockerfile in ("Dockerfile.airflow", "Dockerfile.worker"):
         for keyword, rest in parse_dockerfile(ROOT / "docker" / dockerfile):
-            if keyword == "COPY":
+            if keyword == "COPY" and "--from=" not in rest:  # a build stage's output is not in the context
                 sources = [w for w in rest.split()[:-1] if not w.startswith("--")]
                 assert all((ROOT / s).exists() for s in sources), (dockerfile, sources)
 

@@ -53,16 +53,56 @@ def test_split_key_follows_webdataset() -> None:
 
 
 
-# --- the bulk path (mmap walk + numpy checks) against the general parser, member for member -------------
+# --- the bulk paths (compiled walker; Python walk + numpy checks) against the general parser ----------
 
-@pytest.fixture(autouse=True, params=["walk", "scan"])
-def bulk_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with the header-to-header walk alone and with the block scan taking over early."""
+@pytest.fixture(scope="session")
+def compiled_walker(tmp_path_factory: pytest.TempPathFactory):
+    """The compiled walker: the one the package build made, else built here from ``_tarwalk.c`` (so these
+    tests exercise it wherever a C compiler is); None only where it cannot be built."""
     from airflow_provider_mmprep import tarindex
 
+    if tarindex._tarwalk is not None:
+        return tarindex._tarwalk
+    import importlib.machinery
+    import importlib.util
+
+    try:
+        from setuptools import Distribution, Extension
+        from setuptools.command.build_ext import build_ext
+    except ImportError:
+        return None
+    source = Path(tarindex.__file__).with_name("_tarwalk.c")
+    out = tmp_path_factory.mktemp("tarwalk")
+    dist = Distribution({"ext_modules": [Extension("_tarwalk", [str(source)], extra_compile_args=["-O2"])]})
+    command = build_ext(dist)
+    command.build_lib, command.build_temp = str(out), str(out / "tmp")
+    command.ensure_finalized()
+    try:
+        command.run()
+    except Exception:  # no compiler or headers: the Python walk still runs every test
+        return None
+    built = next(out.glob("_tarwalk*.so"))
+    loader = importlib.machinery.ExtensionFileLoader("_tarwalk", str(built))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_tarwalk", loader))
+    loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, params=["compiled", "walk", "scan"])
+def bulk_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, compiled_walker) -> str:
+    """Every test runs with the compiled walker, and without it with the Python header-to-header walk
+    alone and with the numpy block scan taking over early."""
+    from airflow_provider_mmprep import tarindex
+
+    if request.param == "compiled":
+        if compiled_walker is None:
+            pytest.skip("the compiled walker could not be built here (no C compiler or Python headers)")
+        monkeypatch.setattr(tarindex, "_tarwalk", compiled_walker)
+    else:
+        monkeypatch.setattr(tarindex, "_tarwalk", None)
     if request.param == "walk":
         monkeypatch.setattr(tarindex, "DENSE_RECORD", 0)
-    else:
+    elif request.param == "scan":
         monkeypatch.setattr(tarindex, "DENSE_RECORD", 1 << 40)
         monkeypatch.setattr(tarindex, "PROBE", 2)
     return request.param
@@ -236,6 +276,7 @@ def test_bulk_batches_join_seamlessly(tmp_path: Path, monkeypatch: pytest.Monkey
     path = mixed_tar(tmp_path / "t.tar", tarfile.PAX_FORMAT, count=20)
     whole, reference = index_pair(path)
     monkeypatch.setattr(tarindex, "WALK_BATCH", 2)
+    monkeypatch.setattr(tarindex, "COMPILED_BATCH", 2)
     assert index_pair(path) == (whole, reference)
     rewrite(path, header_offsets(path)[30], 0, b"\xff", fix_checksum=False)
     bulk, reference = index_pair(path)
@@ -294,6 +335,7 @@ def test_grouping_edge_names_agree_with_general_parser(tmp_path: Path, monkeypat
     from airflow_provider_mmprep import tarindex
 
     monkeypatch.setattr(tarindex, "WALK_BATCH", batch)
+    monkeypatch.setattr(tarindex, "COMPILED_BATCH", batch)
     names = ["a.jpg", "a.txt", "a.JPG", "a.txt", "b.jpg", "__meta__", "__x.y__", "c/__x.y__", "noext", "d.",
              ".hidden", "e/.f", "g.tar.gz", "g.txt", "g.txt", "h/i.j/k.l.m", "h/i.j/k.n", "dir/", "x.jpg",
              "x.json", "x.txt", "y.jpg", "y.json", "Y.txt", "y.TXT"]
@@ -334,8 +376,19 @@ def test_random_damage_to_pax_mtime_tars_agrees_with_general_parser(tmp_path: Pa
         assert bulk == reference
 
 
+def pax_record(text: str) -> bytes:
+    """One well-formed pax record ``"<length> key=value\\n"`` (the length counts its own digits)."""
+    body = f" {text}\n".encode()
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return b"%d" % length + body
+
+
 @pytest.mark.parametrize("record", [b"11 mtime=95\n", b"12 mtime=95\n", b"13 mtime=9.5\n", b"7 a=b\n",
-                                    b"13 mtime=1e3\n", b"14 size=99999\n", b"21 path=other/x.jpg\n"])
+                                    b"13 mtime=1e3\n", b"14 size=99999\n", b"21 path=other/x.jpg\n"] + [
+    pax_record(f"mtime={value}") for value in ("1733155380.9999999", "1733155380.4567213", "-5.5", "+3", "0.5",
+                                               "99999999999999999999.5", "4294967296.25", "12.", ".75", "-0.9",
+                                               "1" * 39, "1" * 45, "", "nan", " 7", "7_0")])
 def test_pax_records_read_exactly_as_the_general_parser(tmp_path: Path, record: bytes) -> None:
     """Pax records the walk reads itself (a lone mtime) or hands over (length fields that lie, other keys)."""
     path = mixed_tar(tmp_path / "t.tar", PAX_FLOAT, count=3)
@@ -383,3 +436,140 @@ def test_long_pax_records_before_members(tmp_path: Path, comment: int) -> None:
     with tarfile.open(path) as tar:
         assert [(m.name, m.offset, m.offset_data, int(m.mtime)) for m in tar.getmembers()] == [
             (m.name, m.header_offset, m.offset, m.mtime) for _, ms in bulk[0] for m in ms]
+
+
+# --- tars from the writers users' shards come from, member for member with tarfile -------------------------
+
+def tarfile_members(path: Path) -> list[tuple[str, int, int, int, int]]:
+    """(name, chain offset, data offset, size, mtime) of the members an index keeps, by tarfile."""
+    with tarfile.open(path) as tar:
+        return [(m.name, m.offset, m.offset_data, m.size, int(m.mtime)) for m in tar.getmembers()
+                if m.isreg() and split_key(m.name) and not (m.name.startswith("__") and m.name.endswith("__"))]
+
+
+def indexed_members(path: Path) -> list[tuple[str, int, int, int, int]]:
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1]
+    return [(m.name, m.header_offset, m.offset, m.size, m.mtime) for _, ms in bulk[0] for m in ms]
+
+
+@pytest.mark.parametrize("fmt", [None, "PAX_FORMAT", "GNU_FORMAT"])
+def test_webdataset_tarwriter_shards_match_tarfile(tmp_path: Path, fmt: str | None) -> None:
+    """img2dataset writes its shards with webdataset's TarWriter (its shards carry a pax header with a
+    float mtime before every member: PAX_FORMAT); other tools keep the default or pass another format."""
+    import webdataset
+
+    path = tmp_path / "shard.tar"
+    with open(path, "wb") as stream:
+        writer = webdataset.TarWriter(stream, **({} if fmt is None else {"format": fmt}))
+        for i in range(40):
+            sample = {"__key__": f"{i:09d}", "jpg": bytes([i % 251]) * (i * 977 % 9000), "txt": f"caption {i}",
+                      "json": {"key": f"{i:09d}", "status": "success"}}
+            if i % 9 == 4:
+                sample["txt"] = ""  # an empty member
+            writer.write(sample)
+        writer.close()
+    got = indexed_members(path)
+    assert got == tarfile_members(path) and len(got) == 120
+
+
+def test_gnu_tar_archives_match_tarfile(tmp_path: Path) -> None:
+    """The tar binary (GNU format): folders, long names (GNU 'L' records), empty files, a symlink."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar binary")
+    root = tmp_path / "src"
+    for i in range(15):
+        folder = root / ("deep/" + "d" * 90 + "/" if i % 4 == 0 else "flat")
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{i:05d}" + ("_" + "n" * 120 if i % 5 == 1 else "")
+        (folder / f"{stem}.jpg").write_bytes(b"j" * (i * 1531 % 7000))
+        (folder / f"{stem}.txt").write_bytes(b"" if i % 3 == 0 else b"caption")
+    (root / "flat" / "link.jpg").symlink_to("00001.jpg")
+    path = tmp_path / "gnu.tar"
+    subprocess.run(["tar", "--format=gnu", "--sort=name", "-cf", str(path), "-C", str(root), "."], check=True)
+    got = indexed_members(path)
+    assert got == tarfile_members(path) and len(got) == 30
+    posix = tmp_path / "posix.tar"  # GNU tar's pax output: long names as pax path records
+    subprocess.run(["tar", "--format=posix", "--sort=name", "-cf", str(posix), "-C", str(root), "."], check=True)
+    got = indexed_members(posix)
+    assert got == tarfile_members(posix) and len(got) == 30
+
+
+def test_pax_long_names_and_empty_files_match_tarfile(tmp_path: Path) -> None:
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(30):
+            for ext in ("jpg", "txt"):
+                info = tarfile.TarInfo(("q" * 130 + "/" if i % 4 == 2 else "") + f"{i:04d}.{ext}")
+                info.size = 0 if i % 6 == 0 else i * 333
+                info.mtime = 1_700_000_000.75 + i
+                tar.addfile(info, io.BytesIO(b"z" * info.size))
+    got = indexed_members(path)
+    assert got == tarfile_members(path) and len(got) == 60
+
+
+@pytest.mark.parametrize("writer", ["tarwriter", "gnu"])
+def test_damaged_writer_output_reports_what_the_general_parser_does(tmp_path: Path, writer: str) -> None:
+    """Truncated anywhere and with a header corrupted: the same problems, word for word, naming the tar."""
+    import subprocess
+
+    import webdataset
+
+    path = tmp_path / "w.tar"
+    if writer == "tarwriter":
+        with open(path, "wb") as stream:
+            out = webdataset.TarWriter(stream, format="PAX_FORMAT")
+            for i in range(6):
+                out.write({"__key__": f"{i:05d}", "jpg": b"j" * (i * 700), "txt": "t"})
+            out.close()
+    else:
+        root = tmp_path / "src"
+        root.mkdir()
+        for i in range(6):
+            (root / (f"{i:05d}" + "_" * 110 + ".jpg")).write_bytes(b"j" * (i * 700))
+            (root / f"{i:05d}.txt").write_bytes(b"t")
+        subprocess.run(["tar", "--format=gnu", "--sort=name", "-cf", str(path), "-C", str(root), "."], check=True)
+    source = path.read_bytes()
+    cut = tmp_path / "cut.tar"
+    for keep in range(0, len(source), 211):
+        cut.write_bytes(source[:keep])
+        bulk, reference = index_pair(cut)
+        assert bulk == reference, keep
+    for at in header_offsets(path):
+        cut.write_bytes(source)
+        rewrite(cut, at, 10, b"\xfe", fix_checksum=False)
+        bulk, reference = index_pair(cut)
+        assert bulk == reference and "bad checksum" in " ".join(bulk[1]), at
+    cut.write_bytes(source)
+    with tarfile.open(path) as tar:  # a member named in its own header (no long-name record)
+        last = [m for m in tar.getmembers() if len(m.name) < 100][-1]
+    rewrite(cut, last.offset_data - 512, 0, b"../up.jpg\0")
+    bulk, reference = index_pair(cut)
+    assert bulk == reference and bulk[0] is UnsafeMemberName and str(cut) in bulk[1]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_index_from_offsets_matches_the_headers(tmp_path: Path, fmt: int | str) -> None:
+    """A manifest's member_offsets give the index its headers give (grouped in C with the compiled walker,
+    in Python without), on names that group in every way."""
+    from airflow_provider_mmprep.tarindex import index_from_offsets, offsets_of
+
+    path = mixed_tar(tmp_path / "t.tar", fmt, count=15)
+    record = offsets_of(path)
+    from_headers = index_tar(path)
+    from_offsets = index_from_offsets(path, path.stat().st_size, record)
+    assert [(s.key, s.members) for s in from_offsets.samples] == [(s.key, s.members) for s in from_headers.samples]
+    names = ["a.jpg", "a.txt", "a.JPG", "b.jpg", "é.jpg", "é.txt", "c.d/e.f.g", "c.d/e.h"]
+    tar = tmp_path / "names.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as out:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            out.addfile(info, io.BytesIO(b"x"))
+    record = offsets_of(tar)
+    assert [(s.key, s.members) for s in index_from_offsets(tar, tar.stat().st_size, record).samples] == [
+        (s.key, s.members) for s in index_tar(tar).samples]
+    assert [s.key for s in index_tar(tar).samples] == ["a", "a", "b", "é", "c.d/e"]

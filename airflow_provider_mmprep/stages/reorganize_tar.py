@@ -33,7 +33,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from .. import fsutil, tario
 from ..config import PipelineConfig
@@ -54,9 +54,9 @@ PREFETCH_AHEAD = 4  # input tars whose reading is requested ahead of the indexin
 RANGE_BATCH = 32 * 2**20  # object storage: member bytes per batch of ranged reads (two held per writing thread)
 
 
-@dataclass
-class PlacedSample:
-    """A usable sample's place in the global order: its input tar, key and the members to copy."""
+class PlacedSample(NamedTuple):
+    """A usable sample's place in the global order: its input tar, key and the members to copy (a tuple:
+    one is made per sample, and tuples are the cheapest to make)."""
 
     tar: int  # index into SampleOrder.inputs
     key: str
@@ -169,10 +169,10 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
     # Samples of one tar mostly share one list of extensions: decide once per list which members to copy
     # (None: the sample is not usable; True: all of them), not once per sample.
     choices: dict[tuple[str, ...], list[int] | bool | None] = {}
-    append, planned = plan.samples.append, PlacedSample
+    append, new, planned = plan.samples.append, tuple.__new__, PlacedSample
     for sample in index.samples:
         members = sample.members
-        exts = tuple([m.ext for m in members])
+        exts = tuple([m[1] for m in members])  # Member.ext
         choice = choices.get(exts, False)
         if choice is False:
             if not has_extensions(sample, wanted):
@@ -187,16 +187,17 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
                 plan.missing_examples.append(f"{rel}:{sample.key} has {sorted(sample.extensions)}")
             continue
         key = sample.key
-        if key in seen_keys:
+        seen = len(seen_keys)
+        seen_keys.add(key)
+        if len(seen_keys) == seen:  # seen before
             plan.duplicate_keys += 1
             if len(plan.duplicate_examples) < EXAMPLES:
                 plan.duplicate_examples.append(f"{rel}:{key}")
-        seen_keys.add(key)
         if choice is not True:
             not_copied += len(members) - len(choice)
             members = [members[i] for i in choice]
         if keep:
-            append(planned(tar_no, key, members))
+            append(new(planned, (tar_no, key, members)))
         usable += 1
     plan.members_not_copied += not_copied
     return usable

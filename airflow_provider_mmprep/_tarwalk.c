@@ -1,0 +1,653 @@
+/* The compiled header walker of tarindex.py (issue 15): walks a tar's member headers in a mapped buffer
+ * at memory speed and hands Python compact columns.
+ *
+ * It takes only what it can read exactly as tarindex._parse_chain (the general parser) would: plain ustar
+ * headers of regular files (type '0', NUL or '7') whose checksum, size and mtime fields parse, optionally
+ * preceded by one pax header ('x') whose records are well formed and say nothing but keys the general
+ * parser ignores (an mtime, comments, atimes...). At anything else (end of archive, a bad checksum, a
+ * truncation, GNU long names 'L'/'K', pax 'g' or path/size records, links, folders, odd number spellings)
+ * it stops and returns where; Python's general parser then parses that one member (and writes every
+ * error message, naming the tar), and the walk resumes after it. So messages, checks and results are the
+ * general parser's by construction; the tests compare both member for member (and with tarfile).
+ *
+ * walk(fd or buffer, offset, file_size, limit, member_type) ->
+ *     (stop, full, names, heads, datas, sizes, regular, mtimes, layout, suspect)
+ *   stop     byte offset where the walk stopped (the next header chain to parse)
+ *   full     True when it stopped because it took `limit` members (call again from `stop`)
+ *   names... one list per column, as tarindex.Batch holds them
+ *   layout   (keep, dots, starts, members, keys) as tarindex.Layout: the grouping, with the kept members
+ *            made as member_type (tarindex.Member) tuples, in one list per sample, and each sample's key;
+ *            or None where the grouping
+ *            must be done one member at a time in Python (a non-ASCII name, an extension repeated within a
+ *            key's run)
+ *   suspect  True when a name starts with '/' or holds "..": Python checks every name (unsafe names)
+ *
+ * The walk itself runs without the GIL (page faults of a cold file included), so indexing overlaps the
+ * copy threads and the interpreter.
+ */
+#define _GNU_SOURCE /* memmem */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define BLOCK 512
+#define MAX_RUN 64 /* members of one key checked for repeated extensions; longer runs: layout None */
+
+typedef struct {
+    int64_t head;              /* header chain start (the pax header when there is one) */
+    int64_t header;            /* the member's own header */
+    int64_t size;
+    int64_t mtime;
+    int pax_mtime_len;              /* > 0: a pax mtime to convert with the GIL held (rare spellings) */
+    unsigned char pax_mtime[48];
+    int name_len;
+    unsigned char name[160 + 100]; /* copied here so that building objects touches no header again */
+} Rec;
+
+static int is_ws(unsigned char c) {
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c;
+}
+
+/* tarindex._octal for the spellings it takes: base-256 (non-negative, fits 63 bits) or octal digits
+ * between ASCII whitespace, cut at the first NUL. Returns 0 for any other spelling (Python decides). */
+static int number(const unsigned char *f, int n, int64_t *out) {
+    if (n > 0 && (f[0] & 0x80)) {
+        if (f[0] & 0x40)
+            return 0;
+        uint64_t v = 0;
+        for (int i = 1; i < n; i++) {
+            if (v >> 55)
+                return 0;
+            v = (v << 8) | f[i];
+        }
+        if (v >> 63)
+            return 0;
+        *out = (int64_t)v;
+        return 1;
+    }
+    int end = 0;
+    while (end < n && f[end])
+        end++;
+    int s = 0, e = end;
+    while (s < e && is_ws(f[s]))
+        s++;
+    while (e > s && is_ws(f[e - 1]))
+        e--;
+    uint64_t v = 0;
+    for (int i = s; i < e; i++) {
+        if (f[i] < '0' || f[i] > '7')
+            return 0;
+        v = v * 8 + (uint64_t)(f[i] - '0');
+    }
+    *out = (int64_t)v; /* at most 12 digits here: no overflow */
+    return 1;
+}
+
+/* tarindex._checksum_ok, exactly (its "signed" variant included); 0 also when the stored field is
+ * spelled in a way number() leaves to Python. */
+static int checksum_ok(const unsigned char *b) {
+    int64_t stored;
+    if (!number(b + 148, 8, &stored))
+        return 0;
+    uint32_t total = 0, field = 0;
+    for (int i = 0; i < BLOCK; i++) /* vectorised */
+        total += b[i];
+    for (int i = 148; i < 156; i++)
+        field += b[i];
+    int64_t unsigned_sum = (int64_t)total - field + 8 * 32;
+    if (stored == unsigned_sum)
+        return 1;
+    int64_t high = 0; /* the rare writer that summed signed bytes */
+    for (int i = 0; i < BLOCK; i++)
+        if ((i < 148 || i >= 156) && b[i] > 127)
+            high += b[i];
+    return stored == unsigned_sum - 2 * high;
+}
+
+/* A well-formed pax mtime value: [+-]digits[.digits], at least one digit, short. */
+static int mtime_text(const unsigned char *v, int n) {
+    if (n <= 0 || n > 40)
+        return 0;
+    int i = 0, digits = 0;
+    if (v[0] == '+' || v[0] == '-')
+        i++;
+    while (i < n && v[i] >= '0' && v[i] <= '9')
+        i++, digits++;
+    if (i < n && v[i] == '.') {
+        i++;
+        while (i < n && v[i] >= '0' && v[i] <= '9')
+            i++, digits++;
+    }
+    return i == n && digits > 0;
+}
+
+/* int(float(text)) without Python where it is certainly the integer part: no sign, an integer part below
+ * 2**32 and a fraction that does not start with 999 (so rounding to a double cannot reach the next
+ * integer). Returns 0 when the conversion must go through Python's float. */
+static int quick_mtime(const unsigned char *v, int n, int64_t *out) {
+    int64_t whole = 0;
+    int i = 0;
+    if (v[0] == '+' || v[0] == '-')
+        return 0;
+    while (i < n && v[i] != '.') {
+        whole = whole * 10 + (v[i] - '0');
+        if (whole >= ((int64_t)1 << 32))
+            return 0;
+        i++;
+    }
+    if (i + 3 < n && v[i + 1] == '9' && v[i + 2] == '9' && v[i + 3] == '9')
+        return 0;
+    *out = whole;
+    return 1;
+}
+
+/* Records of a pax header, as tarindex._pax_records reads them, for the well-formed case only:
+ * "<digits> key=value\n" records filling the data up to a NUL or its end. Sets *mtime and *mtime_len to the
+ * last mtime value (NULL when none). Returns 0 (Python decides) for anything else or for a key that
+ * changes the member (path, size, GNU.sparse...). */
+static int pax_records(const unsigned char *d, int64_t n, const unsigned char **mtime, int *mtime_len) {
+    int64_t pos = 0;
+    *mtime = NULL;
+    while (pos < n && d[pos] != 0) {
+        int64_t length = 0, i = pos;
+        while (i < n && d[i] >= '0' && d[i] <= '9') {
+            length = length * 10 + (d[i] - '0');
+            if (length > n)
+                return 0;
+            i++;
+        }
+        if (i == pos || i >= n || d[i] != ' ' || length <= 0 || pos + length > n)
+            return 0;
+        const unsigned char *rec = d + i + 1, *end = d + pos + length - 1;
+        if (end < rec || *end != '\n')
+            return 0;
+        const unsigned char *eq = memchr(rec, '=', (size_t)(end - rec));
+        if (eq == NULL)
+            return 0;
+        int64_t klen = eq - rec;
+        if ((klen >= 4 && (memcmp(rec, "path", 4) == 0 || memcmp(rec, "size", 4) == 0))
+            || (klen >= 10 && memcmp(rec, "GNU.sparse", 10) == 0))
+            return 0;
+        if (klen == 5 && memcmp(rec, "mtime", 5) == 0) {
+            const unsigned char *value = eq + 1;
+            int vlen = (int)(end - value);
+            if (!mtime_text(value, vlen))
+                return 0;
+            *mtime = value;
+            *mtime_len = vlen;
+        }
+        pos += length;
+    }
+    return 1;
+}
+
+/* Where the walker reads: a mapped buffer, or a file descriptor read with pread into a window (no page
+ * is mapped: mapping a cached image shard costs the kernel more than the walk itself, as fault-around maps
+ * nearly every page of it). Windows adapt: a read that runs off the end of the previous window (dense
+ * headers) doubles it, up to WINDOW_MAX; a jump past a large member reads as much as the reads since the
+ * previous jump used (plus a little), so an image shard costs one read per sample, of its cluster of
+ * small members and headers. */
+#define WINDOW_MIN 1024
+#define WINDOW_MAX (1 << 20)
+
+typedef struct {
+    const unsigned char *buf; /* mapped: the whole file */
+    int fd;
+    unsigned char *win;
+    int64_t win_at, win_len, used_end, want, file_size;
+    int64_t cluster_at; /* where the reads since the last jump began */
+} Source;
+
+/* `need` bytes at `at`, or NULL when they are not all in the file (or cannot be read). */
+static const unsigned char *get(Source *src, int64_t at, int64_t need) {
+    if (at < 0 || need > src->file_size - at)
+        return NULL;
+    if (src->buf != NULL)
+        return src->buf + at;
+    if (at >= src->win_at && at + need <= src->win_at + src->win_len) {
+        if (at + need > src->used_end)
+            src->used_end = at + need;
+        return src->win + (at - src->win_at);
+    }
+    if (need > WINDOW_MAX)
+        return NULL; /* a pax header this large: Python reads it */
+    int64_t end = src->win_at + src->win_len;
+    if (src->win_len > 0 && at >= src->win_at && at < end + src->want) { /* ran off the end */
+        src->want = src->want * 2 > WINDOW_MAX ? WINDOW_MAX : src->want * 2;
+    } else if (src->win_len > 0) { /* a jump: read what the cluster before it used */
+        int64_t used = ((src->used_end - src->cluster_at + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) + 2 * BLOCK;
+        src->want = used < WINDOW_MIN ? WINDOW_MIN : used > WINDOW_MAX ? WINDOW_MAX : used;
+        src->cluster_at = at;
+    }
+    int64_t size = src->want > need ? src->want : need;
+    if (size > src->file_size - at)
+        size = src->file_size - at;
+    int64_t got = 0;
+    while (got < size) {
+        ssize_t n = pread(src->fd, src->win + got, (size_t)(size - got), (off_t)(at + got));
+        if (n <= 0)
+            break; /* an error or a file that shrank: the walk stops, Python reads on */
+        got += n;
+    }
+    src->win_at = at;
+    src->win_len = got;
+    src->used_end = at + need;
+    return got >= need ? src->win : NULL;
+}
+
+/* A plain header at `at` that this walker takes: its size (and mtime unless `want_mtime` is 0). */
+static const unsigned char *plain_header(Source *src, int64_t at, int64_t *size, int64_t *mtime, int want_mtime) {
+    const unsigned char *b = get(src, at, BLOCK);
+    if (b == NULL)
+        return NULL;
+    unsigned char kind = b[156];
+    if (b[0] == 0 || !(kind == '0' || kind == 0 || kind == '7'))
+        return NULL;
+    if (!checksum_ok(b) || !number(b + 124, 12, size) || at + BLOCK + *size > src->file_size)
+        return NULL;
+    if (want_mtime && !number(b + 136, 12, mtime))
+        return NULL;
+    return b;
+}
+
+static int64_t padded(int64_t size) { return (size + BLOCK - 1) & ~(int64_t)(BLOCK - 1); }
+
+/* The member's name as _parse_chain builds it: name field to its first NUL, behind "prefix/" when the
+ * header is POSIX ustar with a prefix. Returns its length in `out` (at most 155 + 1 + 100 bytes). */
+static int member_name(const unsigned char *b, unsigned char *out) {
+    int n = 0;
+    if (memcmp(b + 257, "ustar\0", 6) == 0 && b[345] != 0) {
+        while (n < 155 && b[345 + n])
+            out[n] = b[345 + n], n++;
+        out[n++] = '/';
+    }
+    for (int i = 0; i < 100 && b[i]; i++)
+        out[n++] = b[i];
+    return n;
+}
+
+/* Walk from `offset`; fills *recs (grown as needed). Returns the count; *stop is where it stopped. */
+static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Rec **recs, Py_ssize_t *cap,
+                               int64_t *stop, int *nomem) {
+    Py_ssize_t count = 0;
+    while (count < limit) {
+        int64_t head = offset, at = offset, size, mtime = 0;
+        const unsigned char *pax_mtime = NULL, *b = get(src, at, BLOCK);
+        int pax_mtime_len = 0;
+        if (b != NULL && b[156] == 'x') {
+            int64_t length;
+            if (b[0] == 0 || !checksum_ok(b) || !number(b + 124, 12, &length)
+                || at + BLOCK + length > src->file_size)
+                break;
+            b = get(src, at, BLOCK + length); /* the pax header and its records in one piece */
+            if (b == NULL || !pax_records(b + BLOCK, length, &pax_mtime, &pax_mtime_len))
+                break;
+            at += BLOCK + padded(length);
+        }
+        if (count == *cap) {
+            Py_ssize_t grown = *cap ? *cap * 2 : 256;
+            Rec *more = realloc(*recs, (size_t)grown * sizeof(Rec));
+            if (more == NULL) {
+                *nomem = 1;
+                break;
+            }
+            *recs = more;
+            *cap = grown;
+        }
+        Rec *r = &(*recs)[count];
+        r->pax_mtime_len = 0;
+        if (pax_mtime != NULL && !quick_mtime(pax_mtime, pax_mtime_len, &mtime)) {
+            memcpy(r->pax_mtime, pax_mtime, (size_t)pax_mtime_len); /* the window may move: copied */
+            r->pax_mtime_len = pax_mtime_len;
+        }
+        b = plain_header(src, at, &size, &mtime, pax_mtime == NULL);
+        if (b == NULL)
+            break;
+        count++;
+        r->head = head;
+        r->header = at;
+        r->size = size;
+        r->mtime = mtime;
+        r->name_len = member_name(b, r->name);
+        offset = at + BLOCK + padded(size);
+    }
+    *stop = offset;
+    return count;
+}
+
+typedef struct {
+    int len;
+    unsigned char text[BLOCK]; /* an extension, ASCII letters lowered */
+} Ext;
+
+static int append_long(PyObject *list, long long value) {
+    PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int failed = PyList_Append(list, v);
+    Py_DECREF(v);
+    return failed;
+}
+
+typedef struct {
+    int layout_ok, run_len, prev_key_len;
+    Py_ssize_t kept;
+    unsigned char prev_key[BLOCK];
+    Ext *run;
+    PyObject *keep, *dots, *starts, *groups, *keys;
+} Grouping;
+
+/* Member i of a batch into the grouping, as tarindex.group_members (and tarbulk._layout) does it: sets
+ * keep[i], and for a kept member its dot, its sample (a new one at a new key) and its Member tuple. Names
+ * that are not ASCII, too long, or an extension repeated within a key's run turn the layout off (Python
+ * groups that batch). Returns -1 on a Python error. */
+static int group_one(Grouping *g, Py_ssize_t i, const unsigned char *name, int n, int ends_in_slash, PyObject *text,
+                     PyObject *data, PyObject *size, PyObject *head, PyObject *mtime, PyTypeObject *member_type) {
+    if (n >= BLOCK)
+        g->layout_ok = 0;
+    int last_slash = -1, dot = -1;
+    for (int k = 0; k < n; k++) {
+        if (name[k] >= 128)
+            g->layout_ok = 0;
+        else if (name[k] == '/')
+            last_slash = k;
+    }
+    for (int k = last_slash + 1; k < n; k++)
+        if (name[k] == '.') {
+            dot = k;
+            break;
+        }
+    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
+                   && name[n - 2] == '_';
+    int kept_here = dot > last_slash + 1 && dot != n - 1 && !metadata && !ends_in_slash;
+    PyObject *flag = kept_here ? Py_True : Py_False;
+    Py_INCREF(flag);
+    PyList_SET_ITEM(g->keep, i, flag);
+    if (!kept_here || !g->layout_ok)
+        return 0;
+    int key_len = dot, ext_len = n - dot - 1;
+    int new_key = g->kept == 0 || key_len != g->prev_key_len || memcmp(g->prev_key, name, (size_t)key_len) != 0;
+    if (new_key) {
+        g->run_len = 0;
+        memcpy(g->prev_key, name, (size_t)key_len);
+        g->prev_key_len = key_len;
+        PyObject *group = PyList_New(0);
+        if (group == NULL || PyList_Append(g->groups, group) < 0) {
+            Py_XDECREF(group);
+            return -1;
+        }
+        Py_DECREF(group);
+        PyObject *key = PyUnicode_DecodeASCII((const char *)name, key_len, NULL);
+        if (key == NULL || PyList_Append(g->keys, key) < 0) {
+            Py_XDECREF(key);
+            return -1;
+        }
+        Py_DECREF(key);
+        if (append_long(g->starts, g->kept) < 0)
+            return -1;
+    } else if (g->run_len == MAX_RUN) {
+        g->layout_ok = 0;
+        return 0;
+    }
+    Ext *here = &g->run[g->run_len];
+    here->len = ext_len;
+    for (int k = 0; k < ext_len; k++) {
+        unsigned char c = name[dot + 1 + k];
+        here->text[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    }
+    for (int k = 0; k < g->run_len; k++)
+        if (g->run[k].len == ext_len && memcmp(g->run[k].text, here->text, (size_t)ext_len) == 0)
+            g->layout_ok = 0; /* webdataset starts a new sample here: grouped in Python */
+    if (!g->layout_ok)
+        return 0;
+    g->run_len++;
+    if (append_long(g->dots, dot) < 0)
+        return -1;
+    /* Member(name, ext, offset, size, header_offset, mtime), made as tuple.__new__(Member, ...) */
+    PyObject *ext = PyUnicode_DecodeASCII((const char *)name + dot + 1, ext_len, NULL);
+    if (ext == NULL)
+        return -1;
+    PyObject *member = member_type->tp_alloc(member_type, 6);
+    if (member == NULL) {
+        Py_DECREF(ext);
+        return -1;
+    }
+    Py_INCREF(text);
+    Py_INCREF(data);
+    Py_INCREF(size);
+    Py_INCREF(head);
+    Py_INCREF(mtime);
+    PyTuple_SET_ITEM(member, 0, text);
+    PyTuple_SET_ITEM(member, 1, ext);
+    PyTuple_SET_ITEM(member, 2, data);
+    PyTuple_SET_ITEM(member, 3, size);
+    PyTuple_SET_ITEM(member, 4, head);
+    PyTuple_SET_ITEM(member, 5, mtime);
+    PyObject_GC_UnTrack(member); /* str and int only: never part of a cycle (the GC would untrack a tuple) */
+    int failed = PyList_Append(PyList_GET_ITEM(g->groups, PyList_GET_SIZE(g->groups) - 1), member);
+    Py_DECREF(member);
+    if (failed)
+        return -1;
+    g->kept++;
+    return 0;
+}
+
+static int grouping_start(Grouping *g, Py_ssize_t count) {
+    memset(g, 0, sizeof(*g));
+    g->layout_ok = 1;
+    g->keep = PyList_New(count);
+    g->dots = PyList_New(0);
+    g->starts = PyList_New(0);
+    g->groups = PyList_New(0);
+    g->keys = PyList_New(0);
+    g->run = PyMem_Malloc(MAX_RUN * sizeof(Ext));
+    if (!g->keep || !g->dots || !g->starts || !g->groups || !g->keys || !g->run) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+/* The layout tuple (keep, dots, starts, groups, keys), or None; NULL on error. Releases the grouping. */
+static PyObject *grouping_finish(Grouping *g, int ok) {
+    PyObject *layout = NULL;
+    if (ok)
+        layout = g->layout_ok ? PyTuple_Pack(5, g->keep, g->dots, g->starts, g->groups, g->keys) : Py_NewRef(Py_None);
+    PyMem_Free(g->run);
+    Py_XDECREF(g->keep);
+    Py_XDECREF(g->dots);
+    Py_XDECREF(g->starts);
+    Py_XDECREF(g->groups);
+    Py_XDECREF(g->keys);
+    return layout;
+}
+
+static PyObject *walk(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer view = {0};
+    PyObject *source;
+    long long offset, file_size;
+    Py_ssize_t limit;
+    PyTypeObject *member_type;
+    if (!PyArg_ParseTuple(args, "OLLnO!", &source, &offset, &file_size, &limit, &PyType_Type, &member_type))
+        return NULL;
+    if (!PyType_IsSubtype(member_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "member_type must be a tuple type (tarindex.Member)");
+        return NULL;
+    }
+    Source src = {0};
+    src.fd = -1;
+    if (PyLong_Check(source)) { /* a file descriptor */
+        src.fd = (int)PyLong_AsLong(source);
+        if (src.fd == -1 && PyErr_Occurred())
+            return NULL;
+        src.win = PyMem_RawMalloc(WINDOW_MAX + BLOCK);
+        if (src.win == NULL)
+            return PyErr_NoMemory();
+    } else {
+        if (PyObject_GetBuffer(source, &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        src.buf = view.buf;
+        if (file_size > view.len)
+            file_size = view.len;
+    }
+    src.file_size = file_size;
+    src.want = 4 * WINDOW_MIN;
+    Rec *recs = NULL;
+    Py_ssize_t cap = 0, count = 0;
+    int64_t stop = offset;
+    int nomem = 0;
+    if (offset >= 0 && limit > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        count = walk_headers(&src, offset, limit, &recs, &cap, &stop, &nomem);
+        Py_END_ALLOW_THREADS
+    }
+    PyMem_RawFree(src.win);
+    PyObject *result = NULL, *names = NULL, *heads = NULL, *datas = NULL, *sizes = NULL, *regular = NULL,
+             *mtimes = NULL, *layout = NULL;
+    Grouping g;
+    int grouping = 0, suspect = 0;
+    if (nomem) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    grouping = 1;
+    if (grouping_start(&g, count) < 0)
+        goto done;
+    names = PyList_New(count);
+    heads = PyList_New(count);
+    datas = PyList_New(count);
+    sizes = PyList_New(count);
+    regular = PyList_New(count);
+    mtimes = PyList_New(count);
+    if (!names || !heads || !datas || !sizes || !regular || !mtimes)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Rec *r = &recs[i];
+        const unsigned char *name = r->name;
+        int n = r->name_len;
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)name, n, "surrogateescape");
+        if (text == NULL)
+            goto done;
+        PyList_SET_ITEM(names, i, text);
+        if (name[0] == '/' || memmem(name, (size_t)n, "..", 2) != NULL)
+            suspect = 1; /* an absolute name or one that may climb out: Python checks each name */
+        PyObject *head = PyLong_FromLongLong(r->head), *data = PyLong_FromLongLong(r->header + BLOCK),
+                 *size = PyLong_FromLongLong(r->size), *mtime;
+        if (r->pax_mtime_len > 0) { /* int(float(text)), as Python spells it */
+            char digits[48];
+            memcpy(digits, r->pax_mtime, (size_t)r->pax_mtime_len);
+            digits[r->pax_mtime_len] = 0;
+            double value = PyOS_string_to_double(digits, NULL, NULL);
+            mtime = (value == -1.0 && PyErr_Occurred()) ? NULL : PyLong_FromDouble(value);
+        } else {
+            mtime = PyLong_FromLongLong(r->mtime);
+        }
+        if (head)
+            PyList_SET_ITEM(heads, i, head);
+        if (data)
+            PyList_SET_ITEM(datas, i, data);
+        if (size)
+            PyList_SET_ITEM(sizes, i, size);
+        if (mtime)
+            PyList_SET_ITEM(mtimes, i, mtime);
+        if (!head || !data || !size || !mtime)
+            goto done;
+        int ends_in_slash = name[n - 1] == '/';
+        PyObject *reg = ends_in_slash ? Py_False : Py_True;
+        Py_INCREF(reg);
+        PyList_SET_ITEM(regular, i, reg);
+        if (group_one(&g, i, name, n, ends_in_slash, text, data, size, head, mtime, member_type) < 0)
+            goto done;
+    }
+    layout = grouping_finish(&g, 1);
+    grouping = 0;
+    if (layout == NULL)
+        goto done;
+    result = Py_BuildValue("(LOOOOOOOOO)", (long long)stop, (count == limit) ? Py_True : Py_False, names, heads,
+                           datas, sizes, regular, mtimes, layout, suspect ? Py_True : Py_False);
+done:
+    if (grouping)
+        grouping_finish(&g, 0);
+    free(recs);
+    Py_XDECREF(names);
+    Py_XDECREF(heads);
+    Py_XDECREF(datas);
+    Py_XDECREF(sizes);
+    Py_XDECREF(regular);
+    Py_XDECREF(mtimes);
+    Py_XDECREF(layout);
+    if (view.obj != NULL)
+        PyBuffer_Release(&view);
+    return result;
+}
+
+/* group(names, heads, datas, sizes, mtimes, member_type) -> layout or None: the grouping of members given
+ * as columns (a manifest's member_offsets), as walk() makes it for the members it reads. */
+static PyObject *group(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *names, *heads, *datas, *sizes, *mtimes;
+    PyTypeObject *member_type;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
+                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(names);
+    if (!PyType_IsSubtype(member_type, &PyTuple_Type) || PyList_GET_SIZE(heads) != count
+        || PyList_GET_SIZE(datas) != count || PyList_GET_SIZE(sizes) != count || PyList_GET_SIZE(mtimes) != count) {
+        PyErr_SetString(PyExc_ValueError, "columns of different lengths, or member_type not a tuple type");
+        return NULL;
+    }
+    Grouping g;
+    if (grouping_start(&g, count) < 0) {
+        grouping_finish(&g, 0);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *text = PyList_GET_ITEM(names, i);
+        Py_ssize_t n;
+        const char *name = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &n) : NULL;
+        if (name == NULL) {
+            PyErr_Clear(); /* not text, or not encodable: Python groups it (and says what is wrong) */
+            g.layout_ok = 0;
+            break;
+        }
+        if (n == 0 || n >= BLOCK) {
+            g.layout_ok = 0;
+            break;
+        }
+        int ends_in_slash = name[n - 1] == '/';
+        if (group_one(&g, i, (const unsigned char *)name, (int)n, ends_in_slash, text, PyList_GET_ITEM(datas, i),
+                      PyList_GET_ITEM(sizes, i), PyList_GET_ITEM(heads, i), PyList_GET_ITEM(mtimes, i),
+                      member_type) < 0) {
+            grouping_finish(&g, 0);
+            return NULL;
+        }
+        if (!g.layout_ok)
+            break;
+    }
+    if (!g.layout_ok) { /* keep[] may hold NULL slots: never handed out */
+        grouping_finish(&g, 0);
+        Py_RETURN_NONE;
+    }
+    return grouping_finish(&g, 1);
+}
+
+static PyMethodDef methods[] = {
+    {"group", group, METH_VARARGS,
+     "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
+     "the grouping of members given as columns, as walk() makes it."},
+    {"walk", walk, METH_VARARGS,
+     "walk(fd or buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, "
+     "regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tarwalk",
+                                    "Compiled tar header walker of airflow_provider_mmprep.tarindex.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__tarwalk(void) { return PyModule_Create(&module); }
