@@ -1,4 +1,5 @@
-"""Why download_images fetches with aiohttp: requests + threads vs one aiohttp event loop, fetch only.
+"""Why download_images fetches on an event loop with its own HTTP/1.1 client: requests + threads vs one
+aiohttp event loop vs mmprep's fetcher (download/fetcher.py: asyncio Protocol + httptools), fetch only.
 
 One command::
 
@@ -6,8 +7,10 @@ One command::
 
 Both clients fetch the same URLs (~75 KB JPEGs, 20-200 ms latency, loopback host in a separate process) with
 the same number of requests in flight: requests with one pooled ``Session`` per thread in a thread pool
-(how img2dataset and a "requests" design work), aiohttp with one pooled session on one event loop. Each runs
-in its own subprocess; the script prints images/s, CPU seconds per 1,000 images, and the ratio.
+(how img2dataset and a "requests" design work), aiohttp with one pooled session on one event loop (what the
+downloader used before), and mmprep's ``Fetcher`` on the same kind of loop (uvloop where installed, for both
+event-loop clients). Each runs in its own subprocess; the script prints images/s, CPU seconds per 1,000
+images, and the ratios against requests + threads.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.pro
 
 CLIENT_AIOHTTP = r"""
 import sys, time, json, asyncio, aiohttp
-urls = json.load(open(sys.argv[1])); concurrency = int(sys.argv[2])
+urls = json.load(open(sys.argv[1])); concurrency = int(sys.argv[2]); errors = {}
 async def main():
     it = iter(urls); ok = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
@@ -55,8 +58,44 @@ async def main():
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ok
 start = time.perf_counter(); cpu = time.process_time()
-ok = asyncio.run(main())
-print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
+try:
+    import uvloop
+    ok = uvloop.run(main())
+except ImportError:
+    ok = asyncio.run(main())
+print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                  "errors": errors}))
+"""
+
+CLIENT_MMPREP = r"""
+import sys, time, json, asyncio, dataclasses
+sys.path.insert(0, sys.argv[3])
+from airflow_provider_mmprep.download.fetcher import Fetcher
+from airflow_provider_mmprep.download.options import parse_options
+urls = json.load(open(sys.argv[1])); concurrency = int(sys.argv[2])
+options = dataclasses.replace(parse_options({"timeout": 10}, threads=concurrency, processes=1),
+                              allow_private_addresses=True, max_connections_per_host=concurrency)
+errors = {}
+async def main():
+    it = iter(urls); ok = 0
+    async with Fetcher(options, concurrency=concurrency) as fetcher:
+        async def worker():
+            nonlocal ok
+            for url in it:
+                result = await fetcher.fetch(url)
+                ok += bool(result.body)
+                if result.error:
+                    errors[result.error] = errors.get(result.error, 0) + 1
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+start = time.perf_counter(); cpu = time.process_time()
+try:
+    import uvloop
+    ok = uvloop.run(main())
+except ImportError:
+    ok = asyncio.run(main())
+print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                  "errors": errors}))
 """
 
 HOST = r"""
@@ -82,26 +121,30 @@ def main() -> None:
     host = subprocess.Popen([sys.executable, "-c", HOST, str(url_file), str(args.urls), str(REPO)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert host.stdout is not None and host.stdout.readline().strip() == "ready"
-    results: dict[str, list[dict]] = {"requests+threads": [], "aiohttp": []}
+    clients = (("requests+threads", CLIENT_REQUESTS), ("aiohttp", CLIENT_AIOHTTP), ("mmprep", CLIENT_MMPREP))
+    results: dict[str, list[dict]] = {name: [] for name, _code in clients}
     try:
         for _ in range(args.repeat):
-            for name, code in (("requests+threads", CLIENT_REQUESTS), ("aiohttp", CLIENT_AIOHTTP)):
-                out = subprocess.run([sys.executable, "-c", code, str(url_file), str(args.concurrency)],
+            for name, code in clients:
+                out = subprocess.run([sys.executable, "-c", code, str(url_file), str(args.concurrency), str(REPO)],
                                      capture_output=True, text=True, check=True).stdout
                 result = json.loads(out.strip().splitlines()[-1])
                 results[name].append(result)
                 print(f"  {name:17s}: {result['ok']} images in {result['wall']:.2f}s = "
                       f"{result['ok'] / result['wall']:.0f} img/s, {1000 * result['cpu'] / result['ok']:.2f} "
-                      f"CPU s per 1000 images", flush=True)
+                      f"CPU s per 1000 images{' ' + str(result['errors']) if result.get('errors') else ''}",
+                      flush=True)
     finally:
         host.stdin.close()  # type: ignore[union-attr]
         host.wait()
         url_file.unlink(missing_ok=True)
     best = {name: max(r["ok"] / r["wall"] for r in rs) for name, rs in results.items()}
     cpu = {name: min(r["cpu"] / r["ok"] for r in rs) * 1000 for name, rs in results.items()}
-    print(f"aiohttp / requests+threads: {best['aiohttp'] / best['requests+threads']:.2f}x images/s, "
-          f"{cpu['requests+threads'] / cpu['aiohttp']:.2f}x less CPU per image "
-          f"(concurrency {args.concurrency}, cpus={os.cpu_count()})")
+    for name in ("aiohttp", "mmprep"):
+        print(f"{name} / requests+threads: {best[name] / best['requests+threads']:.2f}x images/s, "
+              f"{cpu['requests+threads'] / cpu[name]:.2f}x less CPU per image "
+              f"(concurrency {args.concurrency}, cpus={os.cpu_count()})")
+    print(f"mmprep's fetcher / aiohttp: {cpu['mmprep'] / cpu['aiohttp']:.2f} of the CPU per image")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ slots idle while the last, slowest URLs of its piece ran into their deadline (4x
 10% of URLs misbehave). Here URLs flow to the fetch slots across piece and shard boundaries, a shard is
 finished (tar, parquet, manifest, stats) as soon as its last row is settled, and a request that has been
 waiting for ``STALL_SECONDS`` (at most a quarter of the deadline) gives up its fetch slot ("demoted") so new work can start. A demoted request
-keeps its socket: it still counts against ``max_connections_per_host`` (aiohttp's per-host limit), so new
+keeps its socket: it still counts against ``max_connections_per_host`` (the fetcher's per-host slots), so new
 work goes to other hosts, and against a hard cap on open requests.
 
 Output does not depend on timing: a piece writes its samples in key order (``shard._OrderedSampleWriter``)
@@ -248,8 +248,8 @@ GC_YOUNG_THRESHOLD = 20_000
 def run_loop(coroutine: Any) -> Any:
     """Run ``coroutine`` on a fresh loop (uvloop where installed) with the cyclic GC tuned for the download.
 
-    Every request allocates hundreds of short-lived containers (aiohttp's request and response objects,
-    futures, tasks), which at the default threshold triggers a young collection every few requests and a full
+    Every request allocates short-lived containers (futures, tasks, header lists, body chunks, outcomes,
+    tar member names), which at the default threshold triggers a young collection every few requests and a full
     one, walking every object the imports created, every few hundred: several percent of the CPU per image.
     Freezing what exists at start (modules, classes: never garbage) and a larger young threshold keep that
     down; reference counting still frees almost everything at once, and the few cycles (exception

@@ -247,7 +247,7 @@ def run_jobs(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path, 
     if first is None:  # nothing pending (a rerun of a finished task): no pool, no process split to plan
         return []
     job_iter = itertools.chain([first], job_iter)
-    from ..download.pipeline import download_here, download_in_processes  # aiohttp, PIL: only to download
+    from ..download.pipeline import download_here, download_in_processes  # httptools, PIL: only to download
 
     reporter = _ProgressReporter(what, total)
     processes = options.processes

