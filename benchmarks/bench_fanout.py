@@ -7,7 +7,8 @@ The mmprep DAG runs only ``precache_encodings`` (``runner: local``) with ``node_
 input tar that was encoded before the timed run (``mmprep run`` as task 0 of N), so every instance does the
 stage's real resume bookkeeping (config load, its share of the inputs, the finished output's fingerprint
 check, nothing left to encode) and the time measured is Airflow's per-instance overhead plus ours. Prints trigger-to-success seconds and task instances
-per second for both, and the ratio (goal: ours within 1.2x of plain Airflow's per-instance time).
+per second for both, the ratio (goal: ours within 1.2x of plain Airflow's per-instance time), and the CPU
+seconds per instance of each part (services, task processes, PostgreSQL).
 """
 
 from __future__ import annotations
