@@ -39,7 +39,7 @@ from ..download.options import DownloadOptions, parse_options
 from ..download.reader import ShardJob, count_rows, iter_shard_jobs
 from ..download.shard import is_complete, shard_paths
 from ..fsutil import remove_stale_temporaries, sorted_files
-from ..manifest import OFFSETS_SUFFIX, FinishedTar, finished_tars, manifest_path
+from ..manifest import MANIFEST_SUFFIX, OFFSETS_SUFFIX, FinishedTar, finished_tars
 from ..plan import list_parquet_parts
 from ..progress import Progress
 from ..storage import is_url
@@ -308,8 +308,8 @@ def _remove_shard(out_dir: PathOrUrl, shard_id: int) -> None:
     paths = _shard_files(out_dir, shard_id)
     tario.unlink(paths["stats"])  # first: the shard stops counting as complete
     tar = paths["tar"]
-    for path in (tar, f"{tar}.manifest.json" if is_url(tar) else manifest_path(tar), f"{tar}{OFFSETS_SUFFIX}",
-                 paths["parquet"]):
+    # the manifest and offsets sidecar beside the tar, by the suffixes manifest.py names (URL or path alike)
+    for path in (tar, f"{tar}{MANIFEST_SUFFIX}", f"{tar}{OFFSETS_SUFFIX}", paths["parquet"]):
         tario.unlink(path)
 
 
