@@ -403,17 +403,28 @@ def _members(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]
                     continue
                 if len(heads) == WALK_BATCH:
                     continue
-            chain = _parse_chain(read, file_size, problems, offset)
-            member = next(chain, None)
-            chain.close()
-            if member is None:
+            step = _general_member(read, file_size, problems, offset)
+            if step is None:
                 return  # end of archive, or damage (recorded in problems)
-            name, header_at, data_at, size, regular, mtime = member
-            yield Batch([name], [header_at], [data_at], [size], [regular], [mtime])
-            offset = data_at + -(-size // BLOCK) * BLOCK
+            batch, offset = step
+            yield batch
     finally:
         del view, scan  # they export the map's buffer, which must be released before it closes
         mm.close()
+
+
+def _general_member(read: Callable[[int, int], bytes], file_size: int, problems: list[str],
+                    offset: int) -> tuple[Batch, int] | None:
+    """One member at ``offset`` through the general parser, where a fast walk stopped (long names, pax,
+    links, damage): its one-member batch and the offset after its data, or None at the end of the archive
+    or on damage (recorded in ``problems``)."""
+    chain = _parse_chain(read, file_size, problems, offset)
+    member = next(chain, None)
+    chain.close()
+    if member is None:
+        return None
+    name, header_at, data_at, size, regular, mtime = member
+    return Batch([name], [header_at], [data_at], [size], [regular], [mtime]), data_at + -(-size // BLOCK) * BLOCK
 
 
 #: Members the compiled walker returns per call (columns of Python objects: ~10 MB at 65,536)
@@ -440,14 +451,11 @@ def _members_compiled(path: Path, file_size: int, problems: list[str]) -> Iterat
                             suspect)
             if full:
                 continue
-            chain = _parse_chain(read, file_size, problems, offset)
-            member = next(chain, None)
-            chain.close()
-            if member is None:
+            step = _general_member(read, file_size, problems, offset)
+            if step is None:
                 return  # end of archive, or damage (recorded in problems)
-            name, header_at, data_at, size, regular_one, mtime = member
-            yield Batch([name], [header_at], [data_at], [size], [regular_one], [mtime])
-            offset = data_at + -(-size // BLOCK) * BLOCK
+            batch, offset = step
+            yield batch
     finally:
         os.close(fd)
 
