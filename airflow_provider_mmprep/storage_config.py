@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-from omegaconf import DictConfig, OmegaConf
 from pydantic import PlainValidator
 
 from .storage import is_url
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 #: storage_options keys whose values are secrets: they must reference the environment, never be literal
 _SECRET_OPTION_RE = re.compile(r"secret|token|password|credential|account_key|sas", re.IGNORECASE)
@@ -35,15 +37,23 @@ def data_path(value: Any) -> Path | str:
 DataPath = Annotated[Union[Path, str], PlainValidator(data_path)]
 
 
-def read_storage_options(raw: DictConfig) -> tuple[dict[str, Any] | None, list[str], list[str]]:
-    """The ``storage_options`` block as written (interpolations kept), with problems and warnings about it."""
-    node = raw._get_node("storage_options")
-    if node is None or node._is_none():
-        return None, [], []
-    if not isinstance(node, DictConfig):
-        shown = repr(node._value())
-        return None, [f"storage_options: expected a mapping of fsspec options, got {shown[:80]}"], []
-    options = OmegaConf.to_container(node, resolve=False)
+def read_storage_options(raw: DictConfig | dict[str, Any]) -> tuple[dict[str, Any] | None, list[str], list[str]]:
+    """The ``storage_options`` block as written (interpolations kept), with problems and warnings about it.
+    ``raw`` may be plain data (config.loader._load_plain), where the block is None or a mapping."""
+    if isinstance(raw, dict):
+        options = raw.get("storage_options")
+        if options is None:
+            return None, [], []
+    else:
+        from omegaconf import DictConfig, OmegaConf
+
+        node = raw._get_node("storage_options")
+        if node is None or node._is_none():
+            return None, [], []
+        if not isinstance(node, DictConfig):
+            shown = repr(node._value())
+            return None, [f"storage_options: expected a mapping of fsspec options, got {shown[:80]}"], []
+        options = OmegaConf.to_container(node, resolve=False)
     warnings: list[str] = []
 
     def scan(value: Any, path: str) -> None:

@@ -5,6 +5,11 @@ launcher-level names such as ``${data_dir}`` supplied as overrides, ``???`` for 
 use is resolved on its own, so one bad value yields one error naming its full key path instead of aborting
 the whole load; the resolved values are then checked by the pydantic models. Keys NeMo files carry that we
 do not use produce a warning, never an error. Nothing here imports Airflow.
+
+A file (with its overrides) that OmegaConf would read to exactly the values ``yaml.safe_load`` gives (no
+interpolation, no ``???``, no alias, merge key or repeated key, no scalar OmegaConf's YAML loader types
+otherwise: see :func:`_load_plain`) is used as plain data, without importing OmegaConf (~65 ms of every
+task process's start-up); the results, warnings and messages are the same (the tests compare both ways).
 """
 
 from __future__ import annotations
@@ -12,16 +17,17 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
 from pydantic import ValidationError
 
 from ..storage import Store, StorageError, is_url, merge_options
 from ..storage_config import data_path, read_storage_options
 from .models import (RANGE_DEFAULT_TASK_COUNT, STAGE_MODELS, STAGE_NAMES, DownloadImagesConfig, EncodingSpec,
                      PipelineConfig, PrecacheConfig, RunConfig)
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +94,12 @@ class _Resolver:
         self.unresolved: set[str] = set()  # key paths whose value could not be resolved
         self._missing: dict[str, list[str]] = {}  # '???' key -> key paths that interpolate it
 
-    def block(self, cfg: DictConfig, key: str) -> Any:
+    def block(self, cfg: DictConfig | dict[str, Any], key: str) -> Any:
+        if isinstance(cfg, dict):  # plain data (_load_plain): nothing to resolve
+            node = cfg[key]
+            return {str(child): value for child, value in node.items()} if isinstance(node, dict) else node
+        from omegaconf import DictConfig
+
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and node._is_missing():
             self._note_missing(key, key)
@@ -98,6 +109,11 @@ class _Resolver:
         return self.leaf(cfg, key, key)
 
     def leaf(self, parent: Any, child: Any, path: str) -> Any:
+        if isinstance(parent, dict):  # plain data (_load_plain): nothing to resolve
+            return parent[child]
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, OmegaConfBaseException
+
         try:
             value = parent[child]
             if isinstance(value, (DictConfig, ListConfig)):
@@ -143,14 +159,126 @@ def stage_key(stage: str, key: str, value: Any) -> Any:
         raise ConfigError([format_pydantic_error(f"{stage}.{key}", err) for err in exc.errors()]) from None
 
 
-def _has(cfg: DictConfig, key: str) -> bool:
+def _has(cfg: DictConfig | dict[str, Any], key: str) -> bool:
     """True if the key is present, even when its value is '???' (where ``key in cfg`` says False)."""
-    return cfg._get_node(key) is not None
+    return key in cfg if isinstance(cfg, dict) else cfg._get_node(key) is not None
+
+
+#: Scalars OmegaConf's YAML loader reads as floats where ``yaml.safe_load`` reads strings (``1e3``, ``1_0.5``):
+#: its extra float resolver (omegaconf/_yaml.py), matched against every string of plain data.
+_OMEGACONF_FLOAT = re.compile(r"""^(?:
+     [-+]?[0-9]+(?:_[0-9]+)*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?:[eE][-+]?[0-9]+)
+    |\.[0-9]+(?:_[0-9]+)*(?:[eE][-+][0-9]+)?
+    |[-+]?[0-9]+(?:_[0-9]+)*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+#: An override key _load_plain applies itself: dotted names, no escapes, brackets or interpolation.
+_PLAIN_OVERRIDE_KEY = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*)*")
+
+
+def _plain_loader() -> type:
+    """``yaml.SafeLoader`` (so parsing, values and messages are ``yaml.safe_load``'s) noting in ``plain``
+    whether the document holds an alias, a merge key or a key written twice: OmegaConf's loader reads
+    those otherwise (limits alias expansion, refuses repeated keys)."""
+    import yaml
+
+    class PlainLoader(yaml.SafeLoader):
+        plain = True
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                self.plain = False
+            return super().compose_node(parent, index)
+
+        def flatten_mapping(self, node: Any) -> None:
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge" \
+                        or key_node.value in seen:
+                    self.plain = False
+                seen.add(getattr(key_node, "value", None))
+            super().flatten_mapping(node)
+
+    return PlainLoader
+
+
+def _safe_load(text: str) -> tuple[Any, bool]:
+    """``yaml.safe_load(text)`` and whether OmegaConf's loader would give the same (see :func:`_plain_loader`)."""
+    loader = _plain_loader()(text)
+    try:
+        return loader.get_single_data(), loader.plain
+    finally:
+        loader.dispose()
+
+
+def _is_plain(value: Any) -> bool:
+    """Data OmegaConf holds as it is: str keys, scalars OmegaConf's loader types alike, no ``???`` or
+    ``${`` (missing values, interpolations), no dates, sets or bytes."""
+    if isinstance(value, str):
+        return value != "???" and "${" not in value and not _OMEGACONF_FLOAT.match(value)
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(k) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _override_plain(data: dict[str, Any], item: str) -> bool:
+    """Apply one ``key.sub=value`` override to plain data as OmegaConf's merge would; False (``data``
+    possibly changed) where only OmegaConf can say what it means."""
+    key, _, text = item.partition("=")
+    if not _PLAIN_OVERRIDE_KEY.fullmatch(key):
+        return False
+    try:
+        value, plain = _safe_load(text)
+    except Exception:  # a glob such as *.parquet: load_raw's own handling
+        return False
+    if not plain or isinstance(value, dict) or not _is_plain(value):
+        return False
+    *parents, last = key.split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            return False
+        node = child
+    if last in node:  # a scalar replaces a scalar (or None), a list a list; anything else is OmegaConf's
+        old = node[last]
+        if isinstance(old, dict) or isinstance(old, list) != isinstance(value, list) \
+                or (old is None and isinstance(value, list)):
+            return False
+    node[last] = value
+    return True
+
+
+def _load_plain(path: str | Path, overrides: list[str] | None) -> dict[str, Any] | None:
+    """The YAML with its overrides as plain data when OmegaConf (:func:`load_raw`) would hold exactly these
+    values: no interpolation or ``???``, no alias, merge or repeated key, no scalar its loader types
+    otherwise (``1e3``, dates), no override it alone can apply. None otherwise (and for every file
+    :func:`load_raw` refuses, so that its messages stay the only ones)."""
+    try:
+        parsed, plain = _safe_load(Path(path).read_text(encoding="utf-8"))
+    except Exception:
+        return None
+    if not plain or not isinstance(parsed, dict) or not _is_plain(parsed):
+        return None
+    for item in overrides or []:
+        if "=" not in item or not _override_plain(parsed, item):
+            return None
+    if any(parsed.get(name) is not None and not isinstance(parsed[name], dict)
+           for name in (*STAGE_NAMES, "storage_options")):
+        return None  # read through OmegaConf's nodes as load_config always did
+    parsed.setdefault("launcher_scripts_path", str(BUNDLED_LAUNCHER_SCRIPTS_PATH))
+    return parsed
 
 
 def load_raw(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
     """Load the YAML and merge dotlist overrides (``key.sub=value``) over it, without resolving."""
     import yaml
+    from omegaconf import DictConfig, OmegaConf
 
     path = Path(path)
     try:
@@ -200,7 +328,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     under the YAML's ``storage_options`` (:func:`storage.merge_options`); they reach the stages through
     ``PipelineConfig.storage_options`` and are never written anywhere.
     """
-    raw = load_raw(path, overrides)
+    raw = _load_plain(path, overrides)
+    if raw is None:
+        raw = load_raw(path, overrides)
     if not any(_has(raw, name) for name in STAGE_NAMES):
         raise ConfigError([f"{path}: no pipeline stage in this file (expected some of {', '.join(STAGE_NAMES)}"
                            "; is it NeMo's download_multimodal.yaml?)"])
@@ -321,7 +451,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
         log.warning("%s", warning)
     if problems:
         raise ConfigError(problems)
-    return PipelineConfig(
+    fields = dict(
         run=run_model,
         dataset_repo_id=dataset_repo_id,
         dataset_output_root=data_path(dataset_output_root) if isinstance(dataset_output_root, str) else None,
@@ -332,6 +462,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
         warnings=warnings,
         **models,
     )
+    if storage_options is None or all(isinstance(key, str) for key in storage_options):
+        # Every field is validated above (the blocks are models): validating them again would change nothing
+        # and would build the validators of every stage's model, which a task process never uses.
+        return PipelineConfig.model_construct(**fields)  # type: ignore[arg-type]
+    return PipelineConfig(**fields)  # type: ignore[arg-type]
 
 
 #: the keys of stage blocks that name a folder or file, local or a URL
@@ -425,6 +560,8 @@ def load_precache_config(path: str | Path, key_prefix: str = "precache",
     never dropped silently (``batch_size_per_gpu`` is not ``batch_size_per_GPU``)."""
     text = _read_precache_yaml(path, key_prefix, storage_options)
     path = str(path) if is_url(str(path)) else Path(path)
+    from omegaconf import OmegaConf
+
     try:
         raw = OmegaConf.create(text)
         data = OmegaConf.to_container(raw, resolve=True)
