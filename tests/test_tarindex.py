@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -174,6 +175,21 @@ def test_bulk_matches_general_parser_and_tarfile(tmp_path: Path, fmt: int) -> No
         expected = [(m.name, m.offset_data, m.size, int(m.mtime)) for m in tar.getmembers()
                     if m.isreg() and split_key(m.name) and m.name != "__meta__"]
     assert [(m.name, m.offset, m.size, m.mtime) for _, ms in bulk[0] for m in ms] == expected
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, PAX_FLOAT])
+def test_bulk_matches_general_parser_on_a_file_not_in_the_page_cache(tmp_path: Path, fmt: int) -> None:
+    """A cold file: the compiled walker asks for read-ahead where its reads are not cached (ADVISE_AHEAD in
+    _tarwalk.c) and reads the same bytes."""
+    path = mixed_tar(tmp_path / "t.tar", fmt, count=400)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (where the file system keeps no page cache: warm)
+    finally:
+        os.close(fd)
+    bulk, reference = index_pair(path)  # the bulk index first, on the cold file
+    assert bulk == reference and not bulk[1]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
