@@ -489,15 +489,16 @@ def index_tar(path: str | Path, *, reference: bool = False) -> TarIndex:
     file_size = os.stat(path).st_size
     index = TarIndex(path=path, file_size=file_size)
     members = (_members_reference if reference else _members)(path, file_size, index.problems)
-    with _gc_paused():
+    with gc_paused():
         group_members(index, members)
     return index
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while an index is built: millions of acyclic objects (members, samples)
-    that collections would only traverse (~10% of the time). Restores the collector as it was."""
+    that collections would only traverse (~10% of the time). Restores the collector as it was (nested
+    pauses, such as reorganize_tar's around a whole task, keep it paused)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -647,7 +648,7 @@ def index_from_offsets(path: str | Path, file_size: int, record: Any) -> TarInde
     if _tarwalk is not None:  # the grouping and the Member tuples in C, as for headers read
         grouped = _tarwalk.group(names, heads, datas, sizes, mtimes, Member)
         layout = None if grouped is None else Layout(*grouped)
-    with _gc_paused():
+    with gc_paused():
         group_members(index, [Batch(names, heads, datas, sizes, [True] * len(names), mtimes, layout)])
     if sum(len(s.members) for s in index.samples) != len(names) or index.skipped_members:
         raise contradicted("members without a key or extension")

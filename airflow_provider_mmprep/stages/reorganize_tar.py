@@ -41,8 +41,9 @@ from ..storage import is_url
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
 from ..progress import Progress
-from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, has_extensions,
-                        index_from_offsets, index_tar, member_offsets, normalize_extensions, prefetch)
+from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, gc_paused,
+                        has_extensions, index_from_offsets, index_tar, member_offsets, normalize_extensions,
+                        prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter
 from . import StageError
 
@@ -244,6 +245,19 @@ def order_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     return plan
 
 
+def _usable_count(index: TarIndex, wanted: tuple[str, ...]) -> int:
+    """How many of the input's samples have every wanted extension (decided once per list of extensions)."""
+    usable: dict[tuple[str, ...], bool] = {}
+    count = 0
+    for sample in index.samples:
+        exts = tuple([m[1] for m in sample.members])  # Member.ext
+        ok = usable.get(exts)
+        if ok is None:
+            ok = usable[exts] = has_extensions(sample, wanted)
+        count += ok
+    return count
+
+
 def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) -> int | None:
     """The input's usable sample count from its producer's (current) manifest, or None when the tar must
     be read.
@@ -282,7 +296,7 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
             unlisted[tar_no] = _index(inputs[tar_no], bodies[tar_no])
-            count = sum(1 for sample in unlisted[tar_no].samples if has_extensions(sample, wanted))
+            count = _usable_count(unlisted[tar_no], wanted)
         counts.append(count)
     starts = [0]
     for count in counts:
@@ -512,6 +526,13 @@ def write_threads(configured: int) -> int:
 
 
 def run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
+    # The plan holds a tuple per sample and a list per sample's members, none in a cycle: collections would
+    # only traverse them, more often the more there are (~5% of a task's CPU on 28,000 samples).
+    with gc_paused():
+        return _run_task(cfg, task_id, task_count)
+
+
+def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, Any]:
     block = cfg.stage(STAGE)
     input_dir, output_dir = (v if is_url(v) else Path(v) for v in (block.input_dir, block.output_dir))
     if not tario.is_dir(input_dir):
