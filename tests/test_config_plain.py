@@ -54,6 +54,7 @@ CASES: list[tuple[str, list[str], bool]] = [
     (REORG.format(chunk=7) + "generate_wdinfo:\n", [], True),
     (REORG.format(chunk=7) + "generate_wdinfo: 5\n", [], False),
     (REORG.format(chunk=7) + "1: x\n", [], False),
+    (REORG.format(chunk=7) + "? [a, b]\n: x\n", [], False),  # a key that is a list
     (REORG.format(chunk=7) + "download_images:\n  enable: true\n  input_dir: /p\n  output_dir: /t\n"
      "  img2dataset_additional_arguments: {resize_mode: no, encode_quality: 95}\n", [], True),
     (REORG.format(chunk=7) + "download_images:\n  enable: true\n  input_dir: /p\n  output_dir: /t\n"

@@ -197,7 +197,8 @@ def _plain_loader() -> type:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge" \
                         or key_node.value in seen:
                     self.plain = False
-                seen.add(getattr(key_node, "value", None))
+                elif isinstance(key_node, yaml.ScalarNode):
+                    seen.add(key_node.value)
             super().flatten_mapping(node)
 
     return PlainLoader
