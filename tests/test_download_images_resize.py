@@ -196,3 +196,24 @@ def test_the_fast_shrink_leaves_damaged_and_unusual_jpegs_to_pillow(monkeypatch:
         assert process_image(body, opts) == fast
         monkeypatch.setattr(resizer, "_FAST_SHRINK", True)
         assert decoded(fast.data).size == (64, 64)
+
+
+def test_kept_jpegs_are_validated_whole_by_either_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resize_mode no: a good JPEG keeps its bytes, a truncated one is refused with Pillow's words, and one with
+    a corrupt block gets the same outcome whichever decoder validated it."""
+    from airflow_provider_mmprep.download import resizer
+
+    good = sample_data.make_jpeg(11, (320, 240))
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2: len(good) // 2 + 64] = bytes(64)  # zeroed entropy-coded data: libjpeg warns
+    outcomes = {}
+    for fast in (True, False) if resizer._FAST_SHRINK else (False,):
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", fast)
+        assert process_image(good, options()).data == good
+        with pytest.raises(ImageRejected, match="image decoding failed: image file is truncated"):
+            process_image(good[: len(good) - 500], options())
+        try:
+            outcomes[fast] = process_image(bytes(corrupt), options()).data
+        except ImageRejected as exc:
+            outcomes[fast] = str(exc)
+    assert len(set(outcomes.values())) == 1
