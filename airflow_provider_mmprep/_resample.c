@@ -192,7 +192,22 @@ __attribute__((target("sse4.1"))) static void vertical_sse41(uint8_t *out, const
         const int32_t *k = &kk[yy * ksize];
         const uint8_t *top = in + (size_t)ymin * stride;
         uint8_t *lineOut = out + (size_t)yy * stride;
-        for (int xx = 0; xx < width; xx++) {
+        int xx = 0;
+        for (; xx + 4 <= width; xx += 4) {  /* four pixels: one 16-byte load per tap */
+            __m128i acc0 = initial, acc1 = initial, acc2 = initial, acc3 = initial;
+            for (int y = 0; y < ymax; y++) {
+                __m128i row = _mm_loadu_si128((const __m128i *)(top + (size_t)y * stride + (size_t)xx * 4));
+                __m128i coefficient = _mm_set1_epi32(k[y]);
+                acc0 = _mm_add_epi32(acc0, _mm_mullo_epi32(_mm_cvtepu8_epi32(row), coefficient));
+                acc1 = _mm_add_epi32(acc1, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(row, 4)), coefficient));
+                acc2 = _mm_add_epi32(acc2, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(row, 8)), coefficient));
+                acc3 = _mm_add_epi32(acc3, _mm_mullo_epi32(_mm_cvtepu8_epi32(_mm_srli_si128(row, 12)), coefficient));
+            }
+            __m128i low = _mm_packs_epi32(_mm_srai_epi32(acc0, PRECISION_BITS), _mm_srai_epi32(acc1, PRECISION_BITS));
+            __m128i high = _mm_packs_epi32(_mm_srai_epi32(acc2, PRECISION_BITS), _mm_srai_epi32(acc3, PRECISION_BITS));
+            _mm_storeu_si128((__m128i *)(lineOut + (size_t)xx * 4), _mm_packus_epi16(low, high));
+        }
+        for (; xx < width; xx++) {
             __m128i acc = initial;
             for (int y = 0; y < ymax; y++) {
                 acc = _mm_add_epi32(acc, _mm_mullo_epi32(load_pixel(top + (size_t)y * stride + (size_t)xx * 4),
