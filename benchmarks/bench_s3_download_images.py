@@ -168,12 +168,12 @@ def main() -> None:
                 med = {t: statistics.median(r["wall"] for r in rs) for t, rs in runs.items()}
                 rss = {t: max(r["rss"] for r in rs) / 2**20 for t, rs in runs.items()}
                 cpu = {t: statistics.median(r["cpu"] for r in rs) for t, rs in runs.items()}
-                server = statistics.median(r["server_cpu"] for r in runs["s3"])
+                server_cpu = statistics.median(r["server_cpu"] for r in runs["s3"])
                 server_runs = ", ".join(f"{r['server_cpu']:.2f}" for r in runs["s3"])
                 idle = statistics.median(r["server_cpu"] for r in runs["local"])  # its background work alone
                 print(f"[{args.scenario} {mode_name}] median CPU-s of the stage's process tree: local {cpu['local']:.2f}, "
                       f"s3 {cpu['s3']:.2f} (client overhead {cpu['s3'] - cpu['local']:+.2f}); S3 server "
-                      f"{server:.2f} CPU-s (per run: {server_runs}; {idle:.2f} while idle during a local run); "
+                      f"{server_cpu:.2f} CPU-s (per run: {server_runs}; {idle:.2f} while idle during a local run); "
                       f"load {os.getloadavg()[0]:.1f}", flush=True)
                 print(f"[{args.scenario} {mode_name}] median wall: local {med['local']:.2f}s, s3 {med['s3']:.2f}s; s3/local per pair "
                       f"{', '.join(f'{r:.3f}' for r in ratios)}; median ratio {statistics.median(ratios):.3f} "
