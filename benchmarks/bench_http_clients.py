@@ -43,6 +43,19 @@ with ThreadPoolExecutor(concurrency) as pool:
 print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}))
 """
 
+# Runs the client script's ``main()`` coroutine (uvloop where installed, as the stage does) and prints the
+# same JSON line as the threaded client.
+ASYNC_RUN = r"""
+start = time.perf_counter(); cpu = time.process_time()
+try:
+    import uvloop
+    ok = uvloop.run(main())
+except ImportError:
+    ok = asyncio.run(main())
+print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
+                  "errors": errors}))
+"""
+
 CLIENT_AIOHTTP = r"""
 import sys, time, json, asyncio, aiohttp
 urls = json.load(open(sys.argv[1])); concurrency = int(sys.argv[2]); errors = {}
@@ -57,15 +70,7 @@ async def main():
                     ok += bool(body) and r.status == 200
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ok
-start = time.perf_counter(); cpu = time.process_time()
-try:
-    import uvloop
-    ok = uvloop.run(main())
-except ImportError:
-    ok = asyncio.run(main())
-print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
-                  "errors": errors}))
-"""
+""" + ASYNC_RUN
 
 CLIENT_MMPREP = r"""
 import sys, time, json, asyncio, dataclasses
@@ -88,15 +93,7 @@ async def main():
                     errors[result.error] = errors.get(result.error, 0) + 1
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return ok
-start = time.perf_counter(); cpu = time.process_time()
-try:
-    import uvloop
-    ok = uvloop.run(main())
-except ImportError:
-    ok = asyncio.run(main())
-print(json.dumps({"ok": ok, "wall": time.perf_counter() - start, "cpu": time.process_time() - cpu,
-                  "errors": errors}))
-"""
+""" + ASYNC_RUN
 
 HOST = r"""
 import sys, json, time

@@ -38,7 +38,7 @@ NOT_COMPARED = ("report.html", "models/")
 
 
 @pytest.fixture
-def airflow_settings(tmp_path: Path, s3_server: SeaweedS3) -> Iterator[Path]:
+def airflow_settings(tmp_path: Path, s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The demo's data root, the storage connection and ``[mmprep] storage_conn_id``; no AWS variables (the
     connection is the only way in); everything restored after (other modules parse the same DAG)."""
     import s3fs
@@ -51,20 +51,13 @@ def airflow_settings(tmp_path: Path, s3_server: SeaweedS3) -> Iterator[Path]:
               "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
               "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials")}
     removed = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_PROFILE")
-    saved = {k: os.environ.get(k) for k in (*values, *removed)}
-    os.environ.update(values)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)  # monkeypatch restores every variable after the test
     for key in removed:
-        os.environ.pop(key, None)
+        monkeypatch.delenv(key, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield root
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-        s3fs.S3FileSystem.clear_instance_cache()
+    yield root
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _dag() -> Any:
