@@ -687,7 +687,7 @@ class Store:
             yield handle
         except BaseException:
             with contextlib.suppress(Exception):
-                handle.discard()  # s3fs: abort the multipart upload
+                handle.discard()  # fsspec's buffered files (gcsfs, adlfs): abort the upload
             handle.closed = True  # never commit what was written (close() would)
             if not direct:
                 with contextlib.suppress(Exception):
