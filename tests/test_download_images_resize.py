@@ -157,3 +157,63 @@ def test_a_literal_metadata_address_is_never_contacted() -> None:
         "refused shared (carrier-grade NAT) address 100.100.100.200",
         "refused link-local (IPv4 169.254.169.254 embedded) address 64:ff9b::a9fe:a9fe"]
     assert not any(r.transient for r in results)
+
+
+@pytest.mark.parametrize("mode", ["keep_ratio", "center_crop", "keep_ratio_largest", "border"])
+@pytest.mark.parametrize("source", [(512, 384), (384, 512), (641, 479), (1100, 700), (257, 1030), (90, 61)])
+def test_the_fast_shrink_gives_pillows_bytes(monkeypatch: pytest.MonkeyPatch, mode: str,
+                                             source: tuple[int, int]) -> None:
+    """libjpeg-turbo + the compiled BOX (when built) store exactly what Pillow's draft + resize would."""
+    from airflow_provider_mmprep.download import resizer
+
+    if not resizer._FAST_SHRINK:
+        pytest.skip("the compiled resampler or simplejpeg is not installed here")
+    body = sample_data.make_jpeg(8, source)
+    for image_size, encode_format in [(100, "jpg"), (256, "jpg"), (37, "png")]:
+        opts = options(resize_mode=mode, image_size=image_size, encode_format=encode_format)
+        fast = process_image(body, opts)
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", False)
+        slow = process_image(body, opts)
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", True)
+        assert fast == slow, (mode, source, image_size, encode_format)
+
+
+def test_the_fast_shrink_leaves_damaged_and_unusual_jpegs_to_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A truncated JPEG fails with Pillow's message; grayscale, CMYK and progressive JPEGs shrink as before."""
+    from airflow_provider_mmprep.download import resizer
+
+    opts = options(resize_mode="center_crop", image_size=64)
+    truncated = sample_data.make_jpeg(9, (300, 200))[:4000]
+    with pytest.raises(ImageRejected, match="image decoding failed: image file is truncated"):
+        process_image(truncated, opts)
+    picture = sample_data.make_image(10, (300, 200))
+    bodies = [sample_data.encode(picture.convert("L"), "JPEG", quality=90),
+              sample_data.encode(picture.convert("CMYK"), "JPEG", quality=90),
+              sample_data.encode(picture, "JPEG", quality=90, progressive=True)]
+    for body in bodies:
+        fast = process_image(body, opts)
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", False)
+        assert process_image(body, opts) == fast
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", True)
+        assert decoded(fast.data).size == (64, 64)
+
+
+def test_kept_jpegs_are_validated_whole_by_either_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """resize_mode no: a good JPEG keeps its bytes, a truncated one is refused with Pillow's words, and one with
+    a corrupt block gets the same outcome whichever decoder validated it."""
+    from airflow_provider_mmprep.download import resizer
+
+    good = sample_data.make_jpeg(11, (320, 240))
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2: len(good) // 2 + 64] = bytes(64)  # zeroed entropy-coded data: libjpeg warns
+    outcomes = {}
+    for fast in (True, False) if resizer._FAST_SHRINK else (False,):
+        monkeypatch.setattr(resizer, "_FAST_SHRINK", fast)
+        assert process_image(good, options()).data == good
+        with pytest.raises(ImageRejected, match="image decoding failed: image file is truncated"):
+            process_image(good[: len(good) - 500], options())
+        try:
+            outcomes[fast] = process_image(bytes(corrupt), options()).data
+        except ImageRejected as exc:
+            outcomes[fast] = str(exc)
+    assert len(set(outcomes.values())) == 1

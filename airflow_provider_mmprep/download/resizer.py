@@ -10,6 +10,15 @@ Order matters for safety and speed:
 3. Every kept image is decoded in full (``load``): a truncated or corrupt file is a failure, never a sample.
 4. EXIF orientation is applied before resizing, so stored pixels are upright.
 
+A JPEG kept as it is (``resize_mode: no``) is validated by libjpeg-turbo (simplejpeg, strict) decoding luma
+only at 1/8 scale, 25% less CPU than Pillow's ``draft`` + ``load`` for the same check. The common shrink (an
+upright YCbCr JPEG made smaller with BOX) takes a faster route to the same pixels:
+libjpeg-turbo (simplejpeg, strict) decodes straight into RGBX rows at the DCT scale ``draft`` would pick, and
+``_resample.c`` shrinks them with Pillow's own arithmetic, vectorised (issue 14: 2.5-2.8× less CPU than
+Pillow's resample). Its output equals Pillow's bit for bit, so the route taken never shows in the stored bytes;
+any decoder complaint (truncation, corrupt data) sends the image down Pillow's path, which decides and words the
+failure as before. Without the compiled module or simplejpeg, or on a CPU without SSE4.1, Pillow does it all.
+
 Sizes produced (``image_size`` = S):
 
 ==================== ===================================================================================
@@ -33,6 +42,15 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .options import DownloadOptions
+
+try:  # the fast shrink: both optional, same pixels as Pillow's (see the module doc)
+    import simplejpeg
+
+    from .. import _resample
+
+    _FAST_SHRINK = bool(_resample.SIMD)
+except ImportError:  # pragma: no cover - no compiler at install time, or simplejpeg missing
+    _FAST_SHRINK = False
 
 _FORMAT_OF = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 _ORIENTATION_TAG = 0x0112
@@ -89,6 +107,44 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info)
 
 
+def _draft_size(width: int, height: int, need: tuple[int, int]) -> tuple[int, int]:
+    """The size ``Image.draft`` decodes a JPEG at for ``need``: the largest DCT scale 1/8, 1/4, 1/2 or 1 that
+    keeps both sides at least ``need`` (Pillow's JpegImageFile.draft)."""
+    ratio = min(width // need[0], height // need[1])
+    scale = next((s for s in (8, 4, 2, 1) if ratio >= s), 1)
+    return (width + scale - 1) // scale, (height + scale - 1) // scale
+
+
+def _validates(body: bytes, width: int, height: int) -> bool:
+    """Whether libjpeg-turbo decodes every block of ``body`` without a complaint (strict), luma only at 1/8
+    scale: the entropy decoding, which finds truncated or corrupt data, covers every component anyway.
+    False sends the image to Pillow's decode, which decides and words the failure."""
+    try:
+        simplejpeg.decode_jpeg(body, colorspace="GRAY", min_width=(width + 7) // 8, min_height=(height + 7) // 8,
+                               strict=True)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _fast_shrink(body: bytes, size: tuple[int, int], resize_to: tuple[int, int],
+                 box: tuple[float, float, float, float]) -> Image.Image | None:
+    """Decode ``body`` at ``size`` with libjpeg-turbo and BOX-shrink ``box`` of it to ``resize_to``: the
+    pixels of Pillow's ``draft`` + ``load`` + ``resize(..., BOX, box=box)``. None where simplejpeg refuses
+    the data (strict: any libjpeg warning), for Pillow to decide."""
+    try:
+        if simplejpeg.decode_jpeg_header(body, strict=True)[2] != "YCbCr":
+            return None  # RGB, CMYK, YCCK: Pillow's conversions
+        pixels = simplejpeg.decode_jpeg(body, colorspace="RGBX", min_width=size[0], min_height=size[1],
+                                        strict=True)
+    except (ValueError, RuntimeError):
+        return None
+    if pixels.shape != (size[1], size[0], 4):  # pragma: no cover - a scale Pillow would not pick
+        return None
+    data = _resample.box_rgbx(pixels, size[0], size[1], resize_to[0], resize_to[1], box)
+    return Image.frombytes("RGB", resize_to, data, "raw", "RGBX")
+
+
 def process_image(body: bytes, options: DownloadOptions) -> ProcessedImage:
     """Validate and transform ``body``; raise :class:`ImageRejected` with a short reason otherwise."""
     digest = hashlib.new(options.compute_hash, body).hexdigest() if options.compute_hash else None
@@ -129,6 +185,21 @@ def process_image(body: bytes, options: DownloadOptions) -> ProcessedImage:
                      and orientation in (1, None) and not _has_alpha(image) and image.mode in ("RGB", "L")
                      and source_format == wanted_format and image.format != "MPO")
         keep_bytes = unchanged and options.skip_reencode is not False
+        if keep_bytes and _FAST_SHRINK and image.format == "JPEG" and _validates(body, raw_width, raw_height):
+            return ProcessedImage(body, raw_width, raw_height, raw_width, raw_height, digest)
+        shrunk = None
+        if (_FAST_SHRINK and resize_to is not None and image.format == "JPEG" and image.mode == "RGB"
+                and orientation in (1, None) and "progressive" not in image.info):
+            decoded = _draft_size(raw_width, raw_height, resize_to)
+            if resize_to[0] * resize_to[1] < decoded[0] * decoded[1]:  # a shrink: BOX, as below
+                if fit and options.resize_mode == "center_crop":
+                    side = min(decoded)
+                    left, top = (decoded[0] - side) / 2, (decoded[1] - side) / 2
+                    shrunk = _fast_shrink(body, decoded, (size, size), (left, top, left + side, top + side))
+                else:
+                    shrunk = _fast_shrink(body, decoded, resize_to, (0, 0, decoded[0], decoded[1]))
+        if shrunk is not None:
+            return _finish(shrunk, fit, options, wanted_format, width, height, digest)
         try:
             if image.format == "JPEG":
                 if keep_bytes:
@@ -163,19 +234,26 @@ def process_image(body: bytes, options: DownloadOptions) -> ProcessedImage:
                                      reducing_gap=None)
             else:
                 image = image.resize(resize_to, resample, reducing_gap=None)
-        if fit and options.resize_mode == "center_crop" and image.size != (size, size):
-            left = (image.size[0] - size) // 2
-            top = (image.size[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        elif fit and options.resize_mode == "border" and image.size != (size, size):
-            canvas = Image.new(image.mode, (size, size), 255 if image.mode == "L" else (255, 255, 255))
-            canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
-            image = canvas
-        out = io.BytesIO()
-        if wanted_format == "JPEG":
-            image.save(out, "JPEG", quality=options.encode_quality)
-        elif wanted_format == "PNG":
-            image.save(out, "PNG", compress_level=options.encode_quality)
-        else:
-            image.save(out, "WEBP", quality=options.encode_quality)
-        return ProcessedImage(out.getvalue(), image.size[0], image.size[1], width, height, digest)
+        return _finish(image, fit, options, wanted_format, width, height, digest)
+
+
+def _finish(image: Image.Image, fit: bool, options: DownloadOptions, wanted_format: str, width: int, height: int,
+            digest: str | None) -> ProcessedImage:
+    """Crop (center_crop) or pad (border) the resized ``image`` to S×S where still needed, and encode it."""
+    size = options.image_size
+    if fit and options.resize_mode == "center_crop" and image.size != (size, size):
+        left = (image.size[0] - size) // 2
+        top = (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif fit and options.resize_mode == "border" and image.size != (size, size):
+        canvas = Image.new(image.mode, (size, size), 255 if image.mode == "L" else (255, 255, 255))
+        canvas.paste(image, ((size - image.size[0]) // 2, (size - image.size[1]) // 2))
+        image = canvas
+    out = io.BytesIO()
+    if wanted_format == "JPEG":
+        image.save(out, "JPEG", quality=options.encode_quality)
+    elif wanted_format == "PNG":
+        image.save(out, "PNG", compress_level=options.encode_quality)
+    else:
+        image.save(out, "WEBP", quality=options.encode_quality)
+    return ProcessedImage(out.getvalue(), image.size[0], image.size[1], width, height, digest)
