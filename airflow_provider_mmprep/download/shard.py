@@ -32,7 +32,7 @@ SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "fail
 #: Finished images waiting (in memory) for an earlier, slower one before they can go into the tar, over all
 #: the pieces a worker has open; beyond this they wait in a spill file.
 MEMORY_CAP_BYTES = 48 * 1024 * 1024
-#: Bytes read from a piece per write into a shard's upload (the upload buffers one part, storage.PART_SIZE).
+#: Bytes read from a piece per write into a shard's upload where it cannot read straight into the part buffer.
 PUBLISH_READ = 8 * 1024 * 1024
 
 
@@ -265,6 +265,7 @@ def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], 
     part-way leaves no stats and at most an unfinished upload: the rerun aborts it and redoes the shard.
     """
     from .. import tario  # noqa: PLC0415 - fsspec only when publishing to object storage
+    from ..storage import copy_file_into  # noqa: PLC0415
     from ..tarindex import member_offsets  # noqa: PLC0415
 
     store = tario.store(folder_url)
@@ -280,10 +281,8 @@ def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], 
                 found, skips = piece_members(piece, size)
                 members += found
                 skipped += skips
-                with open(piece, "rb") as source:
-                    while chunk := source.read(PUBLISH_READ):
-                        target.write(chunk)
-                        size += len(chunk)
+                with open(piece, "rb", buffering=0) as source:
+                    size += copy_file_into(target, source, PUBLISH_READ)
                 piece.unlink()
                 uploaded(number)
             target.write(end_of_archive(size))

@@ -34,7 +34,7 @@ from ..config import PipelineConfig, PrecacheConfig, PrecacheEncodingsConfig, Co
 from ..fsutil import sorted_files, task_range
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
-from ..storage import is_url
+from ..storage import copy_file_into, is_url
 from ..tarindex import DamagedTar, UnsafeMemberName
 from . import StageError
 
@@ -335,8 +335,8 @@ def _publish(local: Path, output_dir: PathOrUrl) -> None:
         tario.unlink(remote_marker)  # the input was completed since an earlier run
     manifest = local.with_name(name + MANIFEST_SUFFIX)
     tario.unlink(tario.join(output_dir, manifest.name))  # a tar being redone stops counting as finished first
-    with open(local, "rb") as source, tario.open_write(tario.join(output_dir, name)) as target:
-        shutil.copyfileobj(source, target, 8 * 2**20)
+    with open(local, "rb", buffering=0) as source, tario.open_write(tario.join(output_dir, name)) as target:
+        copy_file_into(target, source)
     with tario.open_write(tario.join(output_dir, manifest.name)) as target:
         target.write(manifest.read_bytes())
     for path in (local, marker, manifest):

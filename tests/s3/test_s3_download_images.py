@@ -100,18 +100,16 @@ def test_shards_on_s3_are_the_local_runs_bytes(tmp_path: Path, host: ImageHost, 
 
 KILLER = textwrap.dedent("""\
     import os, signal, sys
-    import s3fs.core
     from airflow_provider_mmprep import storage
     from airflow_provider_mmprep.config import load_config
     from airflow_provider_mmprep.stages import run_stage_task
     storage.PART_SIZE = 5 * 2**20  # S3's smallest part: a shard's tar is then several parts
-    real = s3fs.core.S3File._upload_chunk
-    def upload_chunk(self, final=False):
-        result = real(self, final)
-        if self.parts and not final and self.path.endswith("00001.tar"):  # a part of shard 1's tar is up
+    real = storage.S3Upload._send_part
+    def send_part(self, body):
+        real(self, body)
+        if self.path.endswith("00001.tar") and not self.closed:  # a part of shard 1's tar is up, more to come
             os.kill(os.getpid(), signal.SIGKILL)
-        return result
-    s3fs.core.S3File._upload_chunk = upload_chunk
+    storage.S3Upload._send_part = send_part
     run_stage_task(load_config(sys.argv[1], load_precache=False), "download_images", 0, 1)
 """)
 
