@@ -20,13 +20,15 @@ Bounds per worker process (documented in docs/download_images.md):
 - finished samples waiting for an earlier, slower one: ``shard.MEMORY_CAP_BYTES`` over all open pieces,
   then a spill file on disk;
 - bodies waiting for decode: ``threads``;
-- open pieces: ``MAX_OPEN_PIECES`` (two files each).
+- open pieces: ``MAX_OPEN_PIECES`` (two files each); ``PUBLISH_OPEN_PIECES`` when publishing (pieces of
+  1/8 shard: the same rows open as a local run's).
 
 Writing to object storage (``options.publish_to``), every shard is cut into ``MAX_OPEN_PIECES`` pieces and
-uploaded by a :class:`Publisher` thread straight from its pieces, each as soon as it is finished, while
-downloads go on; pieces handed out and not yet uploaded (open, or finished and waiting for the upload) are
-capped at ``MAX_OPEN_PIECES`` x processes: local disk holds at most one shard's rows per worker process
-(docs/object-storage.md).
+uploaded by a :class:`Publisher` (``UPLOAD_THREADS`` shards at once, each its pieces in order) straight from
+its pieces, each as soon as it is finished and next in its shard, while downloads go on. Local disk is
+bounded by what is spooled: a piece is handed out only while the finished pieces waiting for their upload
+(their bytes) plus the rows of open pieces (at the mean bytes per row seen so far) stay under
+``spool_shards()`` shards per worker process (default one; ``$MMPREP_SPOOL_SHARDS``; docs/object-storage.md).
 """
 
 from __future__ import annotations
@@ -61,6 +63,29 @@ STALL_SECONDS = 1.0
 SOCKETS_PER_SLOT = 4
 #: Pieces a worker keeps open at once (one being dispatched, the others waiting for their stragglers).
 MAX_OPEN_PIECES = 8
+#: The same when publishing, where a piece is 1/``MAX_OPEN_PIECES`` of a shard: as many rows open for
+#: stragglers as a local run's ``MAX_OPEN_PIECES`` whole-shard pieces (local disk is bounded by the spool).
+PUBLISH_OPEN_PIECES = MAX_OPEN_PIECES * MAX_OPEN_PIECES
+#: Shards a :class:`Publisher` uploads at once: each an open multipart upload with one part buffer
+#: (``storage.PART_SIZE``), so its memory is this many part buffers.
+UPLOAD_THREADS = 4
+#: Default bound on a publishing task's spool, in shards per worker process (``$MMPREP_SPOOL_SHARDS``).
+SPOOL_SHARDS = 1.0
+
+
+def spool_shards() -> float:
+    """Shards' worth of rows per worker process the spool may hold: ``$MMPREP_SPOOL_SHARDS`` (> 0), else
+    ``SPOOL_SHARDS``."""
+    text = os.environ.get("MMPREP_SPOOL_SHARDS", "").strip()
+    if not text:
+        return SPOOL_SHARDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"$MMPREP_SPOOL_SHARDS must be a positive number of shards, not {text!r}")
+    return value
 
 
 def socket_cap(threads: int) -> int:
@@ -136,7 +161,7 @@ async def pump(options: DownloadOptions, next_piece: Callable[[], Awaitable[Piec
     active = asyncio.Semaphore(options.threads)
     sockets = asyncio.Semaphore(sockets_cap)
     waiting_bodies = asyncio.Semaphore(max(1, options.threads))
-    piece_slots = asyncio.Semaphore(MAX_OPEN_PIECES)
+    piece_slots = asyncio.Semaphore(PUBLISH_OPEN_PIECES if options.publish_to else MAX_OPEN_PIECES)
     budget = MemoryBudget(shard_module.MEMORY_CAP_BYTES)
     executor = ThreadPoolExecutor(options.image_threads, thread_name_prefix="mmprep-image")
     open_pieces: list[_OpenPiece] = []
@@ -269,55 +294,91 @@ def run_loop(coroutine: Any) -> Any:
 
 
 class Publisher:
-    """Uploads shards (:func:`.shard.publish_pieces`) in a thread of its own, one at a time in the order they
-    were handed out, each piece as soon as it is finished, so downloading never waits for an upload and the
-    last shard's upload ends soon after its last piece; counts the pieces handed out and not yet uploaded,
-    so callers hold back new pieces beyond :attr:`limit` (local disk stays bounded)."""
+    """Uploads shards (:func:`.shard.publish_pieces`) in ``UPLOAD_THREADS`` threads of its own, each shard's
+    pieces in order as soon as each is finished and next in its shard, shards independently of one another
+    (taken in the order they were handed out), so neither downloading nor a later shard waits for a slow
+    piece of an earlier shard.
 
-    def __init__(self, options: DownloadOptions, processes: int):
+    It also bounds the spool: :meth:`room` says whether another piece may be handed out, i.e. whether the
+    bytes of finished pieces waiting for their upload plus the rows of open pieces (at the mean bytes per
+    row of the pieces finished so far) stay under :attr:`bound_rows` rows = ``spool_shards()`` x processes x
+    rows per shard. ``wake`` is called (from an upload thread) whenever an upload frees room."""
+
+    def __init__(self, options: DownloadOptions, processes: int, wake: Callable[[], None] = lambda: None):
         self.options = options
-        self.limit = MAX_OPEN_PIECES * processes  # one shard's rows per process: open or waiting for upload
+        self.bound_rows = max(1.0, spool_shards() * processes * options.number_sample_per_shard)
         self.results: list[dict[str, Any]] = []
         self.error: BaseException | None = None
-        self._outstanding = 0
+        self.wake = wake
+        self._open_rows = 0  # rows of pieces handed out and not finished
+        self._waiting_bytes = 0  # finished pieces not yet uploaded
+        self._sizes: dict[tuple[int, int], int] = {}
+        self._seen_rows = self._seen_bytes = 0  # every finished piece: the mean bytes per row
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._queue: queue.Queue[_Shard | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="mmprep-publish", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"mmprep-publish-{i}", daemon=True)
+                         for i in range(UPLOAD_THREADS)]
+        for thread in self._threads:
+            thread.start()
 
-    def handed_out(self, count: int = 1) -> None:
+    def handed_out(self, piece: Piece) -> None:
         with self._lock:
-            self._outstanding += count
+            self._open_rows += len(piece.rows)
 
-    def _uploaded(self, _number: int) -> None:
+    def finished(self, piece: Piece) -> None:
+        """``piece`` is complete on disk (call before its upload may take it)."""
+        size = piece.path.stat().st_size
         with self._lock:
-            self._outstanding -= 1
+            self._open_rows -= len(piece.rows)
+            self._waiting_bytes += size
+            self._sizes[(piece.job.shard_id, piece.number)] = size
+            self._seen_rows += len(piece.rows)
+            self._seen_bytes += size
 
-    @property
+    def _uploaded(self, shard_id: int, number: int) -> None:
+        with self._lock:
+            self._waiting_bytes -= self._sizes.pop((shard_id, number), 0)
+        self.wake()
+
+    def spooled_rows(self) -> float:
+        """What the spool holds or will hold for the pieces handed out, in rows at the mean size."""
+        with self._lock:
+            mean = self._seen_bytes / self._seen_rows if self._seen_rows else 0.0
+            return self._open_rows + (self._waiting_bytes / mean if mean else 0.0)
+
+    def bound_bytes(self) -> float:
+        """The bound in bytes at the mean bytes per row seen so far (0 before a piece has finished)."""
+        with self._lock:
+            return self.bound_rows * (self._seen_bytes / self._seen_rows if self._seen_rows else 0.0)
+
     def room(self) -> bool:
-        """Whether another piece may be handed out (raises the uploader's error, if any)."""
+        """Whether another piece may be handed out (raises an upload's error, if any)."""
         self._raise_if_failed()
-        return self._outstanding < self.limit
+        return self.spooled_rows() < self.bound_rows
 
     def submit(self, shard: "_Shard") -> None:
-        """Upload ``shard`` after those submitted before it, its pieces as they finish."""
+        """Upload ``shard`` (after those submitted before it have begun), its pieces as they finish."""
         self._raise_if_failed()
         self._queue.put(shard)
 
     def close(self) -> list[dict[str, Any]]:
-        """Wait for every submitted shard's upload; the stats of each, or the first upload error."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        """Wait for every submitted shard's upload; the stats of each (in shard order), or the first error."""
+        self._stop_threads()
         self._raise_if_failed()
-        return self.results
+        return sorted(self.results, key=lambda stats: stats["shard"])
 
     def abort(self) -> None:
-        """Stop: the upload in progress is abandoned (no object appears), shards not begun are dropped."""
+        """Stop: uploads in progress are abandoned (no object appears), shards not begun are dropped."""
         self._stopping.set()
-        self._queue.put(None)
-        self._thread.join()
+        self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        for thread in self._threads:
+            if thread.is_alive():
+                self._queue.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -330,13 +391,19 @@ class Publisher:
                 return
             if self.error is not None or self._stopping.is_set():
                 continue
+            shard_id = shard.job.shard_id
             try:
-                self.results.append(publish_pieces(shard.job, self.options, shard.paths, shard.start,
-                                                   str(self.options.publish_to), shard.joined,
-                                                   lambda number, shard=shard: shard.wait(number, self._stopping),
-                                                   self._uploaded))
+                stats = publish_pieces(shard.job, self.options, shard.paths, shard.start,
+                                       str(self.options.publish_to), shard.joined,
+                                       lambda number, shard=shard: shard.wait(number, self._stopping),
+                                       lambda number, shard_id=shard_id: self._uploaded(shard_id, number))
+                with self._lock:
+                    self.results.append(stats)
             except BaseException as exc:  # noqa: BLE001 - handed to the downloading side, which fails the task
-                self.error = exc
+                if self.error is None:
+                    self.error = exc
+                self._stopping.set()  # the other uploads stop too
+                self.wake()
 
 
 def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: Path,
@@ -346,14 +413,30 @@ def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: P
     job_iter = iter(jobs)
     shards: dict[int, _Shard] = {}
     results: list[dict[str, Any]] = []
-    publisher = Publisher(options, 1) if options.publish_to else None
+    room_event: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def wake() -> None:  # from an upload thread: room may have been freed
+        if room_event:
+            loop, event = room_event[0]
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the loop has ended
+                pass
+
+    publisher = Publisher(options, 1, wake) if options.publish_to else None
     pieces_per_shard = MAX_OPEN_PIECES if publisher else 1
     waiting: list[Piece] = []
 
     async def next_piece() -> Piece | None:
         if publisher is not None:
-            while not publisher.room:  # downloads in flight go on meanwhile
-                await asyncio.sleep(0.01)
+            if not room_event:
+                room_event.append((asyncio.get_running_loop(), asyncio.Event()))
+            event = room_event[0][1]
+            while True:  # downloads in flight go on meanwhile; an upload or a finished piece wakes us
+                event.clear()
+                if publisher.room():
+                    break
+                await event.wait()
         if not waiting:
             job = next(job_iter, None)
             if job is None:
@@ -364,12 +447,17 @@ def download_here(jobs: Iterable[ShardJob], options: DownloadOptions, out_dir: P
             if publisher is not None:
                 publisher.submit(shards[job.shard_id])
             waiting.extend(Piece(job, number, rows, paths[number]) for number, rows in enumerate(ranges))
+        piece = waiting.pop(0)
         if publisher is not None:
-            publisher.handed_out()
-        return waiting.pop(0)
+            publisher.handed_out(piece)
+        return piece
 
     def piece_done(piece: Piece, outcomes: list[Outcome]) -> None:
         shard = shards[piece.job.shard_id]
+        if publisher is not None:
+            publisher.finished(piece)
+            if room_event:
+                room_event[0][1].set()
         if shard.add(piece.number, outcomes):
             del shards[piece.job.shard_id]
             if publisher is None:  # else its upload has its pieces already
@@ -464,15 +552,16 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
     worker has room, about one waiting per worker, and a shard is finished here once all its pieces are back.
     """
     processes = options.processes
-    publisher = Publisher(options, processes) if options.publish_to else None
-    if publisher is not None:
-        pieces_per_shard = max(pieces_per_shard, MAX_OPEN_PIECES)
     # fork: workers start at once and, unlike spawn, never re-import the caller's ``__main__``. Nothing here
     # holds a lock or a socket at that point: the event loop and sessions are created inside each worker.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     piece_queue = context.Queue(maxsize=processes)
     result_queue = context.Queue()
+    # an upload that frees room in the spool wakes the loop below (no polling while held back)
+    publisher = Publisher(options, processes, lambda: result_queue.put(("room",))) if options.publish_to else None
+    if publisher is not None:
+        pieces_per_shard = max(pieces_per_shard, MAX_OPEN_PIECES)
     done, ok = context.Value("q", 0), context.Value("q", 0)
     workers = [context.Process(target=_worker, args=(piece_queue, result_queue, done, ok, options, os.getpid()),
                                daemon=True) for _ in range(processes)]
@@ -499,23 +588,21 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
         waiting = next(feed, None)
         fed_all = False
         while finished_workers < processes:
-            held_back = False
             while not fed_all:
-                if waiting is not None and publisher is not None and not publisher.room:
-                    held_back = True  # local disk: wait for an upload to finish
-                    break
+                if waiting is not None and publisher is not None and not publisher.room():
+                    break  # local disk: an upload that frees room wakes us ("room")
                 try:
                     piece_queue.put_nowait(waiting)
                 except queue.Full:
                     break
                 if waiting is not None and publisher is not None:
-                    publisher.handed_out()
+                    publisher.handed_out(waiting)
                 try:
                     waiting = next(feed)
                 except StopIteration:
                     fed_all = True
             try:
-                message = result_queue.get(timeout=0.02 if held_back else 0.5)
+                message = result_queue.get(timeout=0.5)
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
@@ -528,8 +615,12 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
             if message[0] == "finished":
                 finished_workers += 1
                 continue
+            if message[0] == "room":
+                continue
             _kind, shard_id, number, outcomes = message
             shard = shards[shard_id]
+            if publisher is not None:
+                publisher.finished(Piece(shard.job, number, range(len(outcomes)), shard.paths[number]))
             if shard.add(number, outcomes):
                 del shards[shard_id]
                 if publisher is None:  # else uploaded in a thread, piece by piece: this loop keeps feeding

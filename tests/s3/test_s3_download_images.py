@@ -177,13 +177,18 @@ def test_retry_failed_on_s3_reads_the_shards_there_and_adds_a_retry_shard(tmp_pa
     assert third["retried_urls"] == 0 and "00004.tar" not in Store(f"{url}/p").list_files()
 
 
+def spooled_bytes(spool: Path) -> int:
+    """Bytes of pieces and spill files in a download's spool folder."""
+    return sum(p.stat().st_size for p in spool.glob(".0000?.piece*") if p.is_file())
+
+
 def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Path, host: ImageHost,
                                                                    s3_env: SeaweedS3, s3_bucket: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """One process, 8 rows per shard (one row per piece): while shard 0's upload is held open after its first
-    piece (nothing visible at its name yet), the download goes on (the upload is not on the event loop) but only as far as the bound
-    on local disk lets it: one shard's pieces out and not uploaded, so exactly one new piece (shard 1's first
-    row) starts and no other. Released, the outputs are the local run's bytes."""
+    """One process, 8 rows per shard (one row per piece), the spool bound one shard: while shard 0's upload is
+    held open after its first piece (nothing visible at its name yet, its 7 other pieces waiting on disk),
+    the later shards still download and upload, one piece at a time (the bound: one shard's rows spooled),
+    and are complete before shard 0 is. Released, the outputs are the local run's bytes."""
     import threading
 
     from airflow_provider_mmprep.download import pipeline
@@ -192,33 +197,69 @@ def test_uploads_run_beside_the_downloads_and_pieces_wait_for_room(tmp_path: Pat
     sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
     run(config_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "ref"), number_sample_per_shard=8))
     expected = local_tree(tmp_path / "ref")
-    paths = ["/" + u.split("/", 3)[3] for u in urls]
 
     url = f"s3://{s3_bucket}/out"
     spool = download_images.spool_folder(f"{url}/p")
     seen: dict[str, Any] = {}
+    spooled: list[tuple[int, float]] = []
     real_uploaded = pipeline.Publisher._uploaded
 
-    def requested(index: int) -> int:
-        return host.hits[paths[index]] - before[paths[index]]
-
-    def uploaded(self: Any, number: int) -> None:
-        real_uploaded(self, number)
-        if not seen:  # shard 0's first piece is up; its multipart upload stays open while we look
+    def uploaded(self: Any, shard_id: int, number: int) -> None:
+        spooled.append((spooled_bytes(spool), self.bound_bytes()))
+        real_uploaded(self, shard_id, number)
+        if shard_id == 0 and number == 0:  # shard 0's multipart upload stays open while the others go on
             deadline = threading.Event()
             for _ in range(600):
-                if requested(8) or deadline.wait(0.1):
+                if "00003_stats.json" in Store(f"{url}/p").list_files() or deadline.wait(0.1):
                     break
-            deadline.wait(0.5)  # room for a (wrong) start of a further piece
-            seen["shard 1 row 0 fetched during shard 0's upload"] = requested(8)
-            seen["rows fetched past it"] = sum(requested(i) for i in range(9, 32))
-            seen["objects visible"] = Store(f"{url}/p").list_files()  # the tar appears only complete
-            seen["pieces on disk"] = len(list(spool.glob(".0000?.piece???.*[0-9].mmprep-tmp")))
+            seen["objects visible"] = sorted(n for n in Store(f"{url}/p").list_files() if n.startswith("0000"))
+            seen["shard 0 pieces on disk"] = len(list(spool.glob(".00000.piece???.*[0-9].mmprep-tmp")))
 
     monkeypatch.setattr(pipeline.Publisher, "_uploaded", uploaded)
-    before = dict(host.hits)  # the local run's requests
     summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8))
     assert summary["downloaded_shards"] == 4
-    assert seen == {"shard 1 row 0 fetched during shard 0's upload": 1, "rows fetched past it": 0,
-                    "objects visible": [], "pieces on disk": pipeline.MAX_OPEN_PIECES}
+    later = [f"0000{s}{e}" for s in (1, 2, 3) for e in (".parquet", ".tar", ".tar.offsets", "_stats.json")]
+    assert {k: v for k, v in seen.items() if k != "objects visible"} == {"shard 0 pieces on disk": 7}
+    assert not any(n.startswith("00000") for n in seen["objects visible"])
+    assert {n for n in later if not n.endswith(".offsets")} <= set(seen["objects visible"])
+    piece = max(size for size, _bound in spooled[1:]) / 8  # about one piece: every image alike
+    assert all(size <= bound + piece for size, bound in spooled if bound), spooled
+    assert store_tree(url) == expected
+
+
+def test_a_hanging_early_row_holds_back_only_its_own_shard(tmp_path: Path, host: ImageHost, s3_env: SeaweedS3,
+                                                           s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shard 0's first row hangs until the timeout: its later pieces finish and wait on disk (a shard is one
+    multipart upload, its pieces in order), but the next shards' uploads go on and complete meanwhile, with
+    the spool (two shards here, ``$MMPREP_SPOOL_SHARDS``) within its bound; the outputs are the local run's."""
+    from airflow_provider_mmprep.download import pipeline
+
+    monkeypatch.setenv("MMPREP_SPOOL_SHARDS", "2")
+    urls = [host.url("/fault/hang/0")] + sample_data.add_images(host, 31, size=(96, 64))
+    sample_data.write_url_parquet(tmp_path / "in" / "p.parquet", urls)
+    run(config_file(tmp_path, str(tmp_path / "in"), str(tmp_path / "ref"), number_sample_per_shard=8, timeout=4))
+    expected = local_tree(tmp_path / "ref")
+
+    url = f"s3://{s3_bucket}/out"
+    spool = download_images.spool_folder(f"{url}/p")
+    order: list[tuple[int, int]] = []
+    spooled: list[tuple[int, float]] = []
+    visible_at_first: list[str] = []
+    real_uploaded = pipeline.Publisher._uploaded
+
+    def uploaded(self: Any, shard_id: int, number: int) -> None:
+        spooled.append((spooled_bytes(spool), self.bound_bytes()))
+        if (shard_id, number) == (0, 0):
+            visible_at_first.extend(Store(f"{url}/p").list_files())
+        order.append((shard_id, number))
+        real_uploaded(self, shard_id, number)
+
+    monkeypatch.setattr(pipeline.Publisher, "_uploaded", uploaded)
+    summary = run(config_file(tmp_path, str(tmp_path / "in"), url, number_sample_per_shard=8, timeout=4))
+    assert summary["downloaded_shards"] == 4
+    assert order.index((0, 0)) > order.index((3, 7))  # every later shard's pieces went up before the held one
+    assert {"00001_stats.json", "00002_stats.json", "00003_stats.json"} <= set(visible_at_first)
+    assert not any(n.startswith("00000") for n in visible_at_first)
+    piece = max(size for size, _bound in spooled) / 16
+    assert all(size <= bound + piece for size, bound in spooled if bound), spooled
     assert store_tree(url) == expected
