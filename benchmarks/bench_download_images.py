@@ -121,14 +121,36 @@ def ensure_img2dataset() -> Path:
     return exe
 
 
-class PeakRss:
-    """Sample the summed RSS of a process and all its descendants."""
+class PeakSampler:
+    """Take :meth:`measure` every ``interval`` seconds in a thread until :meth:`stop`; keep the peak."""
 
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.pid, self.interval, self.peak = pid, interval, 0
+    def __init__(self, interval: float):
+        self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
+
+    def measure(self) -> int:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.measure())
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+class PeakRss(PeakSampler):
+    """Sample the summed RSS of a process and all its descendants."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid = pid
+        self.linux = os.path.exists(f"/proc/{pid}/task")
+        super().__init__(interval)
 
     @staticmethod
     def _tree(pid: int) -> list[int]:
@@ -153,26 +175,16 @@ class PeakRss:
         except (OSError, ValueError, IndexError):
             return 0
 
-    def _run(self) -> None:
-        linux = os.path.exists(f"/proc/{self.pid}/task")
-        while not self._stop.is_set():
-            if linux:
-                total = sum(self._rss(pid) for pid in self._tree(self.pid))
-            else:  # pragma: no cover - other systems: psutil (scans every process, costlier)
-                import psutil
+    def measure(self) -> int:
+        if self.linux:
+            return sum(self._rss(pid) for pid in self._tree(self.pid))
+        import psutil  # pragma: no cover - other systems: psutil (scans every process, costlier)
 
-                try:
-                    root = psutil.Process(self.pid)
-                    total = sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
-                except psutil.Error:
-                    total = 0
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+        try:
+            root = psutil.Process(self.pid)
+            return sum(p.memory_info().rss for p in [root] + root.children(recursive=True))
+        except psutil.Error:
+            return 0
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> dict:

@@ -34,8 +34,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,31 +48,22 @@ MODES, TIMEOUT, image_host, timed = _bench.MODES, _bench.TIMEOUT, _bench.image_h
 BUCKET = "bench"
 
 
-class PeakFolderBytes:
+class PeakFolderBytes(_bench.PeakSampler):
     """Sample the bytes of the files under a folder (the spool) every ``interval`` seconds; keep the peak."""
 
     def __init__(self, folder: Path, interval: float = 0.02):
-        self.folder, self.interval, self.peak = folder, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.folder = folder
+        super().__init__(interval)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            total = 0
-            for folder, _dirs, files in os.walk(self.folder):
-                for name in files:
-                    try:
-                        total += os.stat(os.path.join(folder, name)).st_size
-                    except OSError:
-                        continue
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
+    def measure(self) -> int:
+        total = 0
+        for folder, _dirs, files in os.walk(self.folder):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except OSError:
+                    continue
+        return total
 
 
 def process_cpu(pid: int) -> float:
