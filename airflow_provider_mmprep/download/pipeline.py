@@ -370,6 +370,7 @@ class Publisher:
 
     def abort(self) -> None:
         """Stop: uploads in progress are abandoned (no object appears), shards not begun are dropped."""
+        self.wake = lambda: None  # the caller is failing: nobody waits for room
         self._stopping.set()
         self._stop_threads()
 
@@ -628,6 +629,7 @@ def download_in_processes(jobs: Iterable[ShardJob], options: DownloadOptions, ou
                                                 shard.start))
             progress(done.value, ok.value)
         if publisher is not None:
+            publisher.wake = lambda: None  # nobody reads the queue any more: no message may stay in it
             results += publisher.close()
         progress(done.value, ok.value)
         return results
