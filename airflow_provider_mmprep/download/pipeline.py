@@ -341,16 +341,20 @@ class Publisher:
             self._waiting_bytes -= self._sizes.pop((shard_id, number), 0)
         self.wake()
 
+    def _row_bytes(self) -> float:
+        """The mean bytes per row of the pieces finished so far (0.0 before the first); hold ``_lock``."""
+        return self._seen_bytes / self._seen_rows if self._seen_rows else 0.0
+
     def spooled_rows(self) -> float:
         """What the spool holds or will hold for the pieces handed out, in rows at the mean size."""
         with self._lock:
-            mean = self._seen_bytes / self._seen_rows if self._seen_rows else 0.0
+            mean = self._row_bytes()
             return self._open_rows + (self._waiting_bytes / mean if mean else 0.0)
 
     def bound_bytes(self) -> float:
         """The bound in bytes at the mean bytes per row seen so far (0 before a piece has finished)."""
         with self._lock:
-            return self.bound_rows * (self._seen_bytes / self._seen_rows if self._seen_rows else 0.0)
+            return self.bound_rows * self._row_bytes()
 
     def room(self) -> bool:
         """Whether another piece may be handed out (raises an upload's error, if any)."""
