@@ -255,16 +255,33 @@ def _override_plain(data: dict[str, Any], item: str) -> bool:
     return True
 
 
-def _load_plain(path: str | Path, overrides: list[str] | None) -> dict[str, Any] | None:
-    """The YAML with its overrides as plain data when OmegaConf (:func:`load_raw`) would hold exactly these
-    values: no interpolation or ``???``, no alias, merge or repeated key, no scalar its loader types
-    otherwise (``1e3``, dates), no override it alone can apply. None otherwise (and for every file
-    :func:`load_raw` refuses, so that its messages stay the only ones)."""
+def _read_yaml(path: Path) -> tuple[str, dict[str, Any], bool]:
+    """The file's text, its top-level mapping as ``yaml.safe_load`` reads it, and whether OmegaConf's loader
+    would read it alike (:func:`_safe_load`); a :class:`ConfigError` naming the file where it cannot be a
+    pipeline config. Read once per load: the plain reading and OmegaConf's both start from it."""
     try:
-        parsed, plain = _safe_load(Path(path).read_text(encoding="utf-8"))
-    except Exception:
-        return None
-    if not plain or not isinstance(parsed, dict) or not _is_plain(parsed):
+        text = path.read_text(encoding="utf-8")
+        parsed, plain = _safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a folder, not a config file"]) from None
+    except Exception as exc:  # yaml.YAMLError, undecodable bytes and friends: point at the file
+        raise ConfigError([f"{path}: not a valid YAML file: {str(exc).splitlines()[0]}"]) from None
+    if parsed is None:
+        raise ConfigError([f"{path}: the file is empty; expected NeMo's download_multimodal.yaml"])
+    if not isinstance(parsed, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(parsed).__name__}"])
+    return text, parsed, plain
+
+
+def _load_plain(parsed: dict[str, Any], plain: bool, overrides: list[str] | None) -> dict[str, Any] | None:
+    """The YAML (``parsed``, changed in place) with its overrides as plain data when OmegaConf
+    (:func:`load_raw`) would hold exactly these values: no interpolation or ``???``, no alias, merge or
+    repeated key, no scalar its loader types otherwise (``1e3``, dates), no override it alone can apply.
+    None otherwise (and for every override :func:`load_raw` refuses, so that its messages stay the only
+    ones)."""
+    if not plain or not _is_plain(parsed):
         return None
     for item in overrides or []:
         if "=" not in item or not _override_plain(parsed, item):
@@ -276,26 +293,18 @@ def _load_plain(path: str | Path, overrides: list[str] | None) -> dict[str, Any]
     return parsed
 
 
-def load_raw(path: str | Path, overrides: list[str] | None = None) -> DictConfig:
-    """Load the YAML and merge dotlist overrides (``key.sub=value``) over it, without resolving."""
-    import yaml
-    from omegaconf import DictConfig, OmegaConf
+def load_raw(path: str | Path, overrides: list[str] | None = None, *, text: str | None = None) -> DictConfig:
+    """Load the YAML and merge dotlist overrides (``key.sub=value``) over it, without resolving. ``text``:
+    the file as :func:`_read_yaml` already read and checked it (else it is read here)."""
+    from omegaconf import OmegaConf
 
     path = Path(path)
+    if text is None:
+        text = _read_yaml(path)[0]
     try:
-        text = path.read_text(encoding="utf-8")
-        parsed = yaml.safe_load(text)
-        cfg = OmegaConf.create(text) if isinstance(parsed, dict) else None
-    except FileNotFoundError:
-        raise ConfigError([f"{path}: config file not found"]) from None
-    except IsADirectoryError:
-        raise ConfigError([f"{path}: is a folder, not a config file"]) from None
-    except Exception as exc:  # yaml.YAMLError, undecodable bytes and friends: point at the file
+        cfg = OmegaConf.create(text)
+    except Exception as exc:  # what OmegaConf's loader alone refuses (a repeated key): point at the file
         raise ConfigError([f"{path}: not a valid YAML file: {str(exc).splitlines()[0]}"]) from None
-    if parsed is None:
-        raise ConfigError([f"{path}: the file is empty; expected NeMo's download_multimodal.yaml"])
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError([f"{path}: expected a mapping at the top level, got {type(parsed).__name__}"])
     defaults = OmegaConf.create({"launcher_scripts_path": str(BUNDLED_LAUNCHER_SCRIPTS_PATH)})
     for item in overrides or []:
         if "=" not in item:
@@ -329,9 +338,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *,
     under the YAML's ``storage_options`` (:func:`storage.merge_options`); they reach the stages through
     ``PipelineConfig.storage_options`` and are never written anywhere.
     """
-    raw = _load_plain(path, overrides)
+    text, parsed, plain = _read_yaml(Path(path))
+    raw = _load_plain(parsed, plain, overrides)
     if raw is None:
-        raw = load_raw(path, overrides)
+        raw = load_raw(path, overrides, text=text)
     if not any(_has(raw, name) for name in STAGE_NAMES):
         raise ConfigError([f"{path}: no pipeline stage in this file (expected some of {', '.join(STAGE_NAMES)}"
                            "; is it NeMo's download_multimodal.yaml?)"])
