@@ -3,8 +3,9 @@ loopback image host, same run (issue 17's goal: S3 within 10% of local-disk spee
 
 One command::
 
-    /work/main/.venv/bin/python benchmarks/bench_s3_download_images.py [--urls 4000] [--repeat 3]
-        [--processes 2] [--threads 64] [--per-shard 500] [--modes center_crop_256,no] [--scenario clean]
+    /work/main/.venv/bin/python benchmarks/bench_s3_download_images.py [--urls 20000] [--repeat 3]
+        [--processes 2] [--threads 64] [--per-shard 10000] [--modes center_crop_256,no] [--scenario clean]
+        [--server-cpus N]
 
 It serves ``--urls`` ~75 KB JPEGs from the loopback host of ``bench_download_images.py`` in its
 ``--scenario``: ``clean`` (every reply delayed 20-200 ms: on 2 cores the download is CPU-bound, so every
@@ -19,14 +20,17 @@ size, and the CPU seconds the S3 server spent meanwhile (taken from the same cor
 ratio s3 time / local time and the median ratio against the goal (<= 1.10), and the median CPU seconds of
 the stage's process tree local and s3 (their difference: the S3 client's cost) apart from the server's.
 
-The S3 server, the image host and both runs share the machine's CPUs, so the ratio is a conservative one:
-the server's work (receiving and storing every byte) is taken from the download's CPUs here, not on a real
-deployment.
+By default the S3 server, the image host and both runs share the machine's CPUs, so the ratio is a
+conservative one: the server's work (receiving and storing every byte) is taken from the download's CPUs
+here, not on a real deployment. ``--server-cpus N`` stands in for a remote S3 service: the server runs on
+the last N CPUs and the image host and both runs (local and s3 alike) on the others, so the comparison
+is the download's own cost of writing to object storage, as on a cluster whose S3 service runs elsewhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -96,27 +100,42 @@ def run_stage(parquet_dir: Path, out: str, work: Path, label: str, mode: dict, a
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--urls", type=int, default=4000)
+    parser.add_argument("--urls", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
-    parser.add_argument("--per-shard", type=int, default=500)
+    parser.add_argument("--per-shard", type=int, default=10_000,
+                        help="number_sample_per_shard (default: the stage's own, img2dataset's)")
     parser.add_argument("--modes", default="center_crop_256", help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--scenario", default="clean", choices=sorted(_bench.SCENARIOS),
                         help="the image host's behaviour (bench_download_images.py's scenarios)")
+    parser.add_argument("--server-cpus", type=int, default=0,
+                        help="pin the S3 server to the last N CPUs and everything else to the others "
+                             "(a stand-in for a remote S3 service); 0: all share every CPU")
     args = parser.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 0 <= args.server_cpus < len(cpus):
+        parser.error(f"--server-cpus must leave at least one of the {len(cpus)} CPUs to the download")
+    server_cpus, client_cpus = set(cpus[len(cpus) - args.server_cpus:]), set(cpus[:len(cpus) - args.server_cpus])
     work = Path(tempfile.mkdtemp(prefix="bench_s3_download_"))
     parquet_dir = work / "parquet"
     parquet_dir.mkdir()
     spool = work / "spool"
     try:
-        with image_host(args.urls, parquet_dir / "urls.parquet", args.scenario) as (sizes, host_timeline), \
-                SeaweedS3((BUCKET,)) as server:
+        with contextlib.ExitStack() as stack:
+            if args.server_cpus:  # the server's processes inherit this mask; everything started later the other
+                os.sched_setaffinity(0, server_cpus)
+            server = stack.enter_context(SeaweedS3((BUCKET,)))
+            os.sched_setaffinity(0, client_cpus)
+            sizes, host_timeline = stack.enter_context(image_host(args.urls, parquet_dir / "urls.parquet",
+                                                                  args.scenario))
             fs = server.filesystem()
             print(f"scenario {args.scenario}: {args.urls} URLs, JPEGs {sizes[0] // 1024}-{sizes[-1] // 1024} KB, "
                   f"{_bench.SCENARIOS[args.scenario]}; "
                   f"{args.processes} processes x {args.threads} threads, {args.per_shard} samples/shard; "
-                  f"cpus={os.cpu_count()}, load {os.getloadavg()[0]:.1f}", flush=True)
+                  f"cpus={os.cpu_count()}, load {os.getloadavg()[0]:.1f}; "
+                  + (f"S3 server on CPUs {sorted(server_cpus)}, the rest on {sorted(client_cpus)}"
+                     if args.server_cpus else "all processes share every CPU"), flush=True)
             env = dict(os.environ, **server.env, MMPREP_SPOOL_DIR=str(spool))
             for mode_name in args.modes.split(","):
                 mode = MODES[mode_name]
