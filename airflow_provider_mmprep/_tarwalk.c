@@ -672,7 +672,245 @@ static PyObject *group(PyObject *self, PyObject *args) {
     return grouping_finish(&g, 1);
 }
 
+/* count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: the samples of a whole tar
+ * without a Python object per member, for callers that need only how many samples there are, their keys
+ * and which extensions each has (reorganize_tar placing inputs it does not copy from).
+ *
+ *   stop        byte offset where the walk stopped: the caller checks that the archive ends there cleanly
+ *               (else it indexes the tar in full, which reports the damage or parses what the walk left)
+ *   keys        every sample's key, in stored order
+ *   kinds       bytes: per sample, the index into signatures of its extension list
+ *   signatures  tuples of the extensions of a sample's members, as stored and in order
+ *   skipped     members skipped as tarindex.group_members skips them (metadata, key-less)
+ *
+ * Grouping is tarindex.group_members' member-by-member rule (a new sample at a new key or at an extension
+ * the current sample already has, case-folded). None where this pass does not decide exactly as the full
+ * index would: a name that is not ASCII or may be unsafe ('/' first, ".."), a sample of more than MAX_RUN
+ * members, more than 255 distinct extension lists. */
+#define COUNT_STEP 4096 /* members walked per round (their records reused) */
+#define MAX_KINDS 255
+
+typedef struct {
+    unsigned char *data;
+    size_t len, cap;
+} Bytes;
+
+static int bytes_put(Bytes *b, const void *p, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t grown = b->cap ? b->cap * 2 : 4096;
+        while (grown < b->len + n)
+            grown *= 2;
+        unsigned char *more = realloc(b->data, grown);
+        if (more == NULL)
+            return -1;
+        b->data = more;
+        b->cap = grown;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+typedef struct {
+    Bytes keys;        /* every key's bytes, one after another */
+    Bytes key_ends;    /* int64 end offsets into keys */
+    Bytes kinds;       /* one byte per sample */
+    Bytes sig;         /* the current sample's extensions as stored, each followed by '/' */
+    Bytes sigs;        /* the distinct signatures, each followed by NUL */
+    int64_t sig_at[MAX_KINDS + 1];
+    int nsigs, last_sig, open, run_len, key_len;
+    unsigned char key[BLOCK];
+    Ext run[MAX_RUN]; /* the current sample's extensions, lowered */
+    int64_t skipped;
+} Counter;
+
+/* Closes the current sample: its signature's index into kinds. 0 ok, 1 give up, -1 no memory. */
+static int close_sample(Counter *c) {
+    if (!c->open)
+        return 0;
+    c->open = 0;
+    int found = -1;
+    if (c->last_sig >= 0) {
+        int64_t at = c->sig_at[c->last_sig], end = c->sig_at[c->last_sig + 1] - 1;
+        if ((size_t)(end - at) == c->sig.len && memcmp(c->sigs.data + at, c->sig.data, c->sig.len) == 0)
+            found = c->last_sig;
+    }
+    for (int k = 0; found < 0 && k < c->nsigs; k++) {
+        int64_t at = c->sig_at[k], end = c->sig_at[k + 1] - 1;
+        if ((size_t)(end - at) == c->sig.len && memcmp(c->sigs.data + at, c->sig.data, c->sig.len) == 0)
+            found = k;
+    }
+    if (found < 0) {
+        if (c->nsigs == MAX_KINDS)
+            return 1;
+        if (bytes_put(&c->sigs, c->sig.data, c->sig.len) < 0 || bytes_put(&c->sigs, "", 1) < 0)
+            return -1;
+        found = c->nsigs++;
+        c->sig_at[c->nsigs] = (int64_t)c->sigs.len;
+    }
+    c->last_sig = found;
+    unsigned char kind = (unsigned char)found;
+    return bytes_put(&c->kinds, &kind, 1) < 0 ? -1 : 0;
+}
+
+/* One member into the counter. 0 ok, 1 give up (see count()), -1 no memory. */
+static int count_one(Counter *c, const unsigned char *name, int n) {
+    int last_slash = -1, dot = -1;
+    if (n <= 0 || n >= BLOCK || name[0] == '/' || memmem(name, (size_t)n, "..", 2) != NULL)
+        return 1;
+    for (int k = 0; k < n; k++) {
+        if (name[k] >= 128)
+            return 1;
+        if (name[k] == '/')
+            last_slash = k;
+    }
+    if (name[n - 1] == '/') { /* not regular */
+        c->skipped++;
+        return 0;
+    }
+    for (int k = last_slash + 1; k < n; k++)
+        if (name[k] == '.') {
+            dot = k;
+            break;
+        }
+    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
+                   && name[n - 2] == '_';
+    if (dot <= last_slash + 1 || dot == n - 1 || metadata) {
+        c->skipped++;
+        return 0;
+    }
+    int ext_len = n - dot - 1;
+    Ext lowered;
+    lowered.len = ext_len;
+    for (int k = 0; k < ext_len; k++) {
+        unsigned char ch = name[dot + 1 + k];
+        lowered.text[k] = (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+    }
+    int same = c->open && dot == c->key_len && memcmp(c->key, name, (size_t)dot) == 0;
+    for (int k = 0; same && k < c->run_len; k++)
+        if (c->run[k].len == ext_len && memcmp(c->run[k].text, lowered.text, (size_t)ext_len) == 0)
+            same = 0; /* a repeated extension starts a new sample */
+    if (!same) {
+        int closed = close_sample(c);
+        if (closed)
+            return closed;
+        int64_t end;
+        memcpy(c->key, name, (size_t)dot);
+        c->key_len = dot;
+        c->run_len = 0;
+        c->sig.len = 0;
+        c->open = 1;
+        if (bytes_put(&c->keys, name, (size_t)dot) < 0)
+            return -1;
+        end = (int64_t)c->keys.len;
+        if (bytes_put(&c->key_ends, &end, sizeof end) < 0)
+            return -1;
+    } else if (c->run_len == MAX_RUN) {
+        return 1;
+    }
+    c->run[c->run_len++] = lowered;
+    if (bytes_put(&c->sig, name + dot + 1, (size_t)ext_len) < 0 || bytes_put(&c->sig, "/", 1) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *count(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    long long file_size;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &file_size))
+        return NULL;
+    Source src = {0};
+    src.fd = fd;
+    src.file_size = file_size;
+    src.want = 4 * WINDOW_MIN;
+    src.win = PyMem_RawMalloc(WINDOW_MAX + BLOCK);
+    Counter *c = PyMem_RawCalloc(1, sizeof(Counter));
+    Rec *recs = NULL;
+    Py_ssize_t cap = 0;
+    int64_t stop = 0;
+    int nomem = 0, outcome = 0;
+    if (src.win == NULL || c == NULL) {
+        PyMem_RawFree(src.win);
+        PyMem_RawFree(c);
+        return PyErr_NoMemory();
+    }
+    c->last_sig = -1;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t offset = 0;
+    for (;;) {
+        Py_ssize_t got = walk_headers(&src, offset, COUNT_STEP, &recs, &cap, &stop, &nomem);
+        for (Py_ssize_t i = 0; i < got && outcome == 0; i++)
+            outcome = count_one(c, recs[i].name, recs[i].name_len);
+        if (nomem || outcome != 0 || got < COUNT_STEP)
+            break;
+        offset = stop;
+    }
+    if (!nomem && outcome == 0)
+        outcome = close_sample(c);
+    Py_END_ALLOW_THREADS
+    free(recs);
+    PyMem_RawFree(src.win);
+    PyObject *result = NULL, *keys = NULL, *kinds = NULL, *sigs = NULL;
+    if (nomem || outcome < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (outcome > 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t samples = (Py_ssize_t)c->kinds.len;
+    const int64_t *ends = (const int64_t *)c->key_ends.data;
+    keys = PyList_New(samples);
+    kinds = PyBytes_FromStringAndSize((const char *)c->kinds.data, samples);
+    sigs = PyList_New(c->nsigs);
+    if (!keys || !kinds || !sigs)
+        goto done;
+    for (Py_ssize_t i = 0; i < samples; i++) {
+        int64_t at = i ? ends[i - 1] : 0;
+        PyObject *key = PyUnicode_DecodeASCII((const char *)c->keys.data + at, (Py_ssize_t)(ends[i] - at), NULL);
+        if (key == NULL)
+            goto done;
+        PyList_SET_ITEM(keys, i, key);
+    }
+    for (int k = 0; k < c->nsigs; k++) {
+        const char *text = (const char *)c->sigs.data + c->sig_at[k];
+        Py_ssize_t len = (Py_ssize_t)(c->sig_at[k + 1] - c->sig_at[k] - 1), parts = 0;
+        for (Py_ssize_t i = 0; i < len; i++)
+            parts += text[i] == '/';
+        PyObject *exts = PyTuple_New(parts);
+        if (exts == NULL)
+            goto done;
+        PyList_SET_ITEM(sigs, k, exts);
+        Py_ssize_t from = 0, part = 0;
+        for (Py_ssize_t i = 0; i < len; i++)
+            if (text[i] == '/') {
+                PyObject *ext = PyUnicode_DecodeASCII(text + from, i - from, NULL);
+                if (ext == NULL)
+                    goto done;
+                PyTuple_SET_ITEM(exts, part++, ext);
+                from = i + 1;
+            }
+    }
+    result = Py_BuildValue("(LOOOL)", (long long)stop, keys, kinds, sigs, (long long)c->skipped);
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(kinds);
+    Py_XDECREF(sigs);
+    free(c->keys.data);
+    free(c->key_ends.data);
+    free(c->kinds.data);
+    free(c->sig.data);
+    free(c->sigs.data);
+    PyMem_RawFree(c);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"count", count, METH_VARARGS,
+     "count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: a whole tar's samples without "
+     "an object per member (see the module source)."},
     {"group", group, METH_VARARGS,
      "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
      "the grouping of members given as columns, as walk() makes it."},
