@@ -117,7 +117,8 @@ class SampleOrder:
             if rel is None:
                 rel = rels[sample.tar] = self.rel(sample.tar)
             parts.append(rel)
-            parts.extend([f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n" for m in sample.members])
+            parts.extend([f"\0{name}\0{head}\0{offset}\0{size}\n"  # Member unpacked: no attribute lookups
+                          for name, _, offset, size, head, _ in sample.members])
         return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
@@ -478,14 +479,18 @@ def _is_complete(tar: Path, digest: str, short: bool) -> bool:
 def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
     """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
     are adjacent in their input merge into one range (one copy call)."""
-    runs: list[list[int]] = []
-    for sample in samples:
-        for m in sample.members:
-            if runs and runs[-1][0] == sample.tar and runs[-1][2] == m.header_offset:
-                runs[-1][2] = m.end
-            else:
-                runs.append([sample.tar, m.header_offset, m.end])
-    return [(tar, start, end - start) for tar, start, end in runs]
+    runs: list[tuple[int, int, int]] = []
+    tar = start = end = -1
+    for here, _, members in samples:
+        for _, _, offset, size, head, _ in members:  # Member unpacked: no attribute lookups
+            if here != tar or head != end:
+                if tar >= 0:
+                    runs.append((tar, start, end - start))
+                tar, start = here, head
+            end = offset + ((size + BLOCK - 1) & -BLOCK)  # Member.end
+    if tar >= 0:
+        runs.append((tar, start, end - start))
+    return runs
 
 
 def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
