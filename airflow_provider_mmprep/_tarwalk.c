@@ -10,14 +10,14 @@
  * error message, naming the tar), and the walk resumes after it. So messages, checks and results are the
  * general parser's by construction; the tests compare both member for member (and with tarfile).
  *
- * walk(fd or buffer, offset, file_size, limit, member_type) ->
+ * walk(fd or buffer, offset, file_size, limit, member_type[, sample_type]) ->
  *     (stop, full, names, heads, datas, sizes, regular, mtimes, layout, suspect)
  *   stop     byte offset where the walk stopped (the next header chain to parse)
  *   full     True when it stopped because it took `limit` members (call again from `stop`)
  *   names... one list per column, as tarindex.Batch holds them
- *   layout   (keep, dots, starts, members, keys) as tarindex.Layout: the grouping, with the kept members
- *            made as member_type (tarindex.Member) tuples, in one list per sample, and each sample's key;
- *            or None where the grouping
+ *   layout   (keep, dots, starts, members, keys, samples) as tarindex.Layout: the grouping, with the kept
+ *            members made as member_type (tarindex.Member) tuples, in one list per sample, each sample's
+ *            key, and with sample_type the samples made (else None); or None where the grouping
  *            must be done one member at a time in Python (a non-ASCII name, an extension repeated within a
  *            key's run)
  *   suspect  True when a name starts with '/' or holds "..": Python checks every name (unsafe names)
@@ -488,11 +488,51 @@ static int grouping_start(Grouping *g, Py_ssize_t count) {
     return 0;
 }
 
-/* The layout tuple (keep, dots, starts, groups, keys), or None; NULL on error. Releases the grouping. */
-static PyObject *grouping_finish(Grouping *g, int ok) {
+/* The samples as `sample_type` objects (tarindex.Sample: a slots dataclass whose __init__ only stores
+ * `key` and `members`), made by storing the two attributes on a bare instance: a fraction of a call to
+ * the dataclass's Python __init__ per sample. NULL on error. */
+static PyObject *made_samples(Grouping *g, PyObject *sample_type) {
+    PyTypeObject *type = (PyTypeObject *)sample_type;
+    Py_ssize_t n = PyList_GET_SIZE(g->groups);
+    PyObject *made = PyList_New(n);
+    static PyObject *key_name = NULL, *members_name = NULL;
+    if (key_name == NULL)
+        key_name = PyUnicode_InternFromString("key");
+    if (members_name == NULL)
+        members_name = PyUnicode_InternFromString("members");
+    if (made == NULL || key_name == NULL || members_name == NULL) {
+        Py_XDECREF(made);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *sample = type->tp_alloc(type, 0);
+        if (sample == NULL) {
+            Py_DECREF(made);
+            return NULL;
+        }
+        PyList_SET_ITEM(made, i, sample);
+        if (PyObject_SetAttr(sample, key_name, PyList_GET_ITEM(g->keys, i)) < 0
+            || PyObject_SetAttr(sample, members_name, PyList_GET_ITEM(g->groups, i)) < 0) {
+            Py_DECREF(made);
+            return NULL;
+        }
+    }
+    return made;
+}
+
+/* The layout tuple (keep, dots, starts, groups, keys, samples), or None; NULL on error. `samples` is the
+ * list made_samples() makes when `sample_type` is not None, else None. Releases the grouping. */
+static PyObject *grouping_finish(Grouping *g, int ok, PyObject *sample_type) {
     PyObject *layout = NULL;
-    if (ok)
-        layout = g->layout_ok ? PyTuple_Pack(5, g->keep, g->dots, g->starts, g->groups, g->keys) : Py_NewRef(Py_None);
+    if (ok && g->layout_ok) {
+        PyObject *made = sample_type == Py_None ? Py_NewRef(Py_None) : made_samples(g, sample_type);
+        if (made != NULL) {
+            layout = PyTuple_Pack(6, g->keep, g->dots, g->starts, g->groups, g->keys, made);
+            Py_DECREF(made);
+        }
+    } else if (ok) {
+        layout = Py_NewRef(Py_None);
+    }
     PyMem_Free(g->run);
     Py_XDECREF(g->keep);
     Py_XDECREF(g->dots);
@@ -509,10 +549,16 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     long long offset, file_size;
     Py_ssize_t limit;
     PyTypeObject *member_type;
-    if (!PyArg_ParseTuple(args, "OLLnO!", &source, &offset, &file_size, &limit, &PyType_Type, &member_type))
+    PyObject *sample_type = Py_None;
+    if (!PyArg_ParseTuple(args, "OLLnO!|O", &source, &offset, &file_size, &limit, &PyType_Type, &member_type,
+                          &sample_type))
         return NULL;
     if (!PyType_IsSubtype(member_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "member_type must be a tuple type (tarindex.Member)");
+        return NULL;
+    }
+    if (sample_type != Py_None && !PyType_Check(sample_type)) {
+        PyErr_SetString(PyExc_TypeError, "sample_type must be a type (tarindex.Sample) or None");
         return NULL;
     }
     Source src = {0};
@@ -547,6 +593,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
              *mtimes = NULL, *layout = NULL;
     Grouping g;
     int grouping = 0, suspect = 0;
+    PyObject *last_mtime = NULL;
+    long long last_mtime_value = 0;
     if (nomem) {
         PyErr_NoMemory();
         goto done;
@@ -580,8 +628,14 @@ static PyObject *walk(PyObject *self, PyObject *args) {
             digits[r->pax_mtime_len] = 0;
             double value = PyOS_string_to_double(digits, NULL, NULL);
             mtime = (value == -1.0 && PyErr_Occurred()) ? NULL : PyLong_FromDouble(value);
+        } else if (last_mtime != NULL && r->mtime == last_mtime_value) {
+            mtime = Py_NewRef(last_mtime); /* members written in the same second share one int */
         } else {
             mtime = PyLong_FromLongLong(r->mtime);
+            if (mtime != NULL) {
+                Py_XSETREF(last_mtime, Py_NewRef(mtime));
+                last_mtime_value = r->mtime;
+            }
         }
         if (head)
             PyList_SET_ITEM(heads, i, head);
@@ -600,7 +654,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         if (group_one(&g, i, name, n, ends_in_slash, text, data, size, head, mtime, member_type) < 0)
             goto done;
     }
-    layout = grouping_finish(&g, 1);
+    layout = grouping_finish(&g, 1, sample_type);
     grouping = 0;
     if (layout == NULL)
         goto done;
@@ -608,7 +662,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
                            datas, sizes, regular, mtimes, layout, suspect ? Py_True : Py_False);
 done:
     if (grouping)
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
+    Py_XDECREF(last_mtime);
     free(recs);
     Py_XDECREF(names);
     Py_XDECREF(heads);
@@ -639,7 +694,7 @@ static PyObject *group(PyObject *self, PyObject *args) {
     }
     Grouping g;
     if (grouping_start(&g, count) < 0) {
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -659,17 +714,17 @@ static PyObject *group(PyObject *self, PyObject *args) {
         if (group_one(&g, i, (const unsigned char *)name, (int)n, ends_in_slash, text, PyList_GET_ITEM(datas, i),
                       PyList_GET_ITEM(sizes, i), PyList_GET_ITEM(heads, i), PyList_GET_ITEM(mtimes, i),
                       member_type) < 0) {
-            grouping_finish(&g, 0);
+            grouping_finish(&g, 0, Py_None);
             return NULL;
         }
         if (!g.layout_ok)
             break;
     }
     if (!g.layout_ok) { /* keep[] may hold NULL slots: never handed out */
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
         Py_RETURN_NONE;
     }
-    return grouping_finish(&g, 1);
+    return grouping_finish(&g, 1, Py_None);
 }
 
 /* count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: the samples of a whole tar
@@ -915,8 +970,8 @@ static PyMethodDef methods[] = {
      "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
      "the grouping of members given as columns, as walk() makes it."},
     {"walk", walk, METH_VARARGS,
-     "walk(fd or buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, "
-     "regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
+     "walk(fd or buffer, offset, file_size, limit, member_type[, sample_type]) -> (stop, full, names, heads, datas, "
+     "sizes, regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

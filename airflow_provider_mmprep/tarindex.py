@@ -265,6 +265,7 @@ class Layout(NamedTuple):
     starts: list[int]  # positions among the kept members where a sample starts; the first always does
     groups: "list[list[Member]] | None" = None  # each sample's members, made already (by the compiled walker)
     keys: list[str] | None = None  # the key of the sample at each of ``starts`` (with ``groups``)
+    samples: "list[Sample] | None" = None  # those samples made already (by the compiled walker)
 WALK_BATCH = 1 << 15  # headers gathered and checked at once (32,768 headers: 16 MiB of header copies)
 PROBE = 64  # headers walked first, to measure how densely headers lie
 #: Mean member record (header + data) below which scanning every block beats walking header to header:
@@ -445,7 +446,7 @@ def _members_compiled(path: Path, file_size: int, problems: list[str]) -> Iterat
         offset = 0
         while True:
             offset, full, names, heads, datas, sizes, regular, mtimes, layout, suspect = _tarwalk.walk(
-                fd, offset, file_size, COMPILED_BATCH, Member)
+                fd, offset, file_size, COMPILED_BATCH, Member, Sample)
             if names:
                 yield Batch(names, heads, datas, sizes, regular, mtimes, None if layout is None else Layout(*layout),
                             suspect)
@@ -586,13 +587,15 @@ def group_members(index: TarIndex, batches: Iterable[Batch]) -> None:
         keep = layout.keep[general:]
         if layout.groups is not None and layout.keys is not None:  # made by the compiled walker
             groups, keys = layout.groups, layout.keys
+            made = layout.samples
             if skip_kept:  # the samples before the one at kept row skip_kept were grouped above
                 first = layout.starts.index(skip_kept)
                 groups, keys = groups[first:], keys[first:]
+                made = None if made is None else made[first:]
             skipped += len(keep) - (len(layout.dots) - skip_kept)
             if not groups:
                 continue
-            samples.extend(map(Sample, keys, groups))
+            samples.extend(map(Sample, keys, groups) if made is None else made)
             current = samples[-1]
             seen_ext = {m.ext.lower() for m in current.members}
             continue

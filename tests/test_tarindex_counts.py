@@ -204,3 +204,15 @@ def test_an_input_that_changes_between_count_and_index_fails_the_task(
     monkeypatch.setattr(reorganize_tar, "_likely_feeding", lambda inputs, task, tasks: set())
     with pytest.raises(StageError, match=r"00000\.tar changed while this task read it"):
         run_tasks(raw, tmp_path / "out", 2)
+
+
+def test_samples_the_walker_makes_are_plain_samples(tmp_path: Path) -> None:
+    """The compiled walker makes the Sample objects itself (no Python __init__ per sample): they are
+    Samples like any other, equal to ones made in Python, and a later batch can still extend the last."""
+    from airflow_provider_mmprep.tarindex import Sample
+
+    index = index_tar(img2dataset_style(tmp_path / "shard.tar"))
+    assert all(type(s) is Sample for s in index.samples)
+    assert index.samples == [Sample(s.key, list(s.members)) for s in index.samples]
+    index.samples[-1].members.append(index.samples[0].members[0])
+    assert index.samples[-1].extensions[-1] == "jpg"
