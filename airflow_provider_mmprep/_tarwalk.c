@@ -677,15 +677,20 @@ done:
     return result;
 }
 
-/* group(names, heads, datas, sizes, mtimes, member_type) -> layout or None: the grouping of members given
+/* group(names, heads, datas, sizes, mtimes, member_type[, sample_type]) -> layout or None: the grouping of members given
  * as columns (a manifest's member_offsets), as walk() makes it for the members it reads. */
 static PyObject *group(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *names, *heads, *datas, *sizes, *mtimes;
     PyTypeObject *member_type;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
-                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type))
+    PyObject *sample_type = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!|O", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
+                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type, &sample_type))
         return NULL;
+    if (sample_type != Py_None && !PyType_Check(sample_type)) {
+        PyErr_SetString(PyExc_TypeError, "sample_type must be a type (tarindex.Sample) or None");
+        return NULL;
+    }
     Py_ssize_t count = PyList_GET_SIZE(names);
     if (!PyType_IsSubtype(member_type, &PyTuple_Type) || PyList_GET_SIZE(heads) != count
         || PyList_GET_SIZE(datas) != count || PyList_GET_SIZE(sizes) != count || PyList_GET_SIZE(mtimes) != count) {
@@ -724,7 +729,7 @@ static PyObject *group(PyObject *self, PyObject *args) {
         grouping_finish(&g, 0, Py_None);
         Py_RETURN_NONE;
     }
-    return grouping_finish(&g, 1, Py_None);
+    return grouping_finish(&g, 1, sample_type);
 }
 
 /* count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: the samples of a whole tar
@@ -967,7 +972,8 @@ static PyMethodDef methods[] = {
      "count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: a whole tar's samples without "
      "an object per member (see the module source)."},
     {"group", group, METH_VARARGS,
-     "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
+     "group(names, heads, datas, sizes, mtimes, member_type[, sample_type]) -> (keep, dots, starts, groups, keys, "
+     "samples) or None: "
      "the grouping of members given as columns, as walk() makes it."},
     {"walk", walk, METH_VARARGS,
      "walk(fd or buffer, offset, file_size, limit, member_type[, sample_type]) -> (stop, full, names, heads, datas, "

@@ -681,7 +681,7 @@ def index_from_offsets(path: str | Path, file_size: int, record: Any) -> TarInde
     index = TarIndex(path=path, file_size=file_size, skipped_members=0)
     layout = None
     if _tarwalk is not None:  # the grouping and the Member tuples in C, as for headers read
-        grouped = _tarwalk.group(names, heads, datas, sizes, mtimes, Member)
+        grouped = _tarwalk.group(names, heads, datas, sizes, mtimes, Member, Sample)
         layout = None if grouped is None else Layout(*grouped)
     with gc_paused():
         group_members(index, [Batch(names, heads, datas, sizes, [True] * len(names), mtimes, layout)])
