@@ -216,3 +216,30 @@ def test_samples_the_walker_makes_are_plain_samples(tmp_path: Path) -> None:
     assert index.samples == [Sample(s.key, list(s.members)) for s in index.samples]
     index.samples[-1].members.append(index.samples[0].members[0])
     assert index.samples[-1].extensions[-1] == "jpg"
+
+
+@pytest.mark.parametrize("tasks", [1, 2])
+def test_an_input_truncated_inside_its_last_padding_is_reorganized_whole(tmp_path: Path, tasks: int) -> None:
+    """Cut inside the zeros after its last member's data, a tar keeps that member (its data is whole):
+    the output holds the member with its padding, as from the intact tar (the copy used to fail with
+    "source ended N bytes early")."""
+    intact = img2dataset_style(tmp_path / "intact" / "00000.tar", count=9)
+    with tarfile.open(intact) as tar:
+        member = next(m for m in tar.getmembers()[10:]
+                      if m.name.endswith(".jpg") and m.size % 512 and m.size % 512 < 400)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "00000.tar").write_bytes(intact.read_bytes()[:member.offset_data + member.size + 10])
+    cut = run_tasks(raw, tmp_path / "cut", tasks, exts="[.jpg]")
+    whole = run_tasks(intact.parent, tmp_path / "whole", tasks, exts="[.jpg]")
+    assert not cut[0]["damaged_inputs"]
+    kept = [m.name for s in index_tar(raw / "00000.tar").samples for m in s.members if m.ext == "jpg"]
+    assert kept[-1] == member.name
+    out = sorted((tmp_path / "cut").glob("*.tar"))
+    got = []
+    for path in out:
+        with tarfile.open(path) as tar:
+            got += [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(intact) as tar:
+        assert got == [(name, tar.extractfile(name).read()) for name in kept]
+    assert sum(s["samples_written"] for s in cut) == len(kept) < sum(s["samples_written"] for s in whole)

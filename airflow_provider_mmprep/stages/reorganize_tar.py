@@ -567,6 +567,7 @@ def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     if is_url(final) or any(is_url(p) for p in plan.inputs[:1]):
         return _write_output_ranges(plan, j, final)
     sources: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     try:
         with fsutil.atomic_path(final) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -576,7 +577,8 @@ def write_output(plan: SampleOrder, j: int, final: Path) -> int:
                     src = sources.get(tar)
                     if src is None:
                         src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
-                    writer.add_records(src, start, length)
+                        sizes[tar] = os.fstat(src).st_size
+                    writer.add_records(src, start, length, sizes[tar])
                 writer.close()
             finally:
                 writer.close(end_archive=False)  # after an error: only release the file
