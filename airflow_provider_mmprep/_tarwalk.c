@@ -10,14 +10,14 @@
  * error message, naming the tar), and the walk resumes after it. So messages, checks and results are the
  * general parser's by construction; the tests compare both member for member (and with tarfile).
  *
- * walk(fd or buffer, offset, file_size, limit, member_type) ->
+ * walk(fd or buffer, offset, file_size, limit, member_type[, sample_type]) ->
  *     (stop, full, names, heads, datas, sizes, regular, mtimes, layout, suspect)
  *   stop     byte offset where the walk stopped (the next header chain to parse)
  *   full     True when it stopped because it took `limit` members (call again from `stop`)
  *   names... one list per column, as tarindex.Batch holds them
- *   layout   (keep, dots, starts, members, keys) as tarindex.Layout: the grouping, with the kept members
- *            made as member_type (tarindex.Member) tuples, in one list per sample, and each sample's key;
- *            or None where the grouping
+ *   layout   (keep, dots, starts, members, keys, samples) as tarindex.Layout: the grouping, with the kept
+ *            members made as member_type (tarindex.Member) tuples, in one list per sample, each sample's
+ *            key, and with sample_type the samples made (else None); or None where the grouping
  *            must be done one member at a time in Python (a non-ASCII name, an extension repeated within a
  *            key's run)
  *   suspect  True when a name starts with '/' or holds "..": Python checks every name (unsafe names)
@@ -488,11 +488,51 @@ static int grouping_start(Grouping *g, Py_ssize_t count) {
     return 0;
 }
 
-/* The layout tuple (keep, dots, starts, groups, keys), or None; NULL on error. Releases the grouping. */
-static PyObject *grouping_finish(Grouping *g, int ok) {
+/* The samples as `sample_type` objects (tarindex.Sample: a slots dataclass whose __init__ only stores
+ * `key` and `members`), made by storing the two attributes on a bare instance: a fraction of a call to
+ * the dataclass's Python __init__ per sample. NULL on error. */
+static PyObject *made_samples(Grouping *g, PyObject *sample_type) {
+    PyTypeObject *type = (PyTypeObject *)sample_type;
+    Py_ssize_t n = PyList_GET_SIZE(g->groups);
+    PyObject *made = PyList_New(n);
+    static PyObject *key_name = NULL, *members_name = NULL;
+    if (key_name == NULL)
+        key_name = PyUnicode_InternFromString("key");
+    if (members_name == NULL)
+        members_name = PyUnicode_InternFromString("members");
+    if (made == NULL || key_name == NULL || members_name == NULL) {
+        Py_XDECREF(made);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *sample = type->tp_alloc(type, 0);
+        if (sample == NULL) {
+            Py_DECREF(made);
+            return NULL;
+        }
+        PyList_SET_ITEM(made, i, sample);
+        if (PyObject_SetAttr(sample, key_name, PyList_GET_ITEM(g->keys, i)) < 0
+            || PyObject_SetAttr(sample, members_name, PyList_GET_ITEM(g->groups, i)) < 0) {
+            Py_DECREF(made);
+            return NULL;
+        }
+    }
+    return made;
+}
+
+/* The layout tuple (keep, dots, starts, groups, keys, samples), or None; NULL on error. `samples` is the
+ * list made_samples() makes when `sample_type` is not None, else None. Releases the grouping. */
+static PyObject *grouping_finish(Grouping *g, int ok, PyObject *sample_type) {
     PyObject *layout = NULL;
-    if (ok)
-        layout = g->layout_ok ? PyTuple_Pack(5, g->keep, g->dots, g->starts, g->groups, g->keys) : Py_NewRef(Py_None);
+    if (ok && g->layout_ok) {
+        PyObject *made = sample_type == Py_None ? Py_NewRef(Py_None) : made_samples(g, sample_type);
+        if (made != NULL) {
+            layout = PyTuple_Pack(6, g->keep, g->dots, g->starts, g->groups, g->keys, made);
+            Py_DECREF(made);
+        }
+    } else if (ok) {
+        layout = Py_NewRef(Py_None);
+    }
     PyMem_Free(g->run);
     Py_XDECREF(g->keep);
     Py_XDECREF(g->dots);
@@ -509,10 +549,16 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     long long offset, file_size;
     Py_ssize_t limit;
     PyTypeObject *member_type;
-    if (!PyArg_ParseTuple(args, "OLLnO!", &source, &offset, &file_size, &limit, &PyType_Type, &member_type))
+    PyObject *sample_type = Py_None;
+    if (!PyArg_ParseTuple(args, "OLLnO!|O", &source, &offset, &file_size, &limit, &PyType_Type, &member_type,
+                          &sample_type))
         return NULL;
     if (!PyType_IsSubtype(member_type, &PyTuple_Type)) {
         PyErr_SetString(PyExc_TypeError, "member_type must be a tuple type (tarindex.Member)");
+        return NULL;
+    }
+    if (sample_type != Py_None && !PyType_Check(sample_type)) {
+        PyErr_SetString(PyExc_TypeError, "sample_type must be a type (tarindex.Sample) or None");
         return NULL;
     }
     Source src = {0};
@@ -547,6 +593,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
              *mtimes = NULL, *layout = NULL;
     Grouping g;
     int grouping = 0, suspect = 0;
+    PyObject *last_mtime = NULL;
+    long long last_mtime_value = 0;
     if (nomem) {
         PyErr_NoMemory();
         goto done;
@@ -580,8 +628,14 @@ static PyObject *walk(PyObject *self, PyObject *args) {
             digits[r->pax_mtime_len] = 0;
             double value = PyOS_string_to_double(digits, NULL, NULL);
             mtime = (value == -1.0 && PyErr_Occurred()) ? NULL : PyLong_FromDouble(value);
+        } else if (last_mtime != NULL && r->mtime == last_mtime_value) {
+            mtime = Py_NewRef(last_mtime); /* members written in the same second share one int */
         } else {
             mtime = PyLong_FromLongLong(r->mtime);
+            if (mtime != NULL) {
+                Py_XSETREF(last_mtime, Py_NewRef(mtime));
+                last_mtime_value = r->mtime;
+            }
         }
         if (head)
             PyList_SET_ITEM(heads, i, head);
@@ -600,7 +654,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
         if (group_one(&g, i, name, n, ends_in_slash, text, data, size, head, mtime, member_type) < 0)
             goto done;
     }
-    layout = grouping_finish(&g, 1);
+    layout = grouping_finish(&g, 1, sample_type);
     grouping = 0;
     if (layout == NULL)
         goto done;
@@ -608,7 +662,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
                            datas, sizes, regular, mtimes, layout, suspect ? Py_True : Py_False);
 done:
     if (grouping)
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
+    Py_XDECREF(last_mtime);
     free(recs);
     Py_XDECREF(names);
     Py_XDECREF(heads);
@@ -622,15 +677,20 @@ done:
     return result;
 }
 
-/* group(names, heads, datas, sizes, mtimes, member_type) -> layout or None: the grouping of members given
+/* group(names, heads, datas, sizes, mtimes, member_type[, sample_type]) -> layout or None: the grouping of members given
  * as columns (a manifest's member_offsets), as walk() makes it for the members it reads. */
 static PyObject *group(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *names, *heads, *datas, *sizes, *mtimes;
     PyTypeObject *member_type;
-    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
-                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type))
+    PyObject *sample_type = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!O!O!|O", &PyList_Type, &names, &PyList_Type, &heads, &PyList_Type, &datas,
+                          &PyList_Type, &sizes, &PyList_Type, &mtimes, &PyType_Type, &member_type, &sample_type))
         return NULL;
+    if (sample_type != Py_None && !PyType_Check(sample_type)) {
+        PyErr_SetString(PyExc_TypeError, "sample_type must be a type (tarindex.Sample) or None");
+        return NULL;
+    }
     Py_ssize_t count = PyList_GET_SIZE(names);
     if (!PyType_IsSubtype(member_type, &PyTuple_Type) || PyList_GET_SIZE(heads) != count
         || PyList_GET_SIZE(datas) != count || PyList_GET_SIZE(sizes) != count || PyList_GET_SIZE(mtimes) != count) {
@@ -639,7 +699,7 @@ static PyObject *group(PyObject *self, PyObject *args) {
     }
     Grouping g;
     if (grouping_start(&g, count) < 0) {
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -659,26 +719,265 @@ static PyObject *group(PyObject *self, PyObject *args) {
         if (group_one(&g, i, (const unsigned char *)name, (int)n, ends_in_slash, text, PyList_GET_ITEM(datas, i),
                       PyList_GET_ITEM(sizes, i), PyList_GET_ITEM(heads, i), PyList_GET_ITEM(mtimes, i),
                       member_type) < 0) {
-            grouping_finish(&g, 0);
+            grouping_finish(&g, 0, Py_None);
             return NULL;
         }
         if (!g.layout_ok)
             break;
     }
     if (!g.layout_ok) { /* keep[] may hold NULL slots: never handed out */
-        grouping_finish(&g, 0);
+        grouping_finish(&g, 0, Py_None);
         Py_RETURN_NONE;
     }
-    return grouping_finish(&g, 1);
+    return grouping_finish(&g, 1, sample_type);
+}
+
+/* count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: the samples of a whole tar
+ * without a Python object per member, for callers that need only how many samples there are, their keys
+ * and which extensions each has (reorganize_tar placing inputs it does not copy from).
+ *
+ *   stop        byte offset where the walk stopped: the caller checks that the archive ends there cleanly
+ *               (else it indexes the tar in full, which reports the damage or parses what the walk left)
+ *   keys        every sample's key, in stored order
+ *   kinds       bytes: per sample, the index into signatures of its extension list
+ *   signatures  tuples of the extensions of a sample's members, as stored and in order
+ *   skipped     members skipped as tarindex.group_members skips them (metadata, key-less)
+ *
+ * Grouping is tarindex.group_members' member-by-member rule (a new sample at a new key or at an extension
+ * the current sample already has, case-folded). None where this pass does not decide exactly as the full
+ * index would: a name that is not ASCII or may be unsafe ('/' first, ".."), a sample of more than MAX_RUN
+ * members, more than 255 distinct extension lists. */
+#define COUNT_STEP 4096 /* members walked per round (their records reused) */
+#define MAX_KINDS 255
+
+typedef struct {
+    unsigned char *data;
+    size_t len, cap;
+} Bytes;
+
+static int bytes_put(Bytes *b, const void *p, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t grown = b->cap ? b->cap * 2 : 4096;
+        while (grown < b->len + n)
+            grown *= 2;
+        unsigned char *more = realloc(b->data, grown);
+        if (more == NULL)
+            return -1;
+        b->data = more;
+        b->cap = grown;
+    }
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+typedef struct {
+    Bytes keys;        /* every key's bytes, one after another */
+    Bytes key_ends;    /* int64 end offsets into keys */
+    Bytes kinds;       /* one byte per sample */
+    Bytes sig;         /* the current sample's extensions as stored, each followed by '/' */
+    Bytes sigs;        /* the distinct signatures, each followed by NUL */
+    int64_t sig_at[MAX_KINDS + 1];
+    int nsigs, last_sig, open, run_len, key_len;
+    unsigned char key[BLOCK];
+    Ext run[MAX_RUN]; /* the current sample's extensions, lowered */
+    int64_t skipped;
+} Counter;
+
+/* Closes the current sample: its signature's index into kinds. 0 ok, 1 give up, -1 no memory. */
+static int close_sample(Counter *c) {
+    if (!c->open)
+        return 0;
+    c->open = 0;
+    int found = -1;
+    if (c->last_sig >= 0) {
+        int64_t at = c->sig_at[c->last_sig], end = c->sig_at[c->last_sig + 1] - 1;
+        if ((size_t)(end - at) == c->sig.len && memcmp(c->sigs.data + at, c->sig.data, c->sig.len) == 0)
+            found = c->last_sig;
+    }
+    for (int k = 0; found < 0 && k < c->nsigs; k++) {
+        int64_t at = c->sig_at[k], end = c->sig_at[k + 1] - 1;
+        if ((size_t)(end - at) == c->sig.len && memcmp(c->sigs.data + at, c->sig.data, c->sig.len) == 0)
+            found = k;
+    }
+    if (found < 0) {
+        if (c->nsigs == MAX_KINDS)
+            return 1;
+        if (bytes_put(&c->sigs, c->sig.data, c->sig.len) < 0 || bytes_put(&c->sigs, "", 1) < 0)
+            return -1;
+        found = c->nsigs++;
+        c->sig_at[c->nsigs] = (int64_t)c->sigs.len;
+    }
+    c->last_sig = found;
+    unsigned char kind = (unsigned char)found;
+    return bytes_put(&c->kinds, &kind, 1) < 0 ? -1 : 0;
+}
+
+/* One member into the counter. 0 ok, 1 give up (see count()), -1 no memory. */
+static int count_one(Counter *c, const unsigned char *name, int n) {
+    int last_slash = -1, dot = -1;
+    if (n <= 0 || n >= BLOCK || name[0] == '/' || memmem(name, (size_t)n, "..", 2) != NULL)
+        return 1;
+    for (int k = 0; k < n; k++) {
+        if (name[k] >= 128)
+            return 1;
+        if (name[k] == '/')
+            last_slash = k;
+    }
+    if (name[n - 1] == '/') { /* not regular */
+        c->skipped++;
+        return 0;
+    }
+    for (int k = last_slash + 1; k < n; k++)
+        if (name[k] == '.') {
+            dot = k;
+            break;
+        }
+    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
+                   && name[n - 2] == '_';
+    if (dot <= last_slash + 1 || dot == n - 1 || metadata) {
+        c->skipped++;
+        return 0;
+    }
+    int ext_len = n - dot - 1;
+    Ext lowered;
+    lowered.len = ext_len;
+    for (int k = 0; k < ext_len; k++) {
+        unsigned char ch = name[dot + 1 + k];
+        lowered.text[k] = (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+    }
+    int same = c->open && dot == c->key_len && memcmp(c->key, name, (size_t)dot) == 0;
+    for (int k = 0; same && k < c->run_len; k++)
+        if (c->run[k].len == ext_len && memcmp(c->run[k].text, lowered.text, (size_t)ext_len) == 0)
+            same = 0; /* a repeated extension starts a new sample */
+    if (!same) {
+        int closed = close_sample(c);
+        if (closed)
+            return closed;
+        int64_t end;
+        memcpy(c->key, name, (size_t)dot);
+        c->key_len = dot;
+        c->run_len = 0;
+        c->sig.len = 0;
+        c->open = 1;
+        if (bytes_put(&c->keys, name, (size_t)dot) < 0)
+            return -1;
+        end = (int64_t)c->keys.len;
+        if (bytes_put(&c->key_ends, &end, sizeof end) < 0)
+            return -1;
+    } else if (c->run_len == MAX_RUN) {
+        return 1;
+    }
+    c->run[c->run_len++] = lowered;
+    if (bytes_put(&c->sig, name + dot + 1, (size_t)ext_len) < 0 || bytes_put(&c->sig, "/", 1) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *count(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd;
+    long long file_size;
+    if (!PyArg_ParseTuple(args, "iL", &fd, &file_size))
+        return NULL;
+    Source src = {0};
+    src.fd = fd;
+    src.file_size = file_size;
+    src.want = 4 * WINDOW_MIN;
+    src.win = PyMem_RawMalloc(WINDOW_MAX + BLOCK);
+    Counter *c = PyMem_RawCalloc(1, sizeof(Counter));
+    Rec *recs = NULL;
+    Py_ssize_t cap = 0;
+    int64_t stop = 0;
+    int nomem = 0, outcome = 0;
+    if (src.win == NULL || c == NULL) {
+        PyMem_RawFree(src.win);
+        PyMem_RawFree(c);
+        return PyErr_NoMemory();
+    }
+    c->last_sig = -1;
+    Py_BEGIN_ALLOW_THREADS
+    int64_t offset = 0;
+    for (;;) {
+        Py_ssize_t got = walk_headers(&src, offset, COUNT_STEP, &recs, &cap, &stop, &nomem);
+        for (Py_ssize_t i = 0; i < got && outcome == 0; i++)
+            outcome = count_one(c, recs[i].name, recs[i].name_len);
+        if (nomem || outcome != 0 || got < COUNT_STEP)
+            break;
+        offset = stop;
+    }
+    if (!nomem && outcome == 0)
+        outcome = close_sample(c);
+    Py_END_ALLOW_THREADS
+    free(recs);
+    PyMem_RawFree(src.win);
+    PyObject *result = NULL, *keys = NULL, *kinds = NULL, *sigs = NULL;
+    if (nomem || outcome < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (outcome > 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t samples = (Py_ssize_t)c->kinds.len;
+    const int64_t *ends = (const int64_t *)c->key_ends.data;
+    keys = PyList_New(samples);
+    kinds = PyBytes_FromStringAndSize((const char *)c->kinds.data, samples);
+    sigs = PyList_New(c->nsigs);
+    if (!keys || !kinds || !sigs)
+        goto done;
+    for (Py_ssize_t i = 0; i < samples; i++) {
+        int64_t at = i ? ends[i - 1] : 0;
+        PyObject *key = PyUnicode_DecodeASCII((const char *)c->keys.data + at, (Py_ssize_t)(ends[i] - at), NULL);
+        if (key == NULL)
+            goto done;
+        PyList_SET_ITEM(keys, i, key);
+    }
+    for (int k = 0; k < c->nsigs; k++) {
+        const char *text = (const char *)c->sigs.data + c->sig_at[k];
+        Py_ssize_t len = (Py_ssize_t)(c->sig_at[k + 1] - c->sig_at[k] - 1), parts = 0;
+        for (Py_ssize_t i = 0; i < len; i++)
+            parts += text[i] == '/';
+        PyObject *exts = PyTuple_New(parts);
+        if (exts == NULL)
+            goto done;
+        PyList_SET_ITEM(sigs, k, exts);
+        Py_ssize_t from = 0, part = 0;
+        for (Py_ssize_t i = 0; i < len; i++)
+            if (text[i] == '/') {
+                PyObject *ext = PyUnicode_DecodeASCII(text + from, i - from, NULL);
+                if (ext == NULL)
+                    goto done;
+                PyTuple_SET_ITEM(exts, part++, ext);
+                from = i + 1;
+            }
+    }
+    result = Py_BuildValue("(LOOOL)", (long long)stop, keys, kinds, sigs, (long long)c->skipped);
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(kinds);
+    Py_XDECREF(sigs);
+    free(c->keys.data);
+    free(c->key_ends.data);
+    free(c->kinds.data);
+    free(c->sig.data);
+    free(c->sigs.data);
+    PyMem_RawFree(c);
+    return result;
 }
 
 static PyMethodDef methods[] = {
+    {"count", count, METH_VARARGS,
+     "count(fd, file_size) -> (stop, keys, kinds, signatures, skipped) or None: a whole tar's samples without "
+     "an object per member (see the module source)."},
     {"group", group, METH_VARARGS,
-     "group(names, heads, datas, sizes, mtimes, member_type) -> (keep, dots, starts, groups, keys) or None: "
+     "group(names, heads, datas, sizes, mtimes, member_type[, sample_type]) -> (keep, dots, starts, groups, keys, "
+     "samples) or None: "
      "the grouping of members given as columns, as walk() makes it."},
     {"walk", walk, METH_VARARGS,
-     "walk(fd or buffer, offset, file_size, limit, member_type) -> (stop, full, names, heads, datas, sizes, "
-     "regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
+     "walk(fd or buffer, offset, file_size, limit, member_type[, sample_type]) -> (stop, full, names, heads, datas, "
+     "sizes, regular, mtimes, layout, suspect): the plain member headers from offset (see the module source)."},
     {NULL, NULL, 0, NULL},
 };
 

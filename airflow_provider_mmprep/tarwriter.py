@@ -158,10 +158,19 @@ class TarWriter:
         self.add_raw(source_fd, offset, length)
         self._file.write(bytes(-length % BLOCK))
 
-    def add_records(self, source_fd: int, start: int, length: int) -> None:
-        """Whole member records of another tar, verbatim (their headers are the source's, not rebuilt)."""
+    def add_records(self, source_fd: int, start: int, length: int, source_size: int | None = None) -> None:
+        """Whole member records of another tar, verbatim (their headers are the source's, not rebuilt).
+
+        With ``source_size``: a source that ends inside the zero padding after its last member's data
+        (truncated there; the data is whole, so indexing kept the member) has the missing zeros written
+        here, so the record is whole in the output."""
         if start % BLOCK or length % BLOCK:
             raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
+        missing = 0 if source_size is None else start + length - source_size
+        if 0 < missing < BLOCK:
+            self.add_raw(source_fd, start, length - missing)
+            self._file.write(bytes(missing))
+            return
         self.add_raw(source_fd, start, length)
 
     def append_file(self, path: Path) -> None:

@@ -41,9 +41,9 @@ from ..storage import is_url
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
 from ..progress import Progress
-from ..tarindex import (ManifestContradicted, Member, TarIndex, UnsafeMemberName, find_tars, gc_paused,
-                        has_extensions, index_from_offsets, index_tar, member_offsets, normalize_extensions,
-                        prefetch)
+from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, UnsafeMemberName, count_samples,
+                        find_tars, gc_paused, has_extensions, index_from_offsets, index_tar, member_offsets,
+                        normalize_extensions, prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter
 from . import StageError
 
@@ -117,7 +117,8 @@ class SampleOrder:
             if rel is None:
                 rel = rels[sample.tar] = self.rel(sample.tar)
             parts.append(rel)
-            parts.extend([f"\0{m.name}\0{m.header_offset}\0{m.offset}\0{m.size}\n" for m in sample.members])
+            parts.extend([f"\0{name}\0{head}\0{offset}\0{size}\n"  # Member unpacked: no attribute lookups
+                          for name, _, offset, size, head, _ in sample.members])
         return hashlib.sha256("".join(parts).encode()).hexdigest()
 
 
@@ -204,6 +205,56 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
     return usable
 
 
+def _wanted_choices(signatures: list[tuple[str, ...]], wanted: tuple[str, ...]) -> list[int | None]:
+    """Per extension list: None when a sample with it is not usable, else how many of its members are
+    not copied (their extension is not wanted); :func:`_add_tar`'s decision."""
+    choices: list[int | None] = []
+    for exts in signatures:
+        present = {ext.lower() for ext in exts}
+        usable = all(w in present for w in wanted)  # has_extensions
+        choices.append(len([ext for ext in exts if ext.lower() not in wanted]) if usable else None)
+    return choices
+
+
+def _add_counts(plan: SampleOrder, tar_no: int, counts: SampleCounts, wanted: tuple[str, ...],
+                seen_keys: set[str]) -> int:
+    """:func:`_add_tar` without ``keep``, for an input read by :func:`count_samples` (intact, so no damage
+    to report): the same missing-member, duplicate-key and member counts and examples, from its keys and
+    extension lists; returns how many usable samples it has."""
+    rel = plan.rel(tar_no)
+    plan.indexed_tars += 1
+    plan.skipped_members += counts.skipped_members
+    choices = _wanted_choices(counts.signatures, wanted)
+    keys, kinds = counts.keys, counts.kinds
+    per_kind = [kinds.count(kind) for kind in range(len(choices))]
+    if None not in choices:
+        usable_keys = keys
+        plan.members_not_copied += sum(c * n for c, n in zip(choices, per_kind))  # type: ignore[operator]
+    else:
+        usable_keys = []
+        for key, kind in zip(keys, kinds):
+            choice = choices[kind]
+            if choice is None:
+                plan.missing_members += 1
+                if len(plan.missing_examples) < EXAMPLES:
+                    plan.missing_examples.append(f"{rel}:{key} has {sorted(counts.signatures[kind])}")
+                continue
+            plan.members_not_copied += choice
+            usable_keys.append(key)
+    fresh = set(usable_keys)
+    if len(fresh) == len(usable_keys) and seen_keys.isdisjoint(fresh):
+        seen_keys |= fresh
+    else:  # some key repeats: count and list them in order, as _add_tar does
+        for key in usable_keys:
+            seen = len(seen_keys)
+            seen_keys.add(key)
+            if len(seen_keys) == seen:
+                plan.duplicate_keys += 1
+                if len(plan.duplicate_examples) < EXAMPLES:
+                    plan.duplicate_examples.append(f"{rel}:{key}")
+    return len(usable_keys)
+
+
 def _indexed_in_turn(paths: list[Path], bodies: list[dict[str, Any] | None] | None = None) -> Iterator[TarIndex]:
     """The inputs' indexes in order, each made in a thread while the caller uses the one before (adds
     its samples, copies from it), so a task's wall time tends to the larger of indexing and copying, not
@@ -245,8 +296,11 @@ def order_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str],
     return plan
 
 
-def _usable_count(index: TarIndex, wanted: tuple[str, ...]) -> int:
+def _usable_count(index: TarIndex | SampleCounts, wanted: tuple[str, ...]) -> int:
     """How many of the input's samples have every wanted extension (decided once per list of extensions)."""
+    if isinstance(index, SampleCounts):
+        choices = _wanted_choices(index.signatures, wanted)
+        return sum(index.kinds.count(kind) for kind, choice in enumerate(choices) if choice is not None)
     usable: dict[tuple[str, ...], bool] = {}
     count = 0
     for sample in index.samples:
@@ -273,6 +327,22 @@ def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) ->
     return int(body["sample_count"])
 
 
+def _likely_feeding(inputs: list[Path], task_id: int, task_count: int) -> set[int]:
+    """The local inputs that probably feed task ``task_id``'s outputs, guessed from their sizes (its share
+    of the outputs is about that share of the bytes): they are indexed in full at once instead of counted
+    first and indexed again. Only a guess: the plan is the same whatever it says."""
+    if any(is_url(p) for p in inputs[:1]):
+        return set()
+    sizes = [os.stat(path).st_size for path in inputs]
+    low, high = sum(sizes) * task_id / task_count, sum(sizes) * (task_id + 1) / task_count
+    likely, start = set(), 0
+    for t, size in enumerate(sizes):
+        if start < high and start + size > low:
+            likely.add(t)
+        start += size
+    return likely
+
+
 def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
                        task_count: int, exclude: Path | None = None,
                        on_tar_indexed: Callable[[SampleOrder], None] | None = None) -> SampleOrder:
@@ -291,11 +361,18 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     plan = SampleOrder(input_dir, inputs, chunk_size)
     bodies = tario.read_manifests(inputs)  # type: ignore[arg-type]
     manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
-    unlisted: dict[int, TarIndex] = {}  # inputs without a usable manifest: read to count them
+    # Inputs without a usable manifest are read to count them: where nothing says otherwise (no manifest,
+    # a local intact tar), by the count-only walk, and in full only if they feed this task's outputs.
+    unlisted: dict[int, TarIndex | SampleCounts] = {}
     counts: list[int] = []
+    likely = _likely_feeding(inputs, task_id, task_count) if None in manifest_counts else set()
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
-            unlisted[tar_no] = _index(inputs[tar_no], bodies[tar_no])
+            path = inputs[tar_no]
+            counted = None
+            if tar_no not in likely and bodies[tar_no] is None and not is_url(path):
+                counted = count_samples(path)
+            unlisted[tar_no] = counted if counted is not None else _index(path, bodies[tar_no])
             count = _usable_count(unlisted[tar_no], wanted)
         counts.append(count)
     starts = [0]
@@ -308,11 +385,20 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     plan.first_sample = starts[min(feeding)] if feeding else low
     seen_keys: set[str] = set()
     order = sorted(feeding | unlisted.keys())  # global order, so the window stays contiguous
-    to_read = [t for t in order if t not in unlisted]
+    to_read = [t for t in order if t not in unlisted or (t in feeding and isinstance(unlisted[t], SampleCounts))]
     fresh = _indexed_in_turn([inputs[t] for t in to_read], [bodies[t] for t in to_read])
     for tar_no in order:
-        index = unlisted.pop(tar_no) if tar_no in unlisted else next(fresh)
-        usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+        held = unlisted.pop(tar_no, None)
+        if isinstance(held, SampleCounts) and tar_no not in feeding:
+            usable = _add_counts(plan, tar_no, held, wanted, seen_keys)
+        else:
+            index = next(fresh) if held is None or isinstance(held, SampleCounts) else held
+            usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+        if isinstance(held, SampleCounts) and usable != counts[tar_no]:
+            raise StageError(
+                f"{STAGE}.input_dir: {plan.rel(tar_no)} changed while this task read it ({counts[tar_no]} usable "
+                f"sample(s) when counted, {usable} when indexed); rerun every {STAGE} task once nothing writes "
+                f"to {input_dir}")
         if manifest_counts[tar_no] is not None and usable != manifest_counts[tar_no]:
             raise StageError(
                 f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its manifest says "
@@ -412,14 +498,18 @@ def _is_complete(tar: Path, digest: str, short: bool) -> bool:
 def record_runs(samples: list[PlacedSample]) -> list[tuple[int, int, int]]:
     """``(input tar, start, length)`` ranges covering the samples' member records, in order; records that
     are adjacent in their input merge into one range (one copy call)."""
-    runs: list[list[int]] = []
-    for sample in samples:
-        for m in sample.members:
-            if runs and runs[-1][0] == sample.tar and runs[-1][2] == m.header_offset:
-                runs[-1][2] = m.end
-            else:
-                runs.append([sample.tar, m.header_offset, m.end])
-    return [(tar, start, end - start) for tar, start, end in runs]
+    runs: list[tuple[int, int, int]] = []
+    tar = start = end = -1
+    for here, _, members in samples:
+        for _, _, offset, size, head, _ in members:  # Member unpacked: no attribute lookups
+            if here != tar or head != end:
+                if tar >= 0:
+                    runs.append((tar, start, end - start))
+                tar, start = here, head
+            end = offset + ((size + BLOCK - 1) & -BLOCK)  # Member.end
+    if tar >= 0:
+        runs.append((tar, start, end - start))
+    return runs
 
 
 def output_offsets(samples: list[PlacedSample]) -> dict[str, Any]:
@@ -477,6 +567,7 @@ def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     if is_url(final) or any(is_url(p) for p in plan.inputs[:1]):
         return _write_output_ranges(plan, j, final)
     sources: dict[int, int] = {}
+    sizes: dict[int, int] = {}
     try:
         with fsutil.atomic_path(final) as tmp:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -486,7 +577,8 @@ def write_output(plan: SampleOrder, j: int, final: Path) -> int:
                     src = sources.get(tar)
                     if src is None:
                         src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
-                    writer.add_records(src, start, length)
+                        sizes[tar] = os.fstat(src).st_size
+                    writer.add_records(src, start, length, sizes[tar])
                 writer.close()
             finally:
                 writer.close(end_archive=False)  # after an error: only release the file
