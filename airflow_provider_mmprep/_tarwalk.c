@@ -368,6 +368,30 @@ static int append_long(PyObject *list, long long value) {
     return failed;
 }
 
+/* The split of a member name that tarindex.group_members makes: its last slash, the first dot after it (the
+ * key's end; -1 if none), whether the name is ASCII, and whether it is a top-level __metadata__ name. */
+typedef struct {
+    int last_slash, dot, ascii, metadata;
+} NameParts;
+
+static NameParts name_parts(const unsigned char *name, int n) {
+    NameParts p = {-1, -1, 1, 0};
+    for (int k = 0; k < n; k++) {
+        if (name[k] >= 128)
+            p.ascii = 0;
+        else if (name[k] == '/')
+            p.last_slash = k;
+    }
+    for (int k = p.last_slash + 1; k < n; k++)
+        if (name[k] == '.') {
+            p.dot = k;
+            break;
+        }
+    p.metadata = p.last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
+                 && name[n - 2] == '_';
+    return p;
+}
+
 typedef struct {
     int layout_ok, run_len, prev_key_len;
     Py_ssize_t kept;
@@ -382,23 +406,11 @@ typedef struct {
  * groups that batch). Returns -1 on a Python error. */
 static int group_one(Grouping *g, Py_ssize_t i, const unsigned char *name, int n, int ends_in_slash, PyObject *text,
                      PyObject *data, PyObject *size, PyObject *head, PyObject *mtime, PyTypeObject *member_type) {
-    if (n >= BLOCK)
+    NameParts parts = name_parts(name, n);
+    int last_slash = parts.last_slash, dot = parts.dot;
+    if (n >= BLOCK || !parts.ascii)
         g->layout_ok = 0;
-    int last_slash = -1, dot = -1;
-    for (int k = 0; k < n; k++) {
-        if (name[k] >= 128)
-            g->layout_ok = 0;
-        else if (name[k] == '/')
-            last_slash = k;
-    }
-    for (int k = last_slash + 1; k < n; k++)
-        if (name[k] == '.') {
-            dot = k;
-            break;
-        }
-    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
-                   && name[n - 2] == '_';
-    int kept_here = dot > last_slash + 1 && dot != n - 1 && !metadata && !ends_in_slash;
+    int kept_here = dot > last_slash + 1 && dot != n - 1 && !parts.metadata && !ends_in_slash;
     PyObject *flag = kept_here ? Py_True : Py_False;
     Py_INCREF(flag);
     PyList_SET_ITEM(g->keep, i, flag);
@@ -815,27 +827,17 @@ static int close_sample(Counter *c) {
 
 /* One member into the counter. 0 ok, 1 give up (see count()), -1 no memory. */
 static int count_one(Counter *c, const unsigned char *name, int n) {
-    int last_slash = -1, dot = -1;
     if (n <= 0 || n >= BLOCK || name[0] == '/' || memmem(name, (size_t)n, "..", 2) != NULL)
         return 1;
-    for (int k = 0; k < n; k++) {
-        if (name[k] >= 128)
-            return 1;
-        if (name[k] == '/')
-            last_slash = k;
-    }
+    NameParts parts = name_parts(name, n);
+    int last_slash = parts.last_slash, dot = parts.dot;
+    if (!parts.ascii)
+        return 1;
     if (name[n - 1] == '/') { /* not regular */
         c->skipped++;
         return 0;
     }
-    for (int k = last_slash + 1; k < n; k++)
-        if (name[k] == '.') {
-            dot = k;
-            break;
-        }
-    int metadata = last_slash < 0 && n >= 2 && name[0] == '_' && name[1] == '_' && name[n - 1] == '_'
-                   && name[n - 2] == '_';
-    if (dot <= last_slash + 1 || dot == n - 1 || metadata) {
+    if (dot <= last_slash + 1 || dot == n - 1 || parts.metadata) {
         c->skipped++;
         return 0;
     }
