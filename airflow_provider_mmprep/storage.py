@@ -688,7 +688,8 @@ class Store:
         except BaseException:
             with contextlib.suppress(Exception):
                 handle.discard()  # fsspec's buffered files (gcsfs, adlfs): abort the upload
-            handle.closed = True  # never commit what was written (close() would)
+            with contextlib.suppress(AttributeError):  # read-only on io.BytesIO-based files (memory://)
+                handle.closed = True  # never commit what was written (close() would)
             if not direct:
                 with contextlib.suppress(Exception):
                     self.fs.rm_file(target)

@@ -314,6 +314,7 @@ class Publisher:
         self._waiting_bytes = 0  # finished pieces not yet uploaded
         self._sizes: dict[tuple[int, int], int] = {}
         self._seen_rows = self._seen_bytes = 0  # every finished piece: the mean bytes per row
+        self._unpublished: dict[int, _Shard] = {}  # submitted, not uploaded: abort removes their pieces
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._queue: queue.Queue[_Shard | None] = queue.Queue()
@@ -327,7 +328,8 @@ class Publisher:
             self._open_rows += len(piece.rows)
 
     def finished(self, piece: Piece) -> None:
-        """``piece`` is complete on disk (call before its upload may take it)."""
+        """``piece`` is complete on disk (call before its upload may take it; raises an upload's error)."""
+        self._raise_if_failed()
         size = piece.path.stat().st_size
         with self._lock:
             self._open_rows -= len(piece.rows)
@@ -364,6 +366,8 @@ class Publisher:
     def submit(self, shard: "_Shard") -> None:
         """Upload ``shard`` (after those submitted before it have begun), its pieces as they finish."""
         self._raise_if_failed()
+        with self._lock:
+            self._unpublished[shard.job.shard_id] = shard
         self._queue.put(shard)
 
     def close(self) -> list[dict[str, Any]]:
@@ -373,10 +377,15 @@ class Publisher:
         return sorted(self.results, key=lambda stats: stats["shard"])
 
     def abort(self) -> None:
-        """Stop: uploads in progress are abandoned (no object appears), shards not begun are dropped."""
+        """Stop: uploads in progress are abandoned (no object appears), shards not begun are dropped, and the
+        pieces of every shard not uploaded are removed from the spool (call once the downloads have stopped
+        handing pieces back; a worker still writing one keeps an unlinked file until it is killed)."""
         self.wake = lambda: None  # the caller is failing: nobody waits for room
         self._stopping.set()
         self._stop_threads()
+        for shard in self._unpublished.values():
+            for path in shard.paths:
+                path.unlink(missing_ok=True)
 
     def _stop_threads(self) -> None:
         for thread in self._threads:
@@ -404,6 +413,7 @@ class Publisher:
                                        lambda number, shard_id=shard_id: self._uploaded(shard_id, number))
                 with self._lock:
                     self.results.append(stats)
+                    del self._unpublished[shard_id]
             except BaseException as exc:  # noqa: BLE001 - handed to the downloading side, which fails the task
                 if self.error is None:
                     self.error = exc

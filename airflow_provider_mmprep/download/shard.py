@@ -263,6 +263,10 @@ def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], 
     counting as complete before its files change), then the tar (the pieces in order, then the
     end-of-archive marker), its offsets sidecar and manifest, the parquet, and ``_stats.json`` last. A kill
     part-way leaves no stats and at most an unfinished upload: the rerun aborts it and redoes the shard.
+
+    On failure the pieces not yet uploaded stay where they are: a downloader may still be writing one, and
+    removing it under the writer would fail the download with a missing file instead of this error. The
+    caller removes them once its downloads have stopped (:meth:`.pipeline.Publisher.abort`).
     """
     from .. import tario  # noqa: PLC0415 - fsspec only when publishing to object storage
     from ..storage import copy_file_into  # noqa: PLC0415
@@ -273,30 +277,26 @@ def publish_pieces(job: ShardJob, options: DownloadOptions, pieces: list[Path], 
     members: list[Any] = []
     skipped = 0
     size = 0
-    try:
-        store.remove(f"{stem}_stats.json")
-        with store.open_write(f"{stem}.tar") as target:
-            for number, piece in enumerate(pieces):
-                wait(number)
-                found, skips = piece_members(piece, size)
-                members += found
-                skipped += skips
-                with open(piece, "rb", buffering=0) as source:
-                    size += copy_file_into(target, source, PUBLISH_READ)
-                piece.unlink()
-                uploaded(number)
-            target.write(end_of_archive(size))
-        rows = outcomes()
-        successes = sum(o.status == SUCCESS for o in rows)
-        sidecar, manifest = manifest_records(f"{stem}.tar", successes, size + len(end_of_archive(size)),
-                                             member_offsets(members, skipped), **manifest_fields(job, options))
-        sink = pa.BufferOutputStream()
-        pq.write_table(shard_table(job, options, rows), sink)
-        stats = shard_stats(job, options, rows, start)
-        for name, data in (*filter(None, (sidecar, manifest)), (f"{stem}.parquet", sink.getvalue().to_pybytes()),
-                           (f"{stem}_stats.json", json.dumps(stats, indent=1).encode())):
-            store.write_bytes(name, data)
-    finally:
-        for piece in pieces:
-            piece.unlink(missing_ok=True)
+    store.remove(f"{stem}_stats.json")
+    with store.open_write(f"{stem}.tar") as target:
+        for number, piece in enumerate(pieces):
+            wait(number)
+            found, skips = piece_members(piece, size)
+            members += found
+            skipped += skips
+            with open(piece, "rb", buffering=0) as source:
+                size += copy_file_into(target, source, PUBLISH_READ)
+            piece.unlink()
+            uploaded(number)
+        target.write(end_of_archive(size))
+    rows = outcomes()
+    successes = sum(o.status == SUCCESS for o in rows)
+    sidecar, manifest = manifest_records(f"{stem}.tar", successes, size + len(end_of_archive(size)),
+                                         member_offsets(members, skipped), **manifest_fields(job, options))
+    sink = pa.BufferOutputStream()
+    pq.write_table(shard_table(job, options, rows), sink)
+    stats = shard_stats(job, options, rows, start)
+    for name, data in (*filter(None, (sidecar, manifest)), (f"{stem}.parquet", sink.getvalue().to_pybytes()),
+                       (f"{stem}_stats.json", json.dumps(stats, indent=1).encode())):
+        store.write_bytes(name, data)
     return stats
