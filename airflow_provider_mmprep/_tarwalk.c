@@ -28,6 +28,7 @@
 #define _GNU_SOURCE /* memmem, preadv2 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* PyMemberDescrObject, T_OBJECT_EX: Sample's slots, stored directly */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -392,13 +393,39 @@ static NameParts name_parts(const unsigned char *name, int n) {
     return p;
 }
 
+/* Extension strings made for a batch: a shard repeats a few (jpg, txt, json), so each distinct spelling is
+ * made once and shared by every member that has it. */
+#define EXT_CACHE 8
+#define EXT_CACHE_LEN 16
+
 typedef struct {
-    int layout_ok, run_len, prev_key_len;
+    int layout_ok, run_len, prev_key_len, ext_cached;
     Py_ssize_t kept;
     unsigned char prev_key[BLOCK];
     Ext *run;
     PyObject *keep, *dots, *starts, *groups, *keys;
+    int ext_len[EXT_CACHE];
+    unsigned char ext_text[EXT_CACHE][EXT_CACHE_LEN];
+    PyObject *ext_str[EXT_CACHE];
 } Grouping;
+
+/* The extension `text` (ASCII, as stored) as a str: the batch's shared one where it was made before. New
+ * reference; NULL on error. */
+static PyObject *ext_string(Grouping *g, const unsigned char *text, int n) {
+    if (n > EXT_CACHE_LEN)
+        return PyUnicode_DecodeASCII((const char *)text, n, NULL);
+    for (int k = 0; k < g->ext_cached; k++)
+        if (g->ext_len[k] == n && memcmp(g->ext_text[k], text, (size_t)n) == 0)
+            return Py_NewRef(g->ext_str[k]);
+    PyObject *made = PyUnicode_DecodeASCII((const char *)text, n, NULL);
+    if (made != NULL && g->ext_cached < EXT_CACHE) {
+        int k = g->ext_cached++;
+        g->ext_len[k] = n;
+        memcpy(g->ext_text[k], text, (size_t)n);
+        g->ext_str[k] = Py_NewRef(made);
+    }
+    return made;
+}
 
 /* Member i of a batch into the grouping, as tarindex.group_members (and tarbulk._layout) does it: sets
  * keep[i], and for a kept member its dot, its sample (a new one at a new key) and its Member tuple. Names
@@ -455,7 +482,7 @@ static int group_one(Grouping *g, Py_ssize_t i, const unsigned char *name, int n
     if (append_long(g->dots, dot) < 0)
         return -1;
     /* Member(name, ext, offset, size, header_offset, mtime), made as tuple.__new__(Member, ...) */
-    PyObject *ext = PyUnicode_DecodeASCII((const char *)name + dot + 1, ext_len, NULL);
+    PyObject *ext = ext_string(g, name + dot + 1, ext_len);
     if (ext == NULL)
         return -1;
     PyObject *member = member_type->tp_alloc(member_type, 6);
@@ -500,9 +527,29 @@ static int grouping_start(Grouping *g, Py_ssize_t count) {
     return 0;
 }
 
+/* Where `type` keeps the slot `name` (a plain object slot of a __slots__ class, found through its member
+ * descriptor), or -1 where it is anything else (then the attribute is set the generic way). */
+static Py_ssize_t slot_offset(PyTypeObject *type, PyObject *name) {
+    PyObject *descr = PyObject_GetAttr((PyObject *)type, name); /* a member descriptor gives itself */
+    if (descr == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY) && member->offset > 0)
+            offset = member->offset;
+    }
+    Py_DECREF(descr);
+    return offset;
+}
+
 /* The samples as `sample_type` objects (tarindex.Sample: a slots dataclass whose __init__ only stores
- * `key` and `members`), made by storing the two attributes on a bare instance: a fraction of a call to
- * the dataclass's Python __init__ per sample. NULL on error. */
+ * `key` and `members`), made by storing the two slots of a bare instance directly (what the slots'
+ * descriptors do, without an attribute lookup per store): a fraction of a call to the dataclass's Python
+ * __init__ per sample. A type whose attributes are not such slots gets them set the generic way. NULL on
+ * error. */
 static PyObject *made_samples(Grouping *g, PyObject *sample_type) {
     PyTypeObject *type = (PyTypeObject *)sample_type;
     Py_ssize_t n = PyList_GET_SIZE(g->groups);
@@ -516,6 +563,8 @@ static PyObject *made_samples(Grouping *g, PyObject *sample_type) {
         Py_XDECREF(made);
         return NULL;
     }
+    Py_ssize_t key_at = slot_offset(type, key_name), members_at = slot_offset(type, members_name);
+    int direct = key_at > 0 && members_at > 0 && type->tp_setattro == PyObject_GenericSetAttr;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *sample = type->tp_alloc(type, 0);
         if (sample == NULL) {
@@ -523,8 +572,11 @@ static PyObject *made_samples(Grouping *g, PyObject *sample_type) {
             return NULL;
         }
         PyList_SET_ITEM(made, i, sample);
-        if (PyObject_SetAttr(sample, key_name, PyList_GET_ITEM(g->keys, i)) < 0
-            || PyObject_SetAttr(sample, members_name, PyList_GET_ITEM(g->groups, i)) < 0) {
+        PyObject *key = PyList_GET_ITEM(g->keys, i), *members = PyList_GET_ITEM(g->groups, i);
+        if (direct) { /* a fresh instance: both slots are empty */
+            *(PyObject **)((char *)sample + key_at) = Py_NewRef(key);
+            *(PyObject **)((char *)sample + members_at) = Py_NewRef(members);
+        } else if (PyObject_SetAttr(sample, key_name, key) < 0 || PyObject_SetAttr(sample, members_name, members) < 0) {
             Py_DECREF(made);
             return NULL;
         }
@@ -546,6 +598,9 @@ static PyObject *grouping_finish(Grouping *g, int ok, PyObject *sample_type) {
         layout = Py_NewRef(Py_None);
     }
     PyMem_Free(g->run);
+    for (int k = 0; k < g->ext_cached; k++)
+        Py_DECREF(g->ext_str[k]);
+    g->ext_cached = 0;
     Py_XDECREF(g->keep);
     Py_XDECREF(g->dots);
     Py_XDECREF(g->starts);
