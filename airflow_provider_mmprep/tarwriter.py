@@ -128,6 +128,20 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
         done += moved
 
 
+def record_extent(start: int, length: int, source_size: int | None) -> tuple[int, int]:
+    """(bytes to copy from the source, zeros to write after them) for whole member records ``start`` ..
+    ``start + length`` of a tar of ``source_size`` bytes: all of them, except where the source ends inside
+    the zero padding after its last member's data (truncated there; the data is whole, so indexing kept the
+    member): the missing zeros are then written, so the record is whole in the output. Any other shortfall is
+    left to the copy, which fails on it."""
+    if start % BLOCK or length % BLOCK:
+        raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
+    missing = 0 if source_size is None else start + length - source_size
+    if 0 < missing < BLOCK:
+        return length - missing, missing
+    return length, 0
+
+
 class TarWriter:
     """Write an uncompressed tar member by member, every header under ``metadata``.
 
@@ -164,14 +178,10 @@ class TarWriter:
         With ``source_size``: a source that ends inside the zero padding after its last member's data
         (truncated there; the data is whole, so indexing kept the member) has the missing zeros written
         here, so the record is whole in the output."""
-        if start % BLOCK or length % BLOCK:
-            raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
-        missing = 0 if source_size is None else start + length - source_size
-        if 0 < missing < BLOCK:
-            self.add_raw(source_fd, start, length - missing)
+        readable, missing = record_extent(start, length, source_size)
+        self.add_raw(source_fd, start, readable)
+        if missing:
             self._file.write(bytes(missing))
-            return
-        self.add_raw(source_fd, start, length)
 
     def append_file(self, path: Path) -> None:
         """Copy a piece (members without an end-of-archive marker) into this tar, kernel-side."""

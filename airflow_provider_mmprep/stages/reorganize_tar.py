@@ -44,7 +44,7 @@ from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, UnsafeMemberName, count_samples,
                         find_tars, gc_paused, has_extensions, index_from_offsets, index_tar, member_offsets,
                         normalize_extensions, prefetch)
-from ..tarwriter import BLOCK, RECORD, TarWriter
+from ..tarwriter import BLOCK, RECORD, TarWriter, record_extent
 from . import StageError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class SampleOrder:
     first_sample: int = 0
     total_samples: int | None = None
     indexed_tars: int = 0  # inputs whose headers were read
+    input_sizes: dict[int, int] = field(default_factory=dict)  # bytes of each input samples are taken from
 
     @property
     def total(self) -> int:
@@ -164,6 +165,7 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
     returns how many usable samples it has."""
     rel = plan.rel(tar_no)
     plan.indexed_tars += 1
+    plan.input_sizes[tar_no] = index.file_size
     if index.problems:
         plan.damaged[rel] = index.problems
     plan.skipped_members += index.skipped_members
@@ -531,16 +533,18 @@ def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
     """:func:`write_output` where an input or the output is in object storage: member records fetched as
     ranged reads (adjacent runs of one input in one batch of at most ``RANGE_BATCH`` bytes, coalesced and
     concurrent; the next batch is fetched while this one is written) and streamed to the output (a
-    multipart upload there). The same bytes as the local path."""
+    multipart upload there). The same bytes as the local path (:func:`.tarwriter.record_extent` included)."""
     batches: list[tuple[int, list[tuple[int, int]]]] = []  # (input, [(start, end)]) in output order
+    zeros: dict[tuple[int, int], int] = {}  # (batch, range) -> zeros the input lacks after that range
     batch_bytes = position = 0
     for tar, start, length in record_runs(plan.chunk(j)):
-        if start % BLOCK or length % BLOCK:
-            raise ValueError(f"member records are 512-byte aligned; got {start}+{length}")
+        readable, missing = record_extent(start, length, plan.input_sizes.get(tar))
         if not batches or batches[-1][0] != tar or batch_bytes + length > RANGE_BATCH:
             batches.append((tar, []))
             batch_bytes = 0
-        batches[-1][1].append((start, start + length))
+        if missing:
+            zeros[len(batches) - 1, len(batches[-1][1])] = missing
+        batches[-1][1].append((start, start + readable))
         batch_bytes += length
         position += length
 
@@ -554,8 +558,10 @@ def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
             blobs = pending.result()  # type: ignore[union-attr]
             if at + 1 < len(batches):
                 pending = ahead.submit(fetch, at + 1)
-            for data in blobs:
+            for number, data in enumerate(blobs):
                 handle.write(data)
+                if (at, number) in zeros:
+                    handle.write(bytes(zeros[at, number]))
         end = position + 2 * BLOCK  # the end-of-archive marker, padded to a whole record, as TarWriter
         tail = bytes(2 * BLOCK + (-end % RECORD))
         handle.write(tail)

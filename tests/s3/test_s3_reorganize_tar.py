@@ -175,3 +175,37 @@ def test_reorganized_on_s3_then_wdinfo_equals_the_local_chain(raw: Path, s3_env:
     run(small, 1)
     with pytest.raises(StageError, match=r"generate_wdinfo\.tar_chunk_size: no full tar: the dataset has only \d+"):
         run_stage_task(small, "generate_wdinfo", 0, 1)
+
+
+@pytest.mark.parametrize("where", ["s3->s3", "s3->local"])
+def test_an_input_truncated_inside_its_last_padding_gives_the_local_runs_bytes(
+        where: str, s3_env: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    """Cut inside the zeros after its last member's data, a tar keeps that member (its data is whole); the
+    ranged reads cannot fetch the missing zeros, so they are written as the local copy writes them."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(5):
+            for ext, size in (("jpg", 700 + 333 * i), ("txt", 10 + i)):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes([i + 1]) * size))
+    with tarfile.open(fileobj=io.BytesIO(buffer.getvalue())) as tar:
+        last = tar.getmembers()[-1]
+    assert (last.size + 7) % 512 > 7  # the cut falls inside the padding, not on a block boundary
+    cut = buffer.getvalue()[:last.offset_data + last.size + 7]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "00000.tar").write_bytes(cut)
+    reference = tmp_path / "reference"
+    local = run(cfg(str(raw), str(reference), 2), 1)[0]
+    assert not local["damaged_inputs"] and local["usable_samples"] == 5
+    s3_env.filesystem().pipe_file(f"{s3_bucket}/cut/00000.tar", cut)
+    for tasks in (1, 2):
+        target = f"s3://{s3_bucket}/cut-out-{tasks}" if where.endswith("s3") else str(tmp_path / f"out-{tasks}")
+        summaries = run(cfg(f"s3://{s3_bucket}/cut", target, 2), tasks)
+        assert not any(s["damaged_inputs"] for s in summaries)
+        got = store_tree(target) if target.startswith("s3://") else local_tree(Path(target))
+        assert got == local_tree(reference), tasks  # the last member whole, with its padding
