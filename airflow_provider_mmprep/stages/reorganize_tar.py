@@ -42,7 +42,7 @@ from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutp
                         tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, UnsafeMemberName, count_samples,
-                        find_tars, gc_paused, has_extensions, index_from_offsets, index_tar, member_offsets,
+                        find_tars, gc_paused, index_from_offsets, index_tar, member_offsets,
                         normalize_extensions, prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter, record_extent
 from . import StageError
@@ -179,11 +179,8 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
         exts = tuple([m[1] for m in members])  # Member.ext
         choice = choices.get(exts, False)
         if choice is False:
-            if not has_extensions(sample, wanted):
-                choice = None
-            else:
-                picked = [i for i, ext in enumerate(exts) if ext.lower() in wanted]
-                choice = True if len(picked) == len(exts) else picked
+            picked = _members_to_copy(exts, wanted)
+            choice = None if picked is None else True if len(picked) == len(exts) else picked
             choices[exts] = choice
         if choice is None:
             plan.missing_members += 1
@@ -207,15 +204,21 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
     return usable
 
 
+def _members_to_copy(exts: tuple[str, ...], wanted: tuple[str, ...]) -> list[int] | None:
+    """For a sample whose members have the extensions ``exts`` (in order): the positions of the members to
+    copy (those with a wanted extension), or None when the sample is not usable (it lacks a wanted one:
+    :func:`.tarindex.has_extensions`). The one rule behind every count and copy of this stage."""
+    lowered = [ext.lower() for ext in exts]
+    if not all(w in lowered for w in wanted):
+        return None
+    return [i for i, ext in enumerate(lowered) if ext in wanted]
+
+
 def _wanted_choices(signatures: list[tuple[str, ...]], wanted: tuple[str, ...]) -> list[int | None]:
     """Per extension list: None when a sample with it is not usable, else how many of its members are
-    not copied (their extension is not wanted); :func:`_add_tar`'s decision."""
-    choices: list[int | None] = []
-    for exts in signatures:
-        present = {ext.lower() for ext in exts}
-        usable = all(w in present for w in wanted)  # has_extensions
-        choices.append(len([ext for ext in exts if ext.lower() not in wanted]) if usable else None)
-    return choices
+    not copied (:func:`_members_to_copy`)."""
+    return [None if picked is None else len(exts) - len(picked)
+            for exts, picked in ((exts, _members_to_copy(exts, wanted)) for exts in signatures)]
 
 
 def _add_counts(plan: SampleOrder, tar_no: int, counts: SampleCounts, wanted: tuple[str, ...],
@@ -309,7 +312,7 @@ def _usable_count(index: TarIndex | SampleCounts, wanted: tuple[str, ...]) -> in
         exts = tuple([m[1] for m in sample.members])  # Member.ext
         ok = usable.get(exts)
         if ok is None:
-            ok = usable[exts] = has_extensions(sample, wanted)
+            ok = usable[exts] = _members_to_copy(exts, wanted) is not None
         count += ok
     return count
 
