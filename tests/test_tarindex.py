@@ -370,7 +370,6 @@ def test_grouping_edge_names_agree_with_general_parser(tmp_path: Path, monkeypat
     assert bulk[2] == 7  # __meta__, __x.y__, noext, d., .hidden, e/.f, dir/
 
 
-
 def test_many_and_long_extensions_keep_their_own_spelling(tmp_path: Path) -> None:
     """The walker shares one string per extension spelling within a batch (a few slots, short ones only):
     more spellings than slots, long ones and case variants must each still come back as stored."""
@@ -386,6 +385,7 @@ def test_many_and_long_extensions_keep_their_own_spelling(tmp_path: Path) -> Non
     assert bulk == reference
     assert [[m.ext for m in members] for _, members in bulk[0]][7] == extensions[2:] + extensions[:2]
     assert {m.ext for _, members in bulk[0] for m in members} == set(extensions)
+
 
 def test_random_damage_to_pax_mtime_tars_agrees_with_general_parser(tmp_path: Path) -> None:
     """img2dataset's layout (a pax mtime header before every member), bytes flipped in any header block

@@ -217,8 +217,11 @@ def _members_to_copy(exts: tuple[str, ...], wanted: tuple[str, ...]) -> list[int
 def _wanted_choices(signatures: list[tuple[str, ...]], wanted: tuple[str, ...]) -> list[int | None]:
     """Per extension list: None when a sample with it is not usable, else how many of its members are
     not copied (:func:`_members_to_copy`)."""
-    return [None if picked is None else len(exts) - len(picked)
-            for exts, picked in ((exts, _members_to_copy(exts, wanted)) for exts in signatures)]
+    choices: list[int | None] = []
+    for exts in signatures:
+        picked = _members_to_copy(exts, wanted)
+        choices.append(None if picked is None else len(exts) - len(picked))
+    return choices
 
 
 def _add_counts(plan: SampleOrder, tar_no: int, counts: SampleCounts, wanted: tuple[str, ...],
