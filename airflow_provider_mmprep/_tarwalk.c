@@ -36,20 +36,65 @@
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#if defined(__SSE2__) && defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 #define BLOCK 512
 #define MAX_RUN 64 /* members of one key checked for repeated extensions; longer runs: layout None */
 
 typedef struct {
-    int64_t head;              /* header chain start (the pax header when there is one) */
-    int64_t header;            /* the member's own header */
+    int64_t head;      /* header chain start (the pax header when there is one) */
+    int64_t header;    /* the member's own header */
     int64_t size;
     int64_t mtime;
-    int pax_mtime_len;              /* > 0: a pax mtime to convert with the GIL held (rare spellings) */
-    unsigned char pax_mtime[48];
+    int64_t text_at;   /* where its pax mtime spelling (if any) and then its name lie in Records.text */
+    int pax_mtime_len; /* > 0: a pax mtime to convert with the GIL held (rare spellings) */
     int name_len;
-    unsigned char name[160 + 100]; /* copied here so that building objects touches no header again */
 } Rec;
+
+typedef struct {
+    unsigned char *data;
+    size_t len, cap;
+} Bytes;
+
+/* Room for `n` more bytes at b->data + b->len (grown by doubling); NULL when out of memory. */
+static unsigned char *bytes_room(Bytes *b, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t grown = b->cap ? b->cap * 2 : 4096;
+        while (grown < b->len + n)
+            grown *= 2;
+        unsigned char *more = realloc(b->data, grown);
+        if (more == NULL)
+            return NULL;
+        b->data = more;
+        b->cap = grown;
+    }
+    return b->data + b->len;
+}
+
+static int bytes_put(Bytes *b, const void *p, size_t n) {
+    unsigned char *room = bytes_room(b, n);
+    if (room == NULL)
+        return -1;
+    memcpy(room, p, n);
+    b->len += n;
+    return 0;
+}
+
+/* The walk's records, with the names (and rare pax mtime spellings) copied out of the read windows into
+ * one text buffer: a record stays small (48 bytes, not a 256-byte name field each), so a batch touches
+ * fewer fresh pages. */
+typedef struct {
+    Rec *recs;
+    Py_ssize_t cap;
+    Bytes text;
+} Records;
+
+static void records_free(Records *out) {
+    free(out->recs);
+    free(out->text.data);
+}
 
 static int is_ws(unsigned char c) {
     return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c;
@@ -90,15 +135,29 @@ static int number(const unsigned char *f, int n, int64_t *out) {
     return 1;
 }
 
+/* The sum of a block's 512 bytes: with SSE2, sums of absolute differences against zero (16 bytes an
+ * instruction, a fraction of the widening loop's cost; a walk checksums two headers per member). */
+static uint32_t byte_sum(const unsigned char *b) {
+#if defined(__SSE2__) && defined(__x86_64__)
+    __m128i zero = _mm_setzero_si128(), sums = zero;
+    for (int i = 0; i < BLOCK; i += 16)
+        sums = _mm_add_epi64(sums, _mm_sad_epu8(_mm_loadu_si128((const __m128i *)(b + i)), zero));
+    return (uint32_t)(_mm_cvtsi128_si64(sums) + _mm_cvtsi128_si64(_mm_unpackhi_epi64(sums, sums)));
+#else
+    uint32_t total = 0;
+    for (int i = 0; i < BLOCK; i++) /* vectorised by the compiler */
+        total += b[i];
+    return total;
+#endif
+}
+
 /* tarindex._checksum_ok, exactly (its "signed" variant included); 0 also when the stored field is
  * spelled in a way number() leaves to Python. */
 static int checksum_ok(const unsigned char *b) {
     int64_t stored;
     if (!number(b + 148, 8, &stored))
         return 0;
-    uint32_t total = 0, field = 0;
-    for (int i = 0; i < BLOCK; i++) /* vectorised */
-        total += b[i];
+    uint32_t total = byte_sum(b), field = 0;
     for (int i = 148; i < 156; i++)
         field += b[i];
     int64_t unsigned_sum = (int64_t)total - field + 8 * 32;
@@ -199,12 +258,14 @@ static int pax_records(const unsigned char *d, int64_t n, const unsigned char **
 
 /* A cold file: the windows alone would be one small synchronous read per sample (the kernel sees no
  * sequential reading in them), and the copy that follows would read the file again. So where a window is
- * not in the page cache (preadv2 with RWF_NOWAIT says so, at no cost when it is), the walker first asks
+ * not in the page cache (preadv2 with RWF_NOWAIT says so; it is asked once per PROBE_STEP of the file,
+ * a plain pread being cheaper for the reads between), the walker first asks
  * the kernel to read the file ADVISE_AHEAD bytes ahead (POSIX_FADV_WILLNEED, in ADVISE_STEP requests: the
  * kernel caps one request at its readahead size): large sequential reads at the disk's speed, and the
  * copy finds every page cached. */
 #define ADVISE_STEP ((int64_t)2 << 20)
 #define ADVISE_AHEAD ((int64_t)64 << 20)
+#define PROBE_STEP ((int64_t)1 << 20)
 
 typedef struct {
     const unsigned char *buf; /* mapped: the whole file */
@@ -213,19 +274,21 @@ typedef struct {
     int64_t win_at, win_len, used_end, want, file_size;
     int64_t cluster_at; /* where the reads since the last jump began */
     int64_t advised_end; /* read-ahead asked for up to here; file_size: never again (no RWF_NOWAIT) */
+    int64_t probe_at;    /* the next read from here on checks the page cache first */
 } Source;
 
-/* pread, asking for read-ahead first where the bytes are not cached (see ADVISE_AHEAD). */
+/* pread, asking for read-ahead first where the bytes are not cached (see ADVISE_AHEAD): checked at the
+ * first read of each PROBE_STEP and at the end of what was advised, so a cold stretch is found within a
+ * few samples. */
 static ssize_t read_at(Source *src, unsigned char *to, int64_t n, int64_t at) {
 #ifdef RWF_NOWAIT
-    if (src->advised_end < src->file_size) {
+    if (src->advised_end < src->file_size && at >= src->probe_at) {
         struct iovec v = {to, (size_t)n};
         ssize_t got = preadv2(src->fd, &v, 1, (off_t)at, RWF_NOWAIT);
-        if (got == n)
-            return got;
+        src->probe_at = at + PROBE_STEP;
         if (got < 0 && errno != EAGAIN) {
             src->advised_end = src->file_size; /* no RWF_NOWAIT here (old kernel, file system) */
-        } else {
+        } else if (got != n) {
             int64_t from = src->advised_end > at ? src->advised_end : at;
             int64_t until = at + ADVISE_AHEAD < src->file_size ? at + ADVISE_AHEAD : src->file_size;
             for (; from < until; from += ADVISE_STEP)
@@ -233,6 +296,10 @@ static ssize_t read_at(Source *src, unsigned char *to, int64_t n, int64_t at) {
             if (until > src->advised_end)
                 src->advised_end = until;
         }
+        if (src->advised_end > at && src->advised_end < src->probe_at)
+            src->probe_at = src->advised_end; /* the first read past what was advised checks again */
+        if (got == n)
+            return got;
     }
 #endif
     return pread(src->fd, to, (size_t)n, (off_t)at);
@@ -306,9 +373,10 @@ static int member_name(const unsigned char *b, unsigned char *out) {
     return n;
 }
 
-/* Walk from `offset`; fills *recs (grown as needed). Returns the count; *stop is where it stopped. */
-static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Rec **recs, Py_ssize_t *cap,
-                               int64_t *stop, int *nomem) {
+/* Walk from `offset`: fills out->recs from their start and appends to out->text (both grown as needed).
+ * Returns the count; *stop is where it stopped. */
+static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Records *out, int64_t *stop,
+                               int *nomem) {
     Py_ssize_t count = 0;
     while (count < limit) {
         int64_t head = offset, at = offset, size, mtime = 0;
@@ -324,20 +392,24 @@ static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Re
                 break;
             at += BLOCK + padded(length);
         }
-        if (count == *cap) {
-            Py_ssize_t grown = *cap ? *cap * 2 : 256;
-            Rec *more = realloc(*recs, (size_t)grown * sizeof(Rec));
-            if (more == NULL) {
-                *nomem = 1;
-                break;
+        unsigned char *text = bytes_room(&out->text, 48 + 160 + 100);
+        if (count == out->cap) {
+            Py_ssize_t grown = out->cap ? out->cap * 2 : 256;
+            Rec *more = realloc(out->recs, (size_t)grown * sizeof(Rec));
+            if (more != NULL) {
+                out->recs = more;
+                out->cap = grown;
             }
-            *recs = more;
-            *cap = grown;
         }
-        Rec *r = &(*recs)[count];
+        if (text == NULL || count == out->cap) {
+            *nomem = 1;
+            break;
+        }
+        Rec *r = &out->recs[count];
+        r->text_at = (int64_t)out->text.len;
         r->pax_mtime_len = 0;
         if (pax_mtime != NULL && !quick_mtime(pax_mtime, pax_mtime_len, &mtime)) {
-            memcpy(r->pax_mtime, pax_mtime, (size_t)pax_mtime_len); /* the window may move: copied */
+            memcpy(text, pax_mtime, (size_t)pax_mtime_len); /* the window may move: copied */
             r->pax_mtime_len = pax_mtime_len;
         }
         b = plain_header(src, at, &size, &mtime, pax_mtime == NULL);
@@ -348,7 +420,8 @@ static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Re
         r->header = at;
         r->size = size;
         r->mtime = mtime;
-        r->name_len = member_name(b, r->name);
+        r->name_len = member_name(b, text + r->pax_mtime_len);
+        out->text.len += (size_t)(r->pax_mtime_len + r->name_len);
         offset = at + BLOCK + padded(size);
     }
     *stop = offset;
@@ -646,13 +719,13 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     }
     src.file_size = file_size;
     src.want = 4 * WINDOW_MIN;
-    Rec *recs = NULL;
-    Py_ssize_t cap = 0, count = 0;
+    Records out = {0};
+    Py_ssize_t count = 0;
     int64_t stop = offset;
     int nomem = 0;
     if (offset >= 0 && limit > 0) {
         Py_BEGIN_ALLOW_THREADS
-        count = walk_headers(&src, offset, limit, &recs, &cap, &stop, &nomem);
+        count = walk_headers(&src, offset, limit, &out, &stop, &nomem);
         Py_END_ALLOW_THREADS
     }
     PyMem_RawFree(src.win);
@@ -678,8 +751,8 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     if (!names || !heads || !datas || !sizes || !regular || !mtimes)
         goto done;
     for (Py_ssize_t i = 0; i < count; i++) {
-        const Rec *r = &recs[i];
-        const unsigned char *name = r->name;
+        const Rec *r = &out.recs[i];
+        const unsigned char *name = out.text.data + r->text_at + r->pax_mtime_len;
         int n = r->name_len;
         PyObject *text = PyUnicode_DecodeUTF8((const char *)name, n, "surrogateescape");
         if (text == NULL)
@@ -691,7 +764,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
                  *size = PyLong_FromLongLong(r->size), *mtime;
         if (r->pax_mtime_len > 0) { /* int(float(text)), as Python spells it */
             char digits[48];
-            memcpy(digits, r->pax_mtime, (size_t)r->pax_mtime_len);
+            memcpy(digits, out.text.data + r->text_at, (size_t)r->pax_mtime_len);
             digits[r->pax_mtime_len] = 0;
             double value = PyOS_string_to_double(digits, NULL, NULL);
             mtime = (value == -1.0 && PyErr_Occurred()) ? NULL : PyLong_FromDouble(value);
@@ -731,7 +804,7 @@ done:
     if (grouping)
         grouping_finish(&g, 0, Py_None);
     Py_XDECREF(last_mtime);
-    free(recs);
+    records_free(&out);
     Py_XDECREF(names);
     Py_XDECREF(heads);
     Py_XDECREF(datas);
@@ -816,27 +889,6 @@ static PyObject *group(PyObject *self, PyObject *args) {
  * members, more than 255 distinct extension lists. */
 #define COUNT_STEP 4096 /* members walked per round (their records reused) */
 #define MAX_KINDS 255
-
-typedef struct {
-    unsigned char *data;
-    size_t len, cap;
-} Bytes;
-
-static int bytes_put(Bytes *b, const void *p, size_t n) {
-    if (b->len + n > b->cap) {
-        size_t grown = b->cap ? b->cap * 2 : 4096;
-        while (grown < b->len + n)
-            grown *= 2;
-        unsigned char *more = realloc(b->data, grown);
-        if (more == NULL)
-            return -1;
-        b->data = more;
-        b->cap = grown;
-    }
-    memcpy(b->data + b->len, p, n);
-    b->len += n;
-    return 0;
-}
 
 typedef struct {
     Bytes keys;        /* every key's bytes, one after another */
@@ -943,8 +995,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
     src.want = 4 * WINDOW_MIN;
     src.win = PyMem_RawMalloc(WINDOW_MAX + BLOCK);
     Counter *c = PyMem_RawCalloc(1, sizeof(Counter));
-    Rec *recs = NULL;
-    Py_ssize_t cap = 0;
+    Records out = {0};
     int64_t stop = 0;
     int nomem = 0, outcome = 0;
     if (src.win == NULL || c == NULL) {
@@ -956,9 +1007,11 @@ static PyObject *count(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     int64_t offset = 0;
     for (;;) {
-        Py_ssize_t got = walk_headers(&src, offset, COUNT_STEP, &recs, &cap, &stop, &nomem);
+        out.text.len = 0; /* this round's records reuse the last round's memory */
+        Py_ssize_t got = walk_headers(&src, offset, COUNT_STEP, &out, &stop, &nomem);
         for (Py_ssize_t i = 0; i < got && outcome == 0; i++)
-            outcome = count_one(c, recs[i].name, recs[i].name_len);
+            outcome = count_one(c, out.text.data + out.recs[i].text_at + out.recs[i].pax_mtime_len,
+                                out.recs[i].name_len);
         if (nomem || outcome != 0 || got < COUNT_STEP)
             break;
         offset = stop;
@@ -966,7 +1019,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
     if (!nomem && outcome == 0)
         outcome = close_sample(c);
     Py_END_ALLOW_THREADS
-    free(recs);
+    records_free(&out);
     PyMem_RawFree(src.win);
     PyObject *result = NULL, *keys = NULL, *kinds = NULL, *sigs = NULL;
     if (nomem || outcome < 0) {

@@ -432,13 +432,27 @@ def _general_member(read: Callable[[int, int], bytes], file_size: int, problems:
 COMPILED_BATCH = 1 << 16
 
 
+_NOATIME = getattr(os, "O_NOATIME", 0)  # Linux only
+
+
+def _open_for_headers(path: str | Path) -> int:
+    """A descriptor to read headers through, opened with ``O_NOATIME`` where the file's owner may: the
+    walk makes one small read per sample, and the kernel would check the access time on every one."""
+    if _NOATIME:
+        try:
+            return os.open(path, os.O_RDONLY | _NOATIME)
+        except PermissionError:
+            pass  # not the owner: the flag is refused, the file itself may well be readable
+    return os.open(path, os.O_RDONLY)
+
+
 def _members_compiled(path: Path, file_size: int, problems: list[str]) -> Iterator[Batch]:
     """:func:`_members` with the compiled walker (``_tarwalk.c``): it takes the plain ustar members (and
     pax mtime headers) at C speed, checksums included, reading headers with ``pread`` into small windows
     (no memory map: mapping a cached image shard costs the kernel more than the walk), and gives back
     columns, their grouping and the members made; where it stops, the general parser takes one member
     (writing any message) and the walk resumes after it."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_for_headers(path)
     try:
         def read(at: int, n: int) -> bytes:
             return os.pread(fd, n, at)
@@ -478,7 +492,7 @@ def count_samples(path: str | Path) -> SampleCounts | None:
     gets None indexes the tar in full, which says what is wrong with the same messages."""
     if _tarwalk is None:
         return None
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_for_headers(path)
     try:
         file_size = os.fstat(fd).st_size
         counted = _tarwalk.count(fd, file_size) if file_size else None
