@@ -192,6 +192,52 @@ def test_bulk_matches_general_parser_on_a_file_not_in_the_page_cache(tmp_path: P
     assert bulk == reference and not bulk[1]
 
 
+def test_bulk_matches_general_parser_where_only_stretches_of_the_file_are_cached(tmp_path: Path) -> None:
+    """An image shard of several MB with cold stretches between cached ones: the compiled walker checks
+    the page cache once per MB (PROBE_STEP), reads plainly between, and still reads the same bytes."""
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(120):
+            for ext, size in (("jpg", 40_000 + i * 97), ("txt", 60 + i), ("json", 700 + i * 3)):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size, info.mtime = size, 1_700_000_000.5 + i
+                tar.addfile(info, io.BytesIO(bytes([48 + i % 10]) * size))
+    size = path.stat().st_size
+    assert size > 4 << 20
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.pread(fd, size, 0)  # all cached, then three stretches dropped
+        for start in (300_000, 1_900_000, size - 700_000):
+            os.posix_fadvise(fd, start, 500_000, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    bulk, reference = index_pair(path)
+    assert bulk == reference and not bulk[1] and len(bulk[0]) == 120
+
+
+def test_a_file_whose_access_time_may_not_be_frozen_is_indexed_all_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers are read through O_NOATIME where the file's owner may; the kernel refuses the flag to
+    anyone else (EPERM) though the file is readable: the index opens it plainly instead."""
+    from airflow_provider_mmprep import tarindex
+
+    path = mixed_tar(tmp_path / "t.tar", PAX_FLOAT)
+    expected, _ = index_pair(path)
+    real_open, refused = os.open, []
+
+    def open_as_another_user(file: str | Path, flags: int, *args: int) -> int:
+        if flags & getattr(os, "O_NOATIME", 0):
+            refused.append(file)
+            raise PermissionError(1, "Operation not permitted", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(tarindex.os, "open", open_as_another_user)
+    bulk, reference = index_pair(path)
+    assert bulk == reference == expected
+    assert refused or not getattr(os, "O_NOATIME", 0) or tarindex._tarwalk is None
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_bulk_matches_general_parser_on_every_truncation(tmp_path: Path, fmt: int) -> None:
     source = mixed_tar(tmp_path / "t.tar", fmt, count=4).read_bytes()
