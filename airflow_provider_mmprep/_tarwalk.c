@@ -251,10 +251,18 @@ static int pax_records(const unsigned char *d, int64_t n, const unsigned char **
  * is mapped: mapping a cached image shard costs the kernel more than the walk itself, as fault-around maps
  * nearly every page of it). Windows adapt: a read that runs off the end of the previous window (dense
  * headers) doubles it, up to WINDOW_MAX; a jump past a large member reads as much as the reads since the
- * previous jump used (plus a little), so an image shard costs one read per sample, of its cluster of
+ * previous jump used (and a slack), so an image shard costs one read per sample, of its cluster of
  * small members and headers. */
 #define WINDOW_MIN 1024
 #define WINDOW_MAX (1 << 20)
+
+/* Bytes read past what the previous cluster used, for a cluster that is larger (a longer caption): each
+ * time one runs off its window (a second read) the slack grows by a block, and after STEADY_JUMPS jumps
+ * without that it shrinks by one. Shards whose clusters keep one size (img2dataset's, ours) end up
+ * reading no slack at all (15-30% fewer bytes copied); captions of varied lengths keep a few blocks. */
+#define SLACK_START (2 * BLOCK)
+#define SLACK_MAX (8 * BLOCK)
+#define STEADY_JUMPS 32
 
 /* A cold file: the windows alone would be one small synchronous read per sample (the kernel sees no
  * sequential reading in them), and the copy that follows would read the file again. So where a window is
@@ -273,6 +281,8 @@ typedef struct {
     unsigned char *win;
     int64_t win_at, win_len, used_end, want, file_size;
     int64_t cluster_at; /* where the reads since the last jump began */
+    int64_t slack;      /* see SLACK_START */
+    int steady;         /* jumps since the last run off a window's end */
     int64_t advised_end; /* read-ahead asked for up to here; file_size: never again (no RWF_NOWAIT) */
     int64_t probe_at;    /* the next read from here on checks the page cache first */
 } Source;
@@ -321,10 +331,17 @@ static const unsigned char *get(Source *src, int64_t at, int64_t need) {
     int64_t end = src->win_at + src->win_len;
     if (src->win_len > 0 && at >= src->win_at && at < end + src->want) { /* ran off the end */
         src->want = src->want * 2 > WINDOW_MAX ? WINDOW_MAX : src->want * 2;
-    } else if (src->win_len > 0) { /* a jump: read what the cluster before it used */
-        int64_t used = ((src->used_end - src->cluster_at + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) + 2 * BLOCK;
+        if (src->slack < SLACK_MAX)
+            src->slack += BLOCK;
+        src->steady = 0;
+    } else if (src->win_len > 0) { /* a jump: read what the cluster before it used, and the slack */
+        int64_t used = ((src->used_end - src->cluster_at + BLOCK - 1) & ~(int64_t)(BLOCK - 1)) + src->slack;
         src->want = used < WINDOW_MIN ? WINDOW_MIN : used > WINDOW_MAX ? WINDOW_MAX : used;
         src->cluster_at = at;
+        if (++src->steady == STEADY_JUMPS && src->slack > 0) {
+            src->slack -= BLOCK;
+            src->steady = 0;
+        }
     }
     int64_t size = src->want > need ? src->want : need;
     if (size > src->file_size - at)
@@ -719,6 +736,7 @@ static PyObject *walk(PyObject *self, PyObject *args) {
     }
     src.file_size = file_size;
     src.want = 4 * WINDOW_MIN;
+    src.slack = SLACK_START;
     Records out = {0};
     Py_ssize_t count = 0;
     int64_t stop = offset;
@@ -993,6 +1011,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
     src.fd = fd;
     src.file_size = file_size;
     src.want = 4 * WINDOW_MIN;
+    src.slack = SLACK_START;
     src.win = PyMem_RawMalloc(WINDOW_MAX + BLOCK);
     Counter *c = PyMem_RawCalloc(1, sizeof(Counter));
     Records out = {0};
