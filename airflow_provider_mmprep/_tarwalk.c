@@ -91,6 +91,8 @@ typedef struct {
     Bytes text;
 } Records;
 
+#define REC_TEXT_MAX (48 + 160 + 100) /* a pax mtime spelling (mtime_text: at most 40) and a name (256) */
+
 static void records_free(Records *out) {
     free(out->recs);
     free(out->text.data);
@@ -266,11 +268,10 @@ static int pax_records(const unsigned char *d, int64_t n, const unsigned char **
 
 /* A cold file: the windows alone would be one small synchronous read per sample (the kernel sees no
  * sequential reading in them), and the copy that follows would read the file again. So where a window is
- * not in the page cache (preadv2 with RWF_NOWAIT says so; it is asked once per PROBE_STEP of the file,
- * a plain pread being cheaper for the reads between), the walker first asks
- * the kernel to read the file ADVISE_AHEAD bytes ahead (POSIX_FADV_WILLNEED, in ADVISE_STEP requests: the
- * kernel caps one request at its readahead size): large sequential reads at the disk's speed, and the
- * copy finds every page cached. */
+ * not in the page cache (preadv2 with RWF_NOWAIT says so; it is asked once per PROBE_STEP of the file, a
+ * plain pread being cheaper for the reads between), the walker first asks the kernel to read the file
+ * ADVISE_AHEAD bytes ahead (POSIX_FADV_WILLNEED, in ADVISE_STEP requests: the kernel caps one request at
+ * its readahead size): large sequential reads at the disk's speed, and the copy finds every page cached. */
 #define ADVISE_STEP ((int64_t)2 << 20)
 #define ADVISE_AHEAD ((int64_t)64 << 20)
 #define PROBE_STEP ((int64_t)1 << 20)
@@ -409,7 +410,7 @@ static Py_ssize_t walk_headers(Source *src, int64_t offset, Py_ssize_t limit, Re
                 break;
             at += BLOCK + padded(length);
         }
-        unsigned char *text = bytes_room(&out->text, 48 + 160 + 100);
+        unsigned char *text = bytes_room(&out->text, REC_TEXT_MAX);
         if (count == out->cap) {
             Py_ssize_t grown = out->cap ? out->cap * 2 : 256;
             Rec *more = realloc(out->recs, (size_t)grown * sizeof(Rec));
