@@ -540,23 +540,21 @@ def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
     ranged reads (adjacent runs of one input in one batch of at most ``RANGE_BATCH`` bytes, coalesced and
     concurrent; the next batch is fetched while this one is written) and streamed to the output (a
     multipart upload there). The same bytes as the local path (:func:`.tarwriter.record_extent` included)."""
-    batches: list[tuple[int, list[tuple[int, int]]]] = []  # (input, [(start, end)]) in output order
-    zeros: dict[tuple[int, int], int] = {}  # (batch, range) -> zeros the input lacks after that range
+    # (input, [(start, end, zeros the input lacks after that range)]) in output order
+    batches: list[tuple[int, list[tuple[int, int, int]]]] = []
     batch_bytes = position = 0
     for tar, start, length in record_runs(plan.chunk(j)):
         readable, missing = record_extent(start, length, plan.input_sizes.get(tar))
         if not batches or batches[-1][0] != tar or batch_bytes + length > RANGE_BATCH:
             batches.append((tar, []))
             batch_bytes = 0
-        if missing:
-            zeros[len(batches) - 1, len(batches[-1][1])] = missing
-        batches[-1][1].append((start, start + readable))
+        batches[-1][1].append((start, start + readable, missing))
         batch_bytes += length
         position += length
 
     def fetch(at: int) -> list[bytes]:
         tar, ranges = batches[at]
-        return tario.read_ranges(plan.inputs[tar], ranges)
+        return tario.read_ranges(plan.inputs[tar], [(start, end) for start, end, _ in ranges])
 
     with ThreadPoolExecutor(max_workers=1) as ahead, tario.open_write(final) as handle:
         pending = ahead.submit(fetch, 0) if batches else None
@@ -564,10 +562,10 @@ def _write_output_ranges(plan: SampleOrder, j: int, final: Path | str) -> int:
             blobs = pending.result()  # type: ignore[union-attr]
             if at + 1 < len(batches):
                 pending = ahead.submit(fetch, at + 1)
-            for number, data in enumerate(blobs):
+            for (_, _, missing), data in zip(batches[at][1], blobs):
                 handle.write(data)
-                if (at, number) in zeros:
-                    handle.write(bytes(zeros[at, number]))
+                if missing:
+                    handle.write(bytes(missing))
         end = position + 2 * BLOCK  # the end-of-archive marker, padded to a whole record, as TarWriter
         tail = bytes(2 * BLOCK + (-end % RECORD))
         handle.write(tail)
