@@ -710,9 +710,15 @@ def normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
     return tuple(e.lower().lstrip(".") for e in extensions)
 
 
-def has_extensions(sample: Sample, wanted: tuple[str, ...]) -> bool:
-    present = {m.ext.lower() for m in sample.members}
+def covers_extensions(extensions: Iterable[str], wanted: tuple[str, ...]) -> bool:
+    """Whether members with these extensions (case-folded) include every wanted one: the rule for a usable
+    sample, shared by :func:`has_extensions` and reorganize_tar's per-extension-list decisions."""
+    present = {ext.lower() for ext in extensions}
     return all(w in present for w in wanted)
+
+
+def has_extensions(sample: Sample, wanted: tuple[str, ...]) -> bool:
+    return covers_extensions([m.ext for m in sample.members], wanted)
 
 
 def select_members(sample: Sample, wanted: tuple[str, ...]) -> list[Member]:

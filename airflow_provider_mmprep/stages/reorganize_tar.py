@@ -42,7 +42,7 @@ from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutp
                         tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, UnsafeMemberName, count_samples,
-                        find_tars, gc_paused, index_from_offsets, index_tar, member_offsets,
+                        covers_extensions, find_tars, gc_paused, index_from_offsets, index_tar, member_offsets,
                         normalize_extensions, prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter, record_extent
 from . import StageError
@@ -207,11 +207,10 @@ def _add_tar(plan: SampleOrder, tar_no: int, index: TarIndex, wanted: tuple[str,
 def _members_to_copy(exts: tuple[str, ...], wanted: tuple[str, ...]) -> list[int] | None:
     """For a sample whose members have the extensions ``exts`` (in order): the positions of the members to
     copy (those with a wanted extension), or None when the sample is not usable (it lacks a wanted one:
-    :func:`.tarindex.has_extensions`). The one rule behind every count and copy of this stage."""
-    lowered = [ext.lower() for ext in exts]
-    if not all(w in lowered for w in wanted):
+    :func:`.tarindex.covers_extensions`). The one rule behind every count and copy of this stage."""
+    if not covers_extensions(exts, wanted):
         return None
-    return [i for i, ext in enumerate(lowered) if ext in wanted]
+    return [i for i, ext in enumerate(exts) if ext.lower() in wanted]
 
 
 def _wanted_choices(signatures: list[tuple[str, ...]], wanted: tuple[str, ...]) -> list[int | None]:
