@@ -11,17 +11,21 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 # pydantic looks for plugins among the entry points of every installed distribution when the first model
 # is built: 70 ms of a pod's start-up beside Airflow's dependencies, for plugins this CLI never uses.
 # An explicit PYDANTIC_DISABLE_PLUGINS (even empty) in the environment wins.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from .config import STAGE_NAMES, ConfigError, PipelineConfig, load_config  # noqa: E402
-from .plan import build_plan, plan_stage  # noqa: E402
+# Only what a task needs is imported here: a task run from a resolved config (:mod:`.resolved`) never loads
+# the config layer (pydantic), which the YAML path imports in _load.
+from .configbase import STAGE_NAMES, ConfigError  # noqa: E402
 from .stages import StageError, run_stage_task  # noqa: E402
 from .task_ids import TASK_COUNT_FLAG, TASK_ID_FLAG, compact_ranges, parse_id_list  # noqa: E402
+
+if TYPE_CHECKING:
+    from .config import PipelineConfig
 
 log = logging.getLogger("mmprep")
 
@@ -42,16 +46,51 @@ def _split_overrides(values: Sequence[str]) -> list[str]:
 
 
 def _load(args: argparse.Namespace, stages: list[str] | None = None) -> PipelineConfig:
+    """The validated config: a YAML's, or a resolved config's (validated when it was written)."""
+    from . import resolved
+
+    if resolved.is_resolved_file(args.config):
+        if args.overrides:
+            raise ConfigError([f"overrides: {args.config} is a resolved config; give the overrides to "
+                               f"mmprep validate when resolving it"])
+        cfg = resolved.load_resolved(args.config)
+        if "precache_encodings" in (stages or []) and cfg.precache is not None:
+            _check_model_paths(cfg)
+        return cfg  # type: ignore[return-value]
+    from .config import load_config
+
     return load_config(args.config, _split_overrides(args.overrides), stages=stages)
 
 
+def _check_model_paths(cfg: Any) -> None:
+    """What load_config checks of the precache YAML on the machine that encodes (the weights are there), done
+    where a resolved config (validated elsewhere, model paths only warned about) is run."""
+    from .config import model_path_problems
+
+    path = cfg.precache_encodings.precache_config_path
+    placeholders, missing = model_path_problems(cfg.precache.real_model())
+    problems = [f"{path}: {line}" for line in placeholders + missing]
+    if problems:
+        raise ConfigError(problems)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from . import resolved
+
+    if args.resolved_out and resolved.is_resolved_file(args.config):
+        raise ConfigError([f"{args.config}: already a resolved config; validate the YAML it came from"])
     cfg = _load(args)
     print(f"{args.config}: valid; enabled stages: {', '.join(cfg.enabled_stages) or 'none'}")
+    if args.resolved_out:
+        out = resolved.write_resolved(cfg, args.resolved_out, _split_overrides(args.overrides))
+        print(f"resolved config written to {out}: run tasks with mmprep run {out} --stage NAME "
+              f"{TASK_ID_FLAG} N {TASK_COUNT_FLAG} M")
     return EXIT_OK
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import build_plan
+
     plan = build_plan(_load(args))
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
@@ -89,6 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.task_id is not None:
             task_ids, task_count = [args.task_id], args.task_count
         else:
+            from .plan import plan_stage
+
             stage_plan = plan_stage(cfg, name)
             if stage_plan.task_ids is None or stage_plan.task_count == 0:
                 log.error("%s: nothing to do: no input found in %s", name, stage_plan.input)
@@ -233,12 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("config", help="NeMo-style download_multimodal.yaml")
+        p.add_argument("config", help="NeMo-style download_multimodal.yaml (or a resolved config: "
+                                      "mmprep validate --resolved-out)")
         p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. dataset_repo_id=org/name")
         return p
 
-    with_config(add("validate", help="check the config; one line per problem")).set_defaults(
-        func=cmd_validate)
+    p_validate = with_config(add("validate", help="check the config; one line per problem"))
+    p_validate.add_argument("--resolved-out", metavar="FILE",
+                            help="also write the validated config to FILE, which mmprep run takes in place of "
+                                 "the YAML (tasks then skip validation and start faster)")
+    p_validate.set_defaults(func=cmd_validate)
     p_plan = with_config(add("plan", help="show enabled stages, folders and task ids"))
     p_plan.add_argument("--json", action="store_true")
     p_plan.set_defaults(func=cmd_plan)

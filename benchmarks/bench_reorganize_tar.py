@@ -14,7 +14,11 @@ machine would) and page-cache state (``--modes``), it alternates ``--repeat`` ti
   * ``python -m airflow_provider_mmprep.cli run CONFIG --stage reorganize_tar --task-id i --task-count N``
     (whole processes: interpreter start, imports, config, indexing, copying), chunk size ``--chunk``
     (prime: it divides no input count),
-with ``sync`` before each timed run so neither pays the other's write-back. Warm: the inputs were just
+with ``sync`` before each timed run so neither pays the other's write-back. Each row is run with the
+tasks given the config in each of ``--config-forms``: ``resolved`` (``mmprep validate CONFIG --resolved-out``
+once, up front, as a launcher validates before it starts a node array; its time is printed apart; each
+task then starts without the config layer: :mod:`airflow_provider_mmprep.resolved`) and ``yaml`` (every
+task validates the YAML itself). Warm: the inputs were just
 read. Cold: ``echo 3 > /proc/sys/vm/drop_caches`` after the sync when this user may (it says which),
 else ``posix_fadvise(DONTNEED)`` on every input tar. It prints the medians and the ratio
 cat time / reorganize time (1.0 = as fast as cat; targets: ≥ 0.8 on img2dataset's shards, ≥ 0.9 on ours).
@@ -30,7 +34,7 @@ header blocks are printed too); and beside it the rates without the compiled wal
 and of the general one-header-at-a-time parser.
 
     /work/main/.venv/bin/python benchmarks/bench_reorganize_tar.py [--images 28000] [--sources ...]
-        [--tasks 1,4] [--modes warm,cold] [--repeat 3] [--keep]
+        [--tasks 1,4] [--modes warm,cold] [--config-forms resolved,yaml] [--repeat 3] [--keep]
 
 Results on the project's 2-core machine are in ``docs/reorganize-wdinfo-inspect.md``.
 """
@@ -159,6 +163,17 @@ def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path
     return path
 
 
+def resolve_config(config: Path) -> tuple[Path, float]:
+    """``mmprep validate CONFIG --resolved-out``, as a launcher does once before starting the tasks: the
+    resolved file and the seconds that one validation took (printed, not part of any task's time)."""
+    out = config.with_name(config.stem + ".resolved.json")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", "validate", str(config), "-q",
+                    "--resolved-out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
+    return out, time.perf_counter() - started
+
+
 def time_reorganize(config: Path, out_dir: Path, tasks: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of all) of ``tasks`` whole reorganize_tar processes started together,
     until the last ends."""
@@ -178,11 +193,14 @@ def time_reorganize(config: Path, out_dir: Path, tasks: int) -> tuple[float, flo
 
 
 def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, drop: bool, repeat: int,
-            chunk: int) -> dict:
+            chunk: int, form: str) -> dict:
     tars = find_tars(input_dir)
     total = sum(p.stat().st_size for p in tars)
     out_dir = work / "reorganized"
     config = write_config(work, input_dir, out_dir, chunk)
+    validate_s = None
+    if form == "resolved":
+        config, validate_s = resolve_config(config)
     cat, reorg, cat_cpu, reorg_cpu, loads = [], [], [], [], []
     for round_no in range(repeat):
         for which in (("cat", "reorg") if round_no % 2 == 0 else ("reorg", "cat")):
@@ -199,12 +217,15 @@ def compare(source: str, input_dir: Path, work: Path, tasks: int, cold: bool, dr
                 reorg_cpu.append(cpu)
     cat_s, reorg_s = statistics.median(cat), statistics.median(reorg)
     paired = statistics.median(c / r for c, r in zip(cat, reorg))  # round i: cat[i] and reorg[i], adjacent
-    result = {"source": source, "tasks": tasks, "cache": "cold" if cold else "warm", "mb": total / 1e6,
+    result = {"source": source, "config": form, "validate_s": validate_s, "tasks": tasks,
+              "cache": "cold" if cold else "warm", "mb": total / 1e6,
               "tars": len(tars), "cat_s": cat_s, "reorganize_s": reorg_s, "ratio": cat_s / reorg_s,
               "paired_ratio": paired,
               "cat_cpu_s": statistics.median(cat_cpu), "reorganize_cpu_s": statistics.median(reorg_cpu),
               "load": statistics.median(loads), "target": TARGETS[source]}
-    print(f"{source:11s} {tasks} task(s) {result['cache']}: {len(tars)} tars, {total / 1e6:.0f} MB; "
+    resolved = f" (resolved once, up front, in {validate_s:.2f}s)" if validate_s is not None else ""
+    print(f"{source:11s} {tasks} task(s) {result['cache']}, config {form}{resolved}: {len(tars)} tars, "
+          f"{total / 1e6:.0f} MB; "
           f"cat {cat_s:.2f}s ({total / 1e6 / cat_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in cat)}], "
           f"reorganize {reorg_s:.2f}s ({total / 1e6 / reorg_s:.0f} MB/s) [{' '.join(f'{t:.2f}' for t in reorg)}]"
           f" -> {result['ratio']:.2f}x cat (target >= {TARGETS[source]}; round by round {paired:.2f}x); "
@@ -324,6 +345,9 @@ def main() -> int:
     parser.add_argument("--synthetic-mb", type=int, default=2_000)
     parser.add_argument("--tasks", default="1,4", help="comma list of task counts")
     parser.add_argument("--modes", default="warm,cold")
+    parser.add_argument("--config-forms", default="resolved,yaml",
+                        help="what the tasks are given: resolved (mmprep validate --resolved-out once, up front: "
+                             "tasks start without the config layer), yaml (each task validates the YAML)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=997, help="tar_chunk_size (prime: divides no input count)")
     parser.add_argument("--wdinfo-tars", type=int, default=0, help="also time generate_wdinfo over this many tars")
@@ -354,14 +378,14 @@ def main() -> int:
         drop = drop_caches_allowed()
         print(f"cold cache by {'echo 3 > /proc/sys/vm/drop_caches' if drop else 'posix_fadvise(DONTNEED) per input'}; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; chunk size {args.chunk}", flush=True)
-        results = [compare(source, folder, work, int(tasks), mode == "cold", drop, args.repeat, args.chunk)
-                   for source, folder in folders.items()
+        results = [compare(source, folder, work, int(tasks), mode == "cold", drop, args.repeat, args.chunk, form)
+                   for source, folder in folders.items() for form in args.config_forms.split(",")
                    for tasks in args.tasks.split(",") for mode in args.modes.split(",")]
         rates = report_header_rates(work, folders)
-        print("\n| input | tasks | cache | MB | cat s | reorganize s | ratio | round by round | target "
-              "| CPU s cat / reorganize | load |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| input | config | tasks | cache | MB | cat s | reorganize s | ratio | round by round | target "
+              "| CPU s cat / reorganize | load |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['source']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
+            print(f"| {r['source']} | {r['config']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
                   f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | {r['paired_ratio']:.2f}x | >= {r['target']} | "
                   f"{r['cat_cpu_s']:.2f} / {r['reorganize_cpu_s']:.2f} | {r['load']:.1f} |")
         print(json.dumps({"results": results, "header_rates": rates}))

@@ -199,6 +199,22 @@ def test_tasks_split_tars_and_any_task_count_gives_the_same_bytes(tmp_path, mode
     assert _tree_bytes(split_out) == _tree_bytes(single_out)
 
 
+def test_a_resolved_config_encodes_the_same_bytes_as_its_yaml(tmp_path, models):
+    """The precache stage reads its blocks (encodings, encoder kwargs, crop size) from a resolved config
+    (``mmprep validate --resolved-out``) as it reads them from the validated YAML."""
+    from airflow_provider_mmprep.cli import main
+
+    fx.write_shards(tmp_path / "in", 2, 3)
+    precache = _precache(models, save_original_in_tar=["text"], encodings=fx.sd_encodings(models["vae"],
+                                                                                          models["clip"]))
+    _, from_yaml = _run(tmp_path, tmp_path / "in", precache, name="yaml")
+    config = fx.write_precache_configs(tmp_path / "conf-resolved", tmp_path / "in", tmp_path / "resolved", precache)
+    resolved = tmp_path / "resolved.json"
+    assert main(["validate", str(config), "--resolved-out", str(resolved), "-q"]) == 0
+    assert main(["run", str(resolved), "--stage", STAGE, "--task-id", "0", "--task-count", "1", "-q"]) == 0
+    assert _tree_bytes(tmp_path / "resolved") == _tree_bytes(from_yaml) and len(_tree_bytes(from_yaml)) >= 2
+
+
 def test_incomplete_shard_encoded_only_when_asked(tmp_path, models):
     fx.write_shards(tmp_path / "in", 1, 2, incomplete_last=1)  # the short shard renamed .tar.INCOMPLETE
     summary, out = _run(tmp_path, tmp_path / "in", _precache(models), process_incomplete_tars=True)

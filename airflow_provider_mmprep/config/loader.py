@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from pydantic import ValidationError
 
+from ..configbase import ConfigError
 from ..storage import Store, StorageError, is_url, merge_options
 from ..storage_config import data_path, read_storage_options
 from .models import (RANGE_DEFAULT_TASK_COUNT, STAGE_MODELS, STAGE_NAMES, DownloadImagesConfig, EncodingSpec,
@@ -39,14 +40,6 @@ BUNDLED_LAUNCHER_SCRIPTS_PATH = Path(__file__).parents[1] / "launcher_conf"
 _IGNORED_TOP_LEVEL = {"run", "merge_source_tar", "data_dir", "base_results_dir", "launcher_scripts_path",
                       "override_task_id", "override_task_count", "cluster", "cluster_type", "container",
                       "container_mounts", "env_vars", "defaults", "hydra"}
-
-
-class ConfigError(Exception):
-    """Raised with every problem found; each line names the YAML key path it concerns."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 def _describe(value: Any) -> str:

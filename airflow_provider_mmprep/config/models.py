@@ -14,16 +14,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from ..configbase import STAGE_NAMES
 from ..storage_config import DataPath
 from ..task_ids import is_range, parse_span
-
-STAGE_NAMES: tuple[str, ...] = (
-    "download_parquet",
-    "download_images",
-    "reorganize_tar",
-    "precache_encodings",
-    "generate_wdinfo",
-)
 
 #: Task count a ``node_array_size`` range refers to when ``override_task_count`` is not given (NeMo's docs:
 #: tasks "50-99" of a run of 100 are resumed with ``override_task_count: 100``).

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import STAGE_NAMES, PipelineConfig
+from ..configbase import STAGE_NAMES
 from ..storage import StorageError
+
+if TYPE_CHECKING:  # a task run from a resolved config never imports the config layer (pydantic)
+    from ..config import PipelineConfig
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,9 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from .. import fsutil, tario
-from ..config import PipelineConfig
 from ..storage import is_url
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
@@ -46,6 +45,9 @@ from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, Un
                         normalize_extensions, prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter, record_extent
 from . import StageError
+
+if TYPE_CHECKING:  # run from a resolved config, a task never imports the config layer (pydantic)
+    from ..config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
