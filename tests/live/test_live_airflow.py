@@ -319,6 +319,14 @@ def _check_failed_then_resumed(live: LiveAirflow, run: dict[str, Any], clean_roo
     assert not run["wdinfo_before"]
     assert run["report"]  # the teardown wrote it although the run failed (what it says: the test below)
 
+    # The UI's clear dialog closes before its request has landed: until it has, the run is still the failed
+    # one, and waiting for it to end would return at once. Wait for the clear to show first.
+    cleared = ("precache_encodings", 2)
+    deadline = time.monotonic() + 120
+    while live.run_state(RESUME_DAG, run["run_id"]) == "failed" \
+            and _tries(live, RESUME_DAG, run["run_id"])[cleared] == run["tries"][cleared]:
+        assert time.monotonic() < deadline, f"the clear of {cleared} never reached run {run['run_id']}"
+        time.sleep(1)
     assert live.wait_run(RESUME_DAG, run["run_id"]) == "success", _states(live, RESUME_DAG, run["run_id"])
     tries = _tries(live, RESUME_DAG, run["run_id"])
     before = run["tries"]
