@@ -2,13 +2,15 @@
 
 ``mmprep validate CONFIG [key=value ...] --resolved-out FILE`` validates as always and writes FILE: every
 block as its model holds it (defaults filled, interpolations resolved, paths typed), a fingerprint of the
-config schema and a digest of CONFIG. ``mmprep run FILE --stage NAME --task-id N --task-count M`` then
+config schema and digests of the files validation read (CONFIG and the precache YAML it names). ``mmprep run FILE --stage NAME --task-id N --task-count M`` then
 starts from FILE. Validation happened once, up front; each task is spared the config layer's imports
 (pydantic, its core and the models' schemas: ~0.15 CPU-seconds), which is what many task processes
 started at once on one machine spend most of their start-up on (``benchmarks/bench_reorganize_tar.py``).
 
-Reading it checks what could make it wrong: another mmprep's schema (fingerprint) or CONFIG edited since
-(digest; a FILE whose CONFIG is not there, e.g. in a pod, is taken as it is). Each block is a
+Reading it checks what could make it wrong: another mmprep's schema (fingerprint) or one of those files
+edited since (digests; a file that is not there, e.g. in a pod, is not checked). Values the YAML takes
+from the environment (``${oc.env:…}``) are those of the validating process; ``storage_options`` keep their
+``${env:…}`` references, resolved where the stage runs, as with the YAML. Each block is a
 :class:`ResolvedBlock`: its fields as the model held them; anything else (a property such as
 ``task_selection``, a method) is asked of the real model, built from those fields on first use, so a
 stage behaves as it does on the validated config. Nothing here imports pydantic or Airflow.
@@ -71,13 +73,17 @@ def _encode(value: Any, where: str) -> Any:
 def write_resolved(cfg: Any, out: str | Path, overrides: list[str] | None = None) -> Path:
     """Write the validated ``cfg`` (a :class:`.config.PipelineConfig`) to ``out`` (atomically)."""
     source = cfg.source_path
+    # The local files validation read: the YAML and the precache YAML it names (a URL is not followed).
+    read = [Path(source)] if source is not None else []
+    if cfg.precache is not None and isinstance(cfg.precache_encodings.precache_config_path, Path):
+        read.append(cfg.precache_encodings.precache_config_path)
     body = {
         "format": FORMAT,  # first: :func:`is_resolved_file` looks for it at the start of the file
         "format_version": FORMAT_VERSION,
         "schema": schema_fingerprint(),
         "mmprep_version": __version__,
         "source": str(Path(source).absolute()) if source is not None else None,
-        "source_sha256": _file_digest(Path(source)) if source is not None else None,
+        "read": {str(file.absolute()): _file_digest(file) for file in read},
         "overrides": list(overrides or []),
         "config": _encode(cfg, "config"),
     }
@@ -197,8 +203,7 @@ def load_resolved(path: str | Path) -> ResolvedConfig:
     if body.get("schema") != schema_fingerprint():
         raise ConfigError([f"{path}: resolved by mmprep {body.get('mmprep_version')} with another config schema "
                            f"than this mmprep {__version__}'s; {again}"])
-    source = body.get("source")
-    if source and body.get("source_sha256") and Path(source).is_file() \
-            and _file_digest(Path(source)) != body["source_sha256"]:
-        raise ConfigError([f"{path}: {source} has changed since it was resolved; {again}"])
+    for file, digest in body.get("read", {}).items():
+        if Path(file).is_file() and _file_digest(Path(file)) != digest:
+            raise ConfigError([f"{path}: {file} has changed since it was resolved; {again}"])
     return cfg

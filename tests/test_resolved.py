@@ -55,6 +55,9 @@ def test_a_resolved_config_holds_what_validation_gave(nemo_config, tmp_path: Pat
     assert [e.encoder_config.kwargs for e in resolved.precache.encodings] == \
         [e.encoder_config.kwargs for e in real.precache.encodings]
     assert resolved.precache.encoder_problems() == real.precache.encoder_problems()
+    body = json.loads(out.read_text())
+    precache_yaml = real.precache_encodings.precache_config_path
+    assert sorted(body["read"]) == sorted([str(config), str(precache_yaml)])
     with pytest.raises(AttributeError, match="read-only"):
         resolved.reorganize_tar.tar_chunk_size = 3  # type: ignore[misc]
     with pytest.raises(KeyError):
@@ -64,6 +67,10 @@ def test_a_resolved_config_holds_what_validation_gave(nemo_config, tmp_path: Pat
     from_resolved = json.loads(capsys.readouterr().out)
     assert main(["plan", str(config), *overrides, "--json"]) == 0
     assert from_resolved == json.loads(capsys.readouterr().out)
+    # the precache YAML is part of what was validated: editing it makes the resolved file stale too
+    precache_yaml.write_text(precache_yaml.read_text() + "\n# edited\n")
+    with pytest.raises(ConfigError, match=f"{precache_yaml} has changed since it was resolved"):
+        load_resolved(out)
 
 
 def _digests(folder: Path) -> dict[str, str]:
