@@ -2,10 +2,11 @@
 
 ``mmprep validate CONFIG [key=value ...] --resolved-out FILE`` validates as always and writes FILE: every
 block as its model holds it (defaults filled, interpolations resolved, paths typed), a fingerprint of the
-config schema and digests of the files validation read (CONFIG and the precache YAML it names). ``mmprep run FILE --stage NAME --task-id N --task-count M`` then
-starts from FILE. Validation happened once, up front; each task is spared the config layer's imports
-(pydantic, its core and the models' schemas: ~0.15 CPU-seconds), which is what many task processes
-started at once on one machine spend most of their start-up on (``benchmarks/bench_reorganize_tar.py``).
+config schema and digests of the files validation read (CONFIG and the precache YAML it names).
+``mmprep run FILE --stage NAME --task-id N --task-count M`` then starts from FILE. Validation happened
+once, up front; each task is spared the config layer's imports (pydantic, its core and the models'
+schemas: ~0.15 CPU-seconds), which is what many task processes started at once on one machine spend most
+of their start-up on (``benchmarks/bench_reorganize_tar.py``).
 
 Reading it checks what could make it wrong: another mmprep's schema (fingerprint) or one of those files
 edited since (digests; a file that is not there, e.g. in a pod, is not checked). Values the YAML takes

@@ -385,8 +385,8 @@ def main() -> int:
         print("\n| input | config | tasks | cache | MB | cat s | reorganize s | ratio | round by round | target "
               "| CPU s cat / reorganize | load |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in results:
-            print(f"| {r['source']} | {r['config']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | {r['cat_s']:.2f} | "
-                  f"{r['reorganize_s']:.2f} | {r['ratio']:.2f}x | {r['paired_ratio']:.2f}x | >= {r['target']} | "
+            print(f"| {r['source']} | {r['config']} | {r['tasks']} | {r['cache']} | {r['mb']:.0f} | "
+                  f"{r['cat_s']:.2f} | {r['reorganize_s']:.2f} | {r['ratio']:.2f}x | {r['paired_ratio']:.2f}x | >= {r['target']} | "
                   f"{r['cat_cpu_s']:.2f} / {r['reorganize_cpu_s']:.2f} | {r['load']:.1f} |")
         print(json.dumps({"results": results, "header_rates": rates}))
         if args.wdinfo_tars:

@@ -205,8 +205,7 @@ def test_a_resolved_config_encodes_the_same_bytes_as_its_yaml(tmp_path, models):
     from airflow_provider_mmprep.cli import main
 
     fx.write_shards(tmp_path / "in", 2, 3)
-    precache = _precache(models, save_original_in_tar=["text"], encodings=fx.sd_encodings(models["vae"],
-                                                                                          models["clip"]))
+    precache = _precache(models, save_original_in_tar=["text"])
     _, from_yaml = _run(tmp_path, tmp_path / "in", precache, name="yaml")
     config = fx.write_precache_configs(tmp_path / "conf-resolved", tmp_path / "in", tmp_path / "resolved", precache)
     resolved = tmp_path / "resolved.json"
