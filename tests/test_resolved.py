@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,28 @@ def test_a_resolved_block_naming_no_model_of_ours_is_refused_when_asked_for_more
     assert block.tar_chunk_size == 1000  # the fields are data
     with pytest.raises(ConfigError, match="'TypeAdapter' is not a block of mmprep's config"):
         block.task_selection
+
+
+def test_every_stage_runs_from_a_resolved_config_as_from_its_yaml(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The demo's whole pipeline, `mmprep run` in this process: once from the YAML, once from the file
+    resolved from it; same shards, encodings and wdinfo."""
+    pytest.importorskip("torch")
+    from airflow_provider_mmprep.safepickle import safe_loads_plain
+    from airflow_provider_mmprep.testing.pipeline import local_sources, write_tiny_precache_config
+
+    demo = REPO / "dags" / "demo_multimodal.yaml"
+    write_tiny_precache_config(tmp_path / "yaml" / "models")
+    shutil.copytree(tmp_path / "yaml" / "models", tmp_path / "resolved" / "models")
+    with local_sources(images=60, parquet_files=1):
+        monkeypatch.setenv("MMPREP_DEMO_ROOT", str(tmp_path / "yaml"))
+        assert main(["run", str(demo), "-q"]) == 0
+        monkeypatch.setenv("MMPREP_DEMO_ROOT", str(tmp_path / "resolved"))  # ${oc.env:…} read when resolving
+        assert main(["validate", str(demo), "--resolved-out", str(tmp_path / "demo.json"), "-q"]) == 0
+        monkeypatch.setenv("MMPREP_DEMO_ROOT", str(tmp_path / "elsewhere"))  # not read again by the tasks
+        assert main(["run", str(tmp_path / "demo.json"), "-q"]) == 0
+    assert not (tmp_path / "elsewhere").exists()
+    for folder in ("tarfiles_reorganized", "tarfiles_precached"):
+        written = _digests(tmp_path / "yaml" / folder)
+        assert _digests(tmp_path / "resolved" / folder) == written and len(written) >= 2, folder
+    wdinfo = [safe_loads_plain((tmp_path / form / "wdinfo.pkl").read_bytes()) for form in ("yaml", "resolved")]
+    assert [w["tar_files"] for w in wdinfo][0] == wdinfo[1]["tar_files"] and wdinfo[0]["total_key_count"] == 50
