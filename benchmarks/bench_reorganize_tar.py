@@ -163,21 +163,25 @@ def write_config(work: Path, input_dir: Path, out_dir: Path, chunk: int) -> Path
     return path
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of the ``mmprep`` processes: this checkout's package first on the path."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
 def resolve_config(config: Path) -> tuple[Path, float]:
     """``mmprep validate CONFIG --resolved-out``, as a launcher does once before starting the tasks: the
     resolved file and the seconds that one validation took (printed, not part of any task's time)."""
     out = config.with_name(config.stem + ".resolved.json")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "airflow_provider_mmprep.cli", "validate", str(config), "-q",
-                    "--resolved-out", str(out)], env=env, check=True, stdout=subprocess.DEVNULL)
+                    "--resolved-out", str(out)], env=cli_env(), check=True, stdout=subprocess.DEVNULL)
     return out, time.perf_counter() - started
 
 
 def time_reorganize(config: Path, out_dir: Path, tasks: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of all) of ``tasks`` whole reorganize_tar processes started together,
     until the last ends."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     cpu = children_cpu()
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "airflow_provider_mmprep.cli", "run", str(config),
