@@ -40,19 +40,23 @@ def atomic_write_bytes(final: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def remove_stale_temporaries(folder: str | Path, outputs: Iterable[str] | None = None) -> int:
+def remove_stale_temporaries(folder: str | Path, outputs: Iterable[str] | None = None,
+                             keep: Iterable[str] = ()) -> int:
     """Delete leftovers of crashed writers in ``folder`` (not recursive); returns how many.
 
     With ``outputs`` (final file names), only the temporaries of those outputs and of their sidecars
     (``<output>.manifest.json`` …) go: other tasks may be writing beside us into the same folder.
+    ``keep`` names temporaries this process wrote and still means to rename.
     """
+    kept = set(keep)
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     owned = None if outputs is None else set(outputs)
     removed = 0
     for entry in os.scandir(folder):
-        if not (entry.name.startswith(".") and entry.name.endswith(TMP_MARKER) and entry.is_file()):
+        if not (entry.name.startswith(".") and entry.name.endswith(TMP_MARKER) and entry.is_file()) \
+                or entry.name in kept:
             continue
         final = entry.name[1:-len(TMP_MARKER)].rsplit(".", 1)[0]  # ".{final}.{pid}{TMP_MARKER}"
         if owned is not None and final not in owned and not any(final.startswith(o + ".") for o in owned):

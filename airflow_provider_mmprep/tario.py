@@ -236,10 +236,11 @@ def write_manifest(tar: PathOrUrl, sample_count: int, member_offsets: dict[str, 
         folder.write_bytes(record_name, data)
 
 
-def remove_leftovers(folder: PathOrUrl, outputs: Iterable[str] | None = None) -> int:
-    """Temporaries (and on S3 unfinished uploads) that crashed writers left in ``folder``."""
+def remove_leftovers(folder: PathOrUrl, outputs: Iterable[str] | None = None, keep: Iterable[str] = ()) -> int:
+    """Temporaries (and on S3 unfinished uploads) that crashed writers left in ``folder``; ``keep``: local
+    temporaries of this process's, still to be renamed."""
     if not is_url(folder):
-        return fsutil.remove_stale_temporaries(folder, outputs)
+        return fsutil.remove_stale_temporaries(folder, outputs, keep)
     return store(str(folder)).remove_leftovers("", outputs)
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from airflow_provider_mmprep.config import BUNDLED_LAUNCHER_SCRIPTS_PATH, Pipeli
 from airflow_provider_mmprep.manifest import read_manifest, read_offsets
 from airflow_provider_mmprep.stages import StageError, reorganize_tar
 from airflow_provider_mmprep.stages.reorganize_tar import run_task
-from airflow_provider_mmprep.testing.shards import make_download_output, write_tar
+from airflow_provider_mmprep.testing.shards import download_style_samples, make_download_output, write_tar
 
 NEMO_YAML = BUNDLED_LAUNCHER_SCRIPTS_PATH / "conf/data_preparation/multimodal/download_multimodal.yaml"
 REPO = Path(__file__).resolve().parents[1]
@@ -482,34 +483,40 @@ def test_download_images_records_offsets_that_reorganize_uses(tmp_path: Path,
     assert digests(tmp_path / "out") == digests(tmp_path / "reference")
 
 
+def hold_read_until_a_write(monkeypatch: pytest.MonkeyPatch, tar: Path, reader: str,
+                            writer: str) -> tuple[threading.Event, list[bool]]:
+    """Make the stage's ``reader`` wait (up to 20 s) on ``tar`` until a call of its ``writer`` has ended;
+    returns the event a write sets and the list of waits (True: the write came in time)."""
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    written = threading.Event()
+    real_read, real_write = getattr(stage, reader), getattr(stage, writer)
+    waited: list[bool] = []
+
+    def read(path):
+        if Path(path) == tar:
+            waited.append(written.wait(20))
+        return real_read(path)
+
+    def write(*args):
+        result = real_write(*args)
+        written.set()
+        return result
+
+    monkeypatch.setattr(stage, reader, read)
+    monkeypatch.setattr(stage, writer, write)
+    return written, waited
+
+
 @pytest.mark.parametrize("tasks", [1, 2])
 def test_outputs_are_written_while_later_inputs_are_still_being_indexed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tasks: int) -> None:
     """Indexing the last input waits (up to 20 s) for an output to be written: only a task that writes
     while it indexes sees one in time."""
-    import threading
-
-    import airflow_provider_mmprep.stages.reorganize_tar as stage
-
     raw = tmp_path / "raw"
     tars = make_download_output(raw, parts=1, shards_per_part=6, samples_per_shard=(8, 8), seed=14,
                                 manifests=True, member_offsets=False)
-    written = threading.Event()
-    real_index, real_produce = stage.index_tar, stage.produce_output
-    waited: list[bool] = []
-
-    def index_tar(path):
-        if Path(path) == tars[-1]:
-            waited.append(written.wait(20))
-        return real_index(path)
-
-    def produce_output(*args):
-        result = real_produce(*args)
-        written.set()
-        return result
-
-    monkeypatch.setattr(stage, "index_tar", index_tar)
-    monkeypatch.setattr(stage, "produce_output", produce_output)
+    written, waited = hold_read_until_a_write(monkeypatch, tars[-1], "index_tar", "produce_output")
     run_task(make_cfg(raw, tmp_path / "out", 4), 0, tasks)  # task 0 of 2 owns outputs 0-5, fed by inputs 0-2
     if tasks == 1:
         assert waited == [True]
@@ -518,6 +525,57 @@ def test_outputs_are_written_while_later_inputs_are_still_being_indexed(
         written.clear()
         run_task(make_cfg(raw, tmp_path / "out", 4), 1, tasks)
         assert waited == [True]
+
+
+def test_tasks_without_manifests_write_outputs_while_later_inputs_are_still_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """img2dataset's shards: every task counts every input before it knows which outputs are its own. The
+    count of the last input waits (up to 20 s) for an output of task 0 to be written: only a task that
+    writes while it counts sees one in time."""
+    raw = tmp_path / "raw"
+    tars = make_download_output(raw, parts=1, shards_per_part=6, samples_per_shard=(8, 8), seed=15)
+    run_all(make_cfg(raw, tmp_path / "reference", 4), 1)
+    _, waited = hold_read_until_a_write(monkeypatch, tars[-1], "count_samples", "write_early_output")
+    out = tmp_path / "out"
+    summaries = run_all(make_cfg(raw, out, 4), 2)
+    assert waited[0] is True  # task 0 (outputs 0-5, from inputs 0-2) had written before the last count
+    assert [s["written"] for s in summaries] == [6, 6]
+    assert digests(out) == digests(tmp_path / "reference")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_an_output_written_early_for_the_wrong_task_is_removed_and_its_owner_writes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The owner of an early output is guessed from the bytes counted so far: small samples first, large
+    ones after, make task 0 guess a larger total than there is and write output 7, which is task 1's."""
+    import airflow_provider_mmprep.stages.reorganize_tar as stage
+
+    raw = tmp_path / "raw"
+    rng = __import__("random").Random(3)
+    write_tar(raw / "00000.tar", download_style_samples(0, 40, rng, (10, 20)))
+    for shard in (1, 2, 3):
+        write_tar(raw / f"{shard:05d}.tar", download_style_samples(shard, 10, rng, (40_000, 50_000)))
+    run_all(make_cfg(raw, tmp_path / "reference", 5), 1)  # 70 samples: 14 outputs, task 0 of 2 owns 0-6
+    finished: list[tuple[int, bool, bool]] = []
+    real_finish = stage.finish_early_output
+
+    def finish_early_output(early, output_dir, j, mine):
+        finished.append((j, mine, early.tmp is not None))
+        return real_finish(early, output_dir, j, mine)
+
+    monkeypatch.setattr(stage, "finish_early_output", finish_early_output)
+    out = tmp_path / "out"
+    first = run_all(make_cfg(raw, out, 5), 2)
+    assert (7, False, True) in finished  # written by task 0, then removed
+    assert [s["task_outputs"] for s in first] == ["00000.tar..00006.tar", "00007.tar..00013.tar"]
+    assert [s["written"] for s in first] == [7, 7]
+    every_file = {p.name: p.read_bytes() for p in sorted(out.iterdir())}  # manifests and sidecars too
+    assert every_file == {p.name: p.read_bytes() for p in sorted((tmp_path / "reference").iterdir())}
+    finished.clear()
+    again = run_all(make_cfg(raw, out, 5), 2)  # a rerun: every output complete, early or not
+    assert [(s["written"], s["skipped_complete"]) for s in again] == [(0, 7), (0, 7)]
+    assert finished and not any(wrote for _, _, wrote in finished)
+    assert digests(out) == digests(tmp_path / "reference")
 
 
 def test_a_task_on_shards_with_offsets_never_imports_numpy(tmp_path: Path) -> None:

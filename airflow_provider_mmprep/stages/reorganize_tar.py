@@ -7,7 +7,10 @@ may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMP
 (NeMo's generate_wdinfo and ours skip such tars). Tasks split the *output* tars with
 :func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes. With several tasks, each places
 the inputs by their manifests' sample counts and reads the headers of only the inputs feeding its own
-outputs (:func:`order_task_samples`), so T tasks do not read every header T times.
+outputs (:func:`order_task_samples`), so T tasks do not read every header T times. Where inputs have no
+manifests (img2dataset's), every task counts every input before it knows its outputs; meanwhile it writes
+the full outputs it has indexed and probably owns to temporaries, renamed once ownership is certain
+(:func:`write_early_output`), so its copying overlaps the reading of later inputs.
 
 Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
@@ -27,6 +30,7 @@ bytes are those of a local run.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -352,9 +356,37 @@ def _likely_feeding(inputs: list[Path], task_id: int, task_count: int) -> set[in
     return likely
 
 
+def _offer_early(early: SampleOrder, tar_no: int, index: TarIndex | SampleCounts, counts: list[int],
+                 sizes: list[int], wanted: tuple[str, ...], seen_keys: set[str], task_id: int, task_count: int,
+                 on_early_outputs: Callable[[SampleOrder, list[int]], None]) -> SampleOrder | None:
+    """Grow the provisional window by input ``tar_no`` (just counted) and offer the full outputs in it that
+    are probably this task's; None once the window cannot grow (an input here only counted, not indexed)."""
+    if early.samples or early.total_samples is not None:  # the window has begun: the input must extend it
+        if not isinstance(index, TarIndex):
+            return None
+    elif not isinstance(index, TarIndex):
+        return early  # not begun yet: inputs before this task's share are only counted
+    else:
+        early.first_sample = sum(counts[:-1])
+    _add_tar(early, tar_no, index, wanted, seen_keys)
+    counted_samples, counted_bytes = sum(counts), sum(sizes[:tar_no + 1])
+    early.total_samples = counted_samples  # chunk() of a full output needs no more
+    if not counted_samples:
+        return early
+    estimate = counted_samples + round(sum(sizes[tar_no + 1:]) * counted_samples / counted_bytes)
+    guessed = fsutil.task_range(-(-estimate // early.chunk_size), task_id, task_count)
+    size = early.chunk_size
+    ready = [j for j in guessed
+             if j * size >= early.first_sample and (j + 1) * size <= early.first_sample + len(early.samples)]
+    if ready:
+        on_early_outputs(early, ready)
+    return early
+
+
 def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
                        task_count: int, exclude: Path | None = None,
-                       on_tar_indexed: Callable[[SampleOrder], None] | None = None) -> SampleOrder:
+                       on_tar_indexed: Callable[[SampleOrder], None] | None = None,
+                       on_early_outputs: Callable[[SampleOrder, list[int]], None] | None = None) -> SampleOrder:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -364,6 +396,13 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     this task read. A manifest count that its tar's headers contradict fails the task: other tasks have
     placed their samples by it. ``on_tar_indexed(plan)`` runs after each input is added, as in
     :func:`order_samples`, with ``total_samples`` and ``first_sample`` already known.
+
+    Until every input is counted, the total (and so which outputs are this task's) is not known. Where the
+    inputs have no manifests, ``on_early_outputs(early, outputs)`` is called while counting goes on, with
+    a provisional window ``early`` of the global order (the inputs this task indexes in full, from the
+    first, as far as they are contiguous and counted) and the full outputs it holds that are probably this
+    task's (by an estimate of the total from the bytes counted so far): their bytes are already certain,
+    only their owner is a guess. So a task can copy while the disk still delivers later inputs.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
@@ -375,6 +414,11 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     unlisted: dict[int, TarIndex | SampleCounts] = {}
     counts: list[int] = []
     likely = _likely_feeding(inputs, task_id, task_count) if None in manifest_counts else set()
+    # The provisional window of early outputs: only where every input is read here, in order.
+    early = (SampleOrder(input_dir, inputs, chunk_size)
+             if on_early_outputs is not None and likely and all(c is None for c in manifest_counts) else None)
+    early_keys: set[str] = set()
+    sizes = [os.stat(path).st_size for path in inputs] if early is not None else []
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
             path = inputs[tar_no]
@@ -384,6 +428,9 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
             unlisted[tar_no] = counted if counted is not None else _index(path, bodies[tar_no])
             count = _usable_count(unlisted[tar_no], wanted)
         counts.append(count)
+        if early is not None:
+            early = _offer_early(early, tar_no, unlisted[tar_no], counts, sizes, wanted, early_keys,
+                                 task_id, task_count, on_early_outputs)  # type: ignore[arg-type]
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
@@ -577,27 +624,48 @@ def write_output(plan: SampleOrder, j: int, final: Path) -> int:
     """Write output tar ``j`` atomically; returns bytes written."""
     if is_url(final) or any(is_url(p) for p in plan.inputs[:1]):
         return _write_output_ranges(plan, j, final)
+    with fsutil.atomic_path(final) as tmp:
+        return _write_local(plan, j, tmp)
+
+
+def _write_local(plan: SampleOrder, j: int, path: Path) -> int:
+    """Output tar ``j`` of local inputs written to ``path`` (not atomically: callers write a temporary)."""
     sources: dict[int, int] = {}
     sizes: dict[int, int] = {}
     try:
-        with fsutil.atomic_path(final) as tmp:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            writer = TarWriter(fd)
-            try:
-                for tar, start, length in record_runs(plan.chunk(j)):
-                    src = sources.get(tar)
-                    if src is None:
-                        src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
-                        sizes[tar] = os.fstat(src).st_size
-                    writer.add_records(src, start, length, sizes[tar])
-                writer.close()
-            finally:
-                writer.close(end_archive=False)  # after an error: only release the file
-                os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        writer = TarWriter(fd)
+        try:
+            for tar, start, length in record_runs(plan.chunk(j)):
+                src = sources.get(tar)
+                if src is None:
+                    src = sources[tar] = os.open(plan.inputs[tar], os.O_RDONLY)
+                    sizes[tar] = os.fstat(src).st_size
+                writer.add_records(src, start, length, sizes[tar])
+            writer.close()
+        finally:
+            writer.close(end_archive=False)  # after an error: only release the file
+            os.close(fd)
     finally:
         for src in sources.values():
             os.close(src)
     return writer.size
+
+
+def _marker(final: Path | str) -> Path | str:
+    return f"{final}{INCOMPLETE_SUFFIX}" if is_url(final) else final.with_name(final.name + INCOMPLETE_SUFFIX)
+
+
+def _write_output_manifest(plan: SampleOrder, j: int, final: Path | str, digest: str, size: int,
+                           short: bool) -> tuple[str, int, int]:
+    """The manifest (and offsets sidecar) of output ``j``, once its tar is in place."""
+    count = len(plan.chunk(j))
+    extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
+    tario.write_manifest(final, count, tar_size=size if is_url(final) else None, plan_digest=digest,
+                         chunk_size=plan.chunk_size, short=short,
+                         extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
+                         member_offsets=output_offsets(plan.chunk(j)))
+    return "written", count, size
 
 
 def produce_output(plan: SampleOrder, output_dir: Path, j: int, short: bool) -> tuple[str, int, int]:
@@ -606,20 +674,53 @@ def produce_output(plan: SampleOrder, output_dir: Path, j: int, short: bool) -> 
     digest = plan.digest(j)
     if _is_complete(final, digest, short):
         return "skipped", 0, 0
-    marker = f"{final}{INCOMPLETE_SUFFIX}" if is_url(final) else final.with_name(final.name + INCOMPLETE_SUFFIX)
+    marker = _marker(final)
     if short:  # marker first: a reader never sees the short tar without it (an existing one is kept as is)
         if not tario.exists(marker):
             tario.touch(marker)
     else:
         tario.unlink(marker)
     size = write_output(plan, j, final)
-    count = len(plan.chunk(j))
-    extensions = sorted({m.ext for s in plan.chunk(j) for m in s.members})
-    tario.write_manifest(final, count, tar_size=size if is_url(final) else None, plan_digest=digest,
-                         chunk_size=plan.chunk_size, short=short,
-                         extensions=extensions, every_sample_has=extensions,  # only usable samples are copied
-                         member_offsets=output_offsets(plan.chunk(j)))
-    return "written", count, size
+    return _write_output_manifest(plan, j, final, digest, size, short)
+
+
+class EarlyOutput(NamedTuple):
+    """A full output written before its owner was known: a temporary beside its final name."""
+
+    plan: SampleOrder  # the provisional window it was cut from (its bytes and digest are the final plan's)
+    digest: str
+    tmp: Path | None  # None: the output was already complete
+    size: int
+
+
+def write_early_output(plan: SampleOrder, output_dir: Path, j: int) -> EarlyOutput:
+    """Full output ``j`` (local) written to this process's temporary for it, not renamed: whether it is
+    this task's is known only once every input is counted (:func:`finish_early_output`)."""
+    final = output_path(output_dir, j)
+    digest = plan.digest(j)
+    if _is_complete(final, digest, False):
+        return EarlyOutput(plan, digest, None, 0)
+    tmp = fsutil.temp_path_for(final)
+    try:
+        return EarlyOutput(plan, digest, tmp, _write_local(plan, j, tmp))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def finish_early_output(early: EarlyOutput, output_dir: Path, j: int, mine: bool) -> tuple[str, int, int]:
+    """Rename an early output onto its final name if it is this task's (as :func:`produce_output` would
+    have written it), else remove it."""
+    if not mine or early.tmp is None:
+        if early.tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                early.tmp.unlink()
+        return "skipped", 0, 0
+    final = output_path(output_dir, j)
+    tario.unlink(_marker(final))
+    os.replace(early.tmp, final)
+    return _write_output_manifest(early.plan, j, final, early.digest, early.size, False)
 
 
 def write_threads(configured: int) -> int:
@@ -647,7 +748,19 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
         tario.remove_leftovers(output_dir)
     pool = ThreadPoolExecutor(max_workers=write_threads(block.write_threads))
     futures: dict[int, Future[tuple[str, int, int]]] = {}
+    early: dict[int, Future[EarlyOutput]] = {}  # full outputs written while the inputs were still counted
     cleaned: list[bool] = []  # our own leftover temporaries removed (several tasks)
+
+    def write_early(window: SampleOrder, outputs: list[int]) -> None:
+        for j in outputs:
+            if j not in early:
+                early[j] = pool.submit(write_early_output, window, output_dir, j)
+
+    def remove_own_leftovers(mine: range) -> None:
+        # Other tasks write beside us: only our outputs' leftovers, not the early outputs we are writing.
+        keep = [fsutil.temp_path_for(output_path(output_dir, j)).name for j in early]
+        tario.remove_leftovers(output_dir, [tario.name_of(output_path(output_dir, j)) for j in mine], keep)
+        cleaned.append(True)
 
     def submit_ready_chunks(plan: SampleOrder) -> None:
         # Outputs whose samples are all indexed are written while indexing goes on (the copy runs in the
@@ -657,13 +770,12 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
                 futures[j] = pool.submit(produce_output, plan, output_dir, j, False)
             return
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
-        if not cleaned:  # before our first write: other tasks write beside us, so only our own leftovers
-            tario.remove_leftovers(output_dir, [tario.name_of(output_path(output_dir, j)) for j in mine])
-            cleaned.append(True)
+        if not cleaned:  # before our first write
+            remove_own_leftovers(mine)
         reached = plan.first_sample + len(plan.samples)  # global position the window is indexed up to
         last = plan.output_count - 1
         for j in mine:
-            if j not in futures:
+            if j not in futures and j not in early:
                 if min((j + 1) * plan.chunk_size, plan.total) > reached:
                     break
                 futures[j] = pool.submit(produce_output, plan, output_dir, j, j == last and plan.short_count > 0)
@@ -671,7 +783,8 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
     try:
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
             plan = order_task_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
-                                   exclude=output_dir, on_tar_indexed=submit_ready_chunks)
+                                      exclude=output_dir, on_tar_indexed=submit_ready_chunks,
+                                      on_early_outputs=None if is_url(output_dir) else write_early)
         else:
             stream = task_count == 1 and not block.strict
             plan = order_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
@@ -699,16 +812,24 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
             log.warning("%s: %d sample(s) repeat a key seen earlier (kept), e.g. %s",
                         STAGE, plan.duplicate_keys, plan.duplicate_examples[:3])
         mine = fsutil.task_range(plan.output_count, task_id, task_count)
-        if task_count > 1 and not cleaned:  # other tasks write beside us right now: only our own leftovers
-            tario.remove_leftovers(output_dir, [tario.name_of(output_path(output_dir, j)) for j in mine])
+        if task_count > 1 and not cleaned:
+            remove_own_leftovers(mine)
         last = plan.output_count - 1
         for j in mine:
-            if j not in futures:
+            if j not in futures and j not in early:
                 futures[j] = pool.submit(produce_output, plan, output_dir, j, j == last and plan.short_count > 0)
+        for j in sorted(early.keys() - set(mine)):  # guessed wrong: another task's output
+            try:
+                finish_early_output(early.pop(j).result(), output_dir, j, mine=False)
+            except OSError as exc:  # its owner writes it; nothing of ours is lost
+                log.debug("%s: early output %d, not this task's, failed: %s", STAGE, j, exc)
         written = skipped = samples_written = bytes_written = 0
         progress = Progress(f"{STAGE}: task {task_id} writing tars", len(mine), unit="tars", logger=log)
         for j in mine:
-            outcome, count, size = futures[j].result()
+            if j in early:
+                outcome, count, size = finish_early_output(early[j].result(), output_dir, j, mine=True)
+            else:
+                outcome, count, size = futures[j].result()
             if outcome == "skipped":
                 skipped += 1
             else:
