@@ -356,31 +356,47 @@ def _likely_feeding(inputs: list[Path], task_id: int, task_count: int) -> set[in
     return likely
 
 
-def _offer_early(early: SampleOrder, tar_no: int, index: TarIndex | SampleCounts, counts: list[int],
-                 sizes: list[int], wanted: tuple[str, ...], seen_keys: set[str], task_id: int, task_count: int,
-                 on_early_outputs: Callable[[SampleOrder, list[int]], None]) -> SampleOrder | None:
-    """Grow the provisional window by input ``tar_no`` (just counted) and offer the full outputs in it that
-    are probably this task's; None once the window cannot grow (an input here only counted, not indexed)."""
-    if early.samples or early.total_samples is not None:  # the window has begun: the input must extend it
+class _EarlyWindow:
+    """The provisional window of early outputs (:func:`order_task_samples`): the inputs a task indexes in
+    full, from the first such, in order, while they are contiguous; grown as each input is counted."""
+
+    def __init__(self, plan: SampleOrder, sizes: list[int], wanted: tuple[str, ...], task_id: int,
+                 task_count: int, on_early_outputs: Callable[[SampleOrder, list[int]], None]):
+        self.plan, self.wanted, self.task_id, self.task_count = plan, wanted, task_id, task_count
+        self.on_early_outputs = on_early_outputs
+        self.seen_keys: set[str] = set()
+        self.counted_samples = self.counted_bytes = 0
+        self.uncounted_bytes = sum(sizes)
+        self.sizes = sizes
+        self.begun = self.ended = False
+        self.next_output = 0  # outputs below it were offered (or passed over) already
+
+    def add(self, tar_no: int, index: TarIndex | SampleCounts, count: int) -> None:
+        """Input ``tar_no`` has just been counted (``count`` usable samples) by ``index``; offer the full
+        outputs now in the window that are probably this task's (each once)."""
+        if self.ended:
+            return
+        first = self.counted_samples
+        self.counted_samples += count
+        self.counted_bytes += self.sizes[tar_no]
+        self.uncounted_bytes -= self.sizes[tar_no]
         if not isinstance(index, TarIndex):
-            return None
-    elif not isinstance(index, TarIndex):
-        return early  # not begun yet: inputs before this task's share are only counted
-    else:
-        early.first_sample = sum(counts[:-1])
-    _add_tar(early, tar_no, index, wanted, seen_keys)
-    counted_samples, counted_bytes = sum(counts), sum(sizes[:tar_no + 1])
-    early.total_samples = counted_samples  # chunk() of a full output needs no more
-    if not counted_samples:
-        return early
-    estimate = counted_samples + round(sum(sizes[tar_no + 1:]) * counted_samples / counted_bytes)
-    guessed = fsutil.task_range(-(-estimate // early.chunk_size), task_id, task_count)
-    size = early.chunk_size
-    ready = [j for j in guessed
-             if j * size >= early.first_sample and (j + 1) * size <= early.first_sample + len(early.samples)]
-    if ready:
-        on_early_outputs(early, ready)
-    return early
+            self.ended = self.begun  # only counted: the window cannot grow past it
+            return
+        plan = self.plan
+        if not self.begun:
+            self.begun, plan.first_sample = True, first
+        _add_tar(plan, tar_no, index, self.wanted, self.seen_keys)
+        plan.total_samples = self.counted_samples  # chunk() of a full output needs no more
+        if not self.counted_samples:
+            return
+        estimate = self.counted_samples + round(self.uncounted_bytes * self.counted_samples / self.counted_bytes)
+        guessed = fsutil.task_range(-(-estimate // plan.chunk_size), self.task_id, self.task_count)
+        low = max(guessed.start, -(-plan.first_sample // plan.chunk_size), self.next_output)
+        high = min(guessed.stop, (plan.first_sample + len(plan.samples)) // plan.chunk_size)
+        if low < high:
+            self.next_output = high
+            self.on_early_outputs(plan, list(range(low, high)))
 
 
 def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
@@ -415,10 +431,10 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     counts: list[int] = []
     likely = _likely_feeding(inputs, task_id, task_count) if None in manifest_counts else set()
     # The provisional window of early outputs: only where every input is read here, in order.
-    early = (SampleOrder(input_dir, inputs, chunk_size)
-             if on_early_outputs is not None and likely and all(c is None for c in manifest_counts) else None)
-    early_keys: set[str] = set()
-    sizes = [os.stat(path).st_size for path in inputs] if early is not None else []
+    early = None
+    if on_early_outputs is not None and likely and all(c is None for c in manifest_counts):
+        early = _EarlyWindow(SampleOrder(input_dir, inputs, chunk_size), [os.stat(p).st_size for p in inputs],
+                             wanted, task_id, task_count, on_early_outputs)
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
             path = inputs[tar_no]
@@ -429,8 +445,7 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
             count = _usable_count(unlisted[tar_no], wanted)
         counts.append(count)
         if early is not None:
-            early = _offer_early(early, tar_no, unlisted[tar_no], counts, sizes, wanted, early_keys,
-                                 task_id, task_count, on_early_outputs)  # type: ignore[arg-type]
+            early.add(tar_no, unlisted[tar_no], count)
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
