@@ -157,7 +157,7 @@ def test_reorganize_reports_and_outputs_are_the_same_with_the_count_pass(
     inputs, upper-case and unwanted extensions, a damaged input: every task's summary and every output
     byte are those of the full index everywhere, whichever inputs a task guesses it feeds from."""
     if not guess:  # every input counted first, those feeding the task indexed again
-        monkeypatch.setattr(reorganize_tar, "_likely_feeding", lambda inputs, task, tasks: set())
+        monkeypatch.setattr(reorganize_tar, "_likely_feeding", lambda sizes, task, tasks: set())
     raw = tmp_path / "raw"
     for shard in range(5):
         img2dataset_style(raw / f"{shard:05d}.tar", count=7 + shard * 3)
@@ -186,7 +186,8 @@ def test_the_guess_of_the_inputs_a_task_feeds_from_follows_their_sizes(tmp_path:
     for shard, size in enumerate((100, 100, 300, 100, 400)):
         inputs.append(tmp_path / f"{shard}.tar")
         inputs[-1].write_bytes(bytes(size))
-    assert [reorganize_tar._likely_feeding(inputs, task, 4) for task in range(4)] == [{0, 1, 2}, {2}, {3, 4}, {4}]
+    sizes = [path.stat().st_size for path in inputs]
+    assert [reorganize_tar._likely_feeding(sizes, task, 4) for task in range(4)] == [{0, 1, 2}, {2}, {3, 4}, {4}]
 
 
 def test_an_input_that_changes_between_count_and_index_fails_the_task(
@@ -201,7 +202,7 @@ def test_an_input_that_changes_between_count_and_index_fails_the_task(
         return counted._replace(keys=counted.keys[:-1], kinds=counted.kinds[:-1])
 
     monkeypatch.setattr(reorganize_tar, "count_samples", one_less)
-    monkeypatch.setattr(reorganize_tar, "_likely_feeding", lambda inputs, task, tasks: set())
+    monkeypatch.setattr(reorganize_tar, "_likely_feeding", lambda sizes, task, tasks: set())
     with pytest.raises(StageError, match=r"00000\.tar changed while this task read it"):
         run_tasks(raw, tmp_path / "out", 2)
 

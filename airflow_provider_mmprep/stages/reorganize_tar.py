@@ -340,13 +340,10 @@ def counted_by_manifest(body: dict[str, Any] | None, wanted: tuple[str, ...]) ->
     return int(body["sample_count"])
 
 
-def _likely_feeding(inputs: list[Path], task_id: int, task_count: int) -> set[int]:
-    """The local inputs that probably feed task ``task_id``'s outputs, guessed from their sizes (its share
+def _likely_feeding(sizes: list[int], task_id: int, task_count: int) -> set[int]:
+    """The local inputs (of these byte ``sizes``) that probably feed task ``task_id``'s outputs (its share
     of the outputs is about that share of the bytes): they are indexed in full at once instead of counted
     first and indexed again. Only a guess: the plan is the same whatever it says."""
-    if any(is_url(p) for p in inputs[:1]):
-        return set()
-    sizes = [os.stat(path).st_size for path in inputs]
     low, high = sum(sizes) * task_id / task_count, sum(sizes) * (task_id + 1) / task_count
     likely, start = set(), 0
     for t, size in enumerate(sizes):
@@ -429,12 +426,15 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     # a local intact tar), by the count-only walk, and in full only if they feed this task's outputs.
     unlisted: dict[int, TarIndex | SampleCounts] = {}
     counts: list[int] = []
-    likely = _likely_feeding(inputs, task_id, task_count) if None in manifest_counts else set()
+    # Local inputs some of which must be read: their sizes guide the guess and the early outputs' estimate.
+    sizes = ([os.stat(path).st_size for path in inputs]
+             if None in manifest_counts and not any(is_url(p) for p in inputs[:1]) else [])
+    likely = _likely_feeding(sizes, task_id, task_count) if sizes else set()
     # The provisional window of early outputs: only where every input is read here, in order.
     early = None
     if on_early_outputs is not None and likely and all(c is None for c in manifest_counts):
-        early = _EarlyWindow(SampleOrder(input_dir, inputs, chunk_size), [os.stat(p).st_size for p in inputs],
-                             wanted, task_id, task_count, on_early_outputs)
+        early = _EarlyWindow(SampleOrder(input_dir, inputs, chunk_size), sizes, wanted, task_id, task_count,
+                             on_early_outputs)
     for tar_no, count in enumerate(manifest_counts):
         if count is None:
             path = inputs[tar_no]
