@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import webdataset
 
-from airflow_provider_mmprep import tarindex
+from airflow_provider_mmprep import input_counts, tarindex
 from airflow_provider_mmprep.stages import StageError, reorganize_tar
 from airflow_provider_mmprep.tarindex import UnsafeMemberName, count_samples, index_tar
 from airflow_provider_mmprep.testing.shards import write_tar
@@ -35,6 +35,7 @@ def agree(path: Path) -> bool:
     assert counted.keys == [s.key for s in index.samples]
     assert [counted.signatures[k] for k in counted.kinds] == [tuple(m.ext for m in s.members) for s in index.samples]
     assert counted.skipped_members == index.skipped_members
+    assert input_counts.counts_of_index(index) == counted  # what a task that indexed it records for others
     return True
 
 
@@ -124,6 +125,7 @@ def test_damaged_and_unsafe_tars_are_left_to_the_full_index(tmp_path: Path) -> N
         cut.write_bytes(bytes(damaged))
         assert not agree(cut)
         assert index_tar(cut).problems
+        assert input_counts.counts_of_index(index_tar(cut)) is None  # every task reads it, to report it
     unsafe = tmp_path / "unsafe.tar"
     write_tar(unsafe, [("ok", {"jpg": b"x"}), ("../up", {"jpg": b"y"})])
     assert count_samples(unsafe) is None
@@ -146,7 +148,8 @@ def run_tasks(raw: Path, out: Path, tasks: int, exts: str = "[.jpg,.txt]") -> li
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """The folder's files: outputs, manifests and sidecars (not the subfolder of input counts)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @pytest.mark.parametrize("guess", [True, False])

@@ -8,9 +8,10 @@ may be short and is then marked the NeMo way, with an empty ``{j:05d}.tar.INCOMP
 :func:`fsutil.task_range`, so any ``node_array_size`` yields the same bytes. With several tasks, each places
 the inputs by their manifests' sample counts and reads the headers of only the inputs feeding its own
 outputs (:func:`order_task_samples`), so T tasks do not read every header T times. Where inputs have no
-manifests (img2dataset's), every task counts every input before it knows its outputs; meanwhile it writes
-the full outputs it has indexed and probably owns to temporaries, renamed once ownership is certain
-(:func:`write_early_output`), so its copying overlaps the reading of later inputs.
+manifests (img2dataset's), every task needs every input's count before it knows its outputs: it takes
+them from records other tasks left (:mod:`..input_counts`) or reads them (and records them); meanwhile it
+writes the full outputs it has indexed and probably owns to temporaries, renamed once ownership is
+certain (:func:`write_early_output`), so its copying overlaps the reading of later inputs.
 
 Member records (headers and data) are copied verbatim as byte ranges (:mod:`..tarwriter`), never decoded. Each
 output is written under a temporary name, renamed, and then described by a manifest holding a digest of
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
-from .. import fsutil, tario
+from .. import fsutil, input_counts, tario
 from ..storage import is_url
 from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutputs,
                         tasks_without_output)
@@ -90,7 +91,8 @@ class SampleOrder:
     # ``first_sample`` and ``total_samples`` counts every usable sample of every input.
     first_sample: int = 0
     total_samples: int | None = None
-    indexed_tars: int = 0  # inputs whose headers were read
+    indexed_tars: int = 0  # inputs whose headers were read (or whose counts were taken from a record)
+    counted_from_records: int = 0  # inputs counted by another task (:mod:`..input_counts`), not read here
     input_sizes: dict[int, int] = field(default_factory=dict)  # bytes of each input samples are taken from
 
     @property
@@ -399,7 +401,8 @@ class _EarlyWindow:
 def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[str], task_id: int,
                        task_count: int, exclude: Path | None = None,
                        on_tar_indexed: Callable[[SampleOrder], None] | None = None,
-                       on_early_outputs: Callable[[SampleOrder, list[int]], None] | None = None) -> SampleOrder:
+                       on_early_outputs: Callable[[SampleOrder, list[int]], None] | None = None,
+                       records: Path | None = None) -> SampleOrder:
     """The window of the global plan that task ``task_id`` of ``task_count`` writes.
 
     Inputs whose manifests give their usable counts are placed in the global order without being read;
@@ -416,6 +419,10 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     first, as far as they are contiguous and counted) and the full outputs it holds that are probably this
     task's (by an estimate of the total from the bytes counted so far): their bytes are already certain,
     only their owner is a guess. So a task can copy while the disk still delivers later inputs.
+
+    With ``records`` (a local folder, :mod:`..input_counts`), local inputs without manifests are counted
+    once for all tasks: a task reads first the inputs it probably copies from and records their counts,
+    then takes each other input's count from its record where another task (or an earlier run) left one.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
@@ -423,29 +430,51 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     bodies = tario.read_manifests(inputs)  # type: ignore[arg-type]
     manifest_counts = [counted_by_manifest(body, wanted) for body in bodies]
     # Inputs without a usable manifest are read to count them: where nothing says otherwise (no manifest,
-    # a local intact tar), by the count-only walk, and in full only if they feed this task's outputs.
+    # a local intact tar), by the count-only walk (or from another task's record), and in full only if
+    # they feed this task's outputs.
     unlisted: dict[int, TarIndex | SampleCounts] = {}
-    counts: list[int] = []
+    counts: list[int | None] = list(manifest_counts)
     # Local inputs some of which must be read: their sizes guide the guess and the early outputs' estimate.
-    sizes = ([os.stat(path).st_size for path in inputs]
+    stats = ([os.stat(path) for path in inputs]
              if None in manifest_counts and not any(is_url(p) for p in inputs[:1]) else [])
+    sizes = [stat.st_size for stat in stats]
     likely = _likely_feeding(sizes, task_id, task_count) if sizes else set()
+    if not stats:
+        records = None
+    from_records: set[int] = set()
     # The provisional window of early outputs: only where every input is read here, in order.
     early = None
     if on_early_outputs is not None and likely and all(c is None for c in manifest_counts):
         early = _EarlyWindow(SampleOrder(input_dir, inputs, chunk_size), sizes, wanted, task_id, task_count,
                              on_early_outputs)
-    for tar_no, count in enumerate(manifest_counts):
-        if count is None:
-            path = inputs[tar_no]
-            counted = None
-            if tar_no not in likely and bodies[tar_no] is None and not is_url(path):
-                counted = count_samples(path)
-            unlisted[tar_no] = counted if counted is not None else _index(path, bodies[tar_no])
-            count = _usable_count(unlisted[tar_no], wanted)
-        counts.append(count)
+    offered = 0  # inputs below it are in the early window's hands (it takes them in order)
+    to_count = [t for t, count in enumerate(manifest_counts) if count is None]
+    # The inputs this task copies from first: other tasks start with theirs, so by the time this task
+    # comes to those, their records are probably written.
+    for tar_no in sorted(likely.intersection(to_count)) + [t for t in to_count if t not in likely]:
+        path, body = inputs[tar_no], bodies[tar_no]
+        held: TarIndex | SampleCounts | None = None
+        if tar_no not in likely and body is None and not is_url(path):
+            if records is not None:
+                held = input_counts.load(records, plan.rel(tar_no), stats[tar_no])
+                if held is not None:
+                    from_records.add(tar_no)
+            if held is None:
+                held = count_samples(path)
+                if held is not None and records is not None:
+                    input_counts.save(records, plan.rel(tar_no), stats[tar_no], held)
+        if held is None:
+            held = _index(path, body)
+            recorded = input_counts.counts_of_index(held) if records is not None and body is None else None
+            if recorded is not None:
+                input_counts.save(records, plan.rel(tar_no), stats[tar_no], recorded)  # type: ignore[arg-type]
+        unlisted[tar_no] = held
+        counts[tar_no] = _usable_count(held, wanted)
         if early is not None:
-            early.add(tar_no, unlisted[tar_no], count)
+            while offered < len(inputs) and counts[offered] is not None:
+                early.add(offered, unlisted[offered], counts[offered])  # type: ignore[arg-type]
+                offered += 1
+    plan.counted_from_records = len(from_records)
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
@@ -465,6 +494,11 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
         else:
             index = next(fresh) if held is None or isinstance(held, SampleCounts) else held
             usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
+        if tar_no in from_records and usable != counts[tar_no]:
+            raise StageError(
+                f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its record "
+                f"{input_counts.record_path(records, plan.rel(tar_no))} says {counts[tar_no]}, and other "  # type: ignore[arg-type]
+                f"tasks may have placed their samples by it. Delete {records}, then rerun every {STAGE} task")
         if isinstance(held, SampleCounts) and usable != counts[tar_no]:
             raise StageError(
                 f"{STAGE}.input_dir: {plan.rel(tar_no)} changed while this task read it ({counts[tar_no]} usable "
@@ -799,7 +833,8 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
         if task_count > 1 and not block.strict:  # strict must see every input: only the full plan does
             plan = order_task_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar, task_id, task_count,
                                       exclude=output_dir, on_tar_indexed=submit_ready_chunks,
-                                      on_early_outputs=None if is_url(output_dir) else write_early)
+                                      on_early_outputs=None if is_url(output_dir) else write_early,
+                                      records=None if is_url(output_dir) else input_counts.records_dir(output_dir))
         else:
             stream = task_count == 1 and not block.strict
             plan = order_samples(input_dir, block.tar_chunk_size, block.file_ext_in_tar,
@@ -860,6 +895,7 @@ def _run_task(cfg: PipelineConfig, task_id: int, task_count: int) -> dict[str, A
         "input_tars": len(plan.inputs),
         "usable_samples": plan.total,
         "indexed_input_tars": plan.indexed_tars,  # the others were placed by their manifests' counts
+        "input_counts_from_records": plan.counted_from_records,  # counted by another task (input_counts)
         "output_tars": plan.output_count,
         "chunk_size": plan.chunk_size,
         "task_outputs": (f"{tario.name_of(output_path(output_dir, mine[0]))}.."
