@@ -527,6 +527,30 @@ def prefetch(path: str | Path) -> None:
         os.close(fd)
 
 
+#: Places per file where :func:`is_cached` asks the page cache
+CACHE_PROBES = 8
+
+
+def is_cached(path: str | Path, size: int) -> bool:
+    """Whether a file's bytes are in the page cache, sampled at ``CACHE_PROBES`` places: a read with
+    ``RWF_NOWAIT`` fails instead of waiting for the disk. False where the kernel cannot say (other
+    systems, old kernels, file systems without it) or the file cannot be opened."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None or size <= 0:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        probe = bytearray(1)
+        return all(os.preadv(fd, [probe], size * k // CACHE_PROBES, nowait) == 1 for k in range(CACHE_PROBES))
+    except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot say
+        return False
+    finally:
+        os.close(fd)
+
+
 def index_tar(path: str | Path, *, reference: bool = False) -> TarIndex:
     """Index one tar from its headers. Raises :class:`UnsafeMemberName`; records all other damage.
 

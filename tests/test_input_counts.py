@@ -142,3 +142,40 @@ def test_a_record_its_tar_contradicts_fails_the_task_that_copies_from_it(
     monkeypatch.setattr(stage, "_likely_feeding", lambda sizes, task, tasks: set())
     with pytest.raises(StageError, match=r"00002\.tar has 8 usable sample\(s\) but its record .*says 7.*Delete"):
         stage.run_task(make_cfg(raw, out, 4), 1, 3)
+
+
+def test_a_file_is_cached_until_its_pages_are_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "input.tar"
+    with open(path, "wb") as handle:
+        handle.write(random.Random(1).randbytes(4 << 20))
+        handle.flush()
+        os.fsync(handle.fileno())  # clean pages: the advice below may drop them
+    size = path.stat().st_size
+    assert tarindex.is_cached(path, size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert not tarindex.is_cached(path, size)
+    path.read_bytes()
+    assert tarindex.is_cached(path, size)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_task_reads_its_own_inputs_first_only_where_they_are_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: bool) -> None:
+    """Cached: task 1 of 3 starts with the two inputs it copies from. From the disk: input order, as every
+    other task reads them (tasks on one machine then read each input once between them). Same bytes."""
+    raw = tmp_path / "raw"
+    shards(raw, [8] * 6)
+    run_all(make_cfg(raw, tmp_path / "reference", 4), 1)
+    monkeypatch.setattr(stage, "is_cached", lambda path, size: cached)
+    seen = reads(monkeypatch)
+    out = tmp_path / "out"
+    summaries = [stage.run_task(make_cfg(raw, out, 4), 1, 3)]
+    names = [f"{s:05d}.tar" for s in range(6)]
+    assert seen[:len(names)] == (names[2:4] + names[:2] + names[4:] if cached else names)
+    summaries += [stage.run_task(make_cfg(raw, out, 4), task, 3) for task in (0, 2)]
+    assert [s["input_counts_from_records"] for s in summaries] == [0, 4, 4]
+    assert digests(out) == digests(tmp_path / "reference")

@@ -46,8 +46,8 @@ from ..manifest import (INCOMPLETE_SUFFIX, MANIFEST_SUFFIX, FinishedTar, TarOutp
                         tasks_without_output)
 from ..progress import Progress
 from ..tarindex import (ManifestContradicted, Member, SampleCounts, TarIndex, UnsafeMemberName, count_samples,
-                        covers_extensions, find_tars, gc_paused, index_from_offsets, index_tar, member_offsets,
-                        normalize_extensions, prefetch)
+                        covers_extensions, find_tars, gc_paused, index_from_offsets, index_tar, is_cached,
+                        member_offsets, normalize_extensions, prefetch)
 from ..tarwriter import BLOCK, RECORD, TarWriter, record_extent
 from . import StageError
 
@@ -420,9 +420,11 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
     task's (by an estimate of the total from the bytes counted so far): their bytes are already certain,
     only their owner is a guess. So a task can copy while the disk still delivers later inputs.
 
-    With ``records`` (a local folder, :mod:`..input_counts`), local inputs without manifests are counted
-    once for all tasks: a task reads first the inputs it probably copies from and records their counts,
-    then takes each other input's count from its record where another task (or an earlier run) left one.
+    With ``records`` (a local folder, :mod:`..input_counts`), each local input without a manifest that a
+    task reads has its counts recorded, and a task takes an input's count from its record where another
+    task (or an earlier run) left one. Where the inputs it copies from are in the page cache, a task reads
+    those first (the other tasks start with theirs: their records are then probably written when it comes
+    to them); from the disk, in input order, which tasks sharing a machine then read once between them.
     """
     wanted = normalize_extensions(file_ext_in_tar)
     inputs = _inputs(input_dir, exclude)
@@ -449,9 +451,14 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
                              on_early_outputs)
     offered = 0  # inputs below it are in the early window's hands (it takes them in order)
     to_count = [t for t, count in enumerate(manifest_counts) if count is None]
-    # The inputs this task copies from first: other tasks start with theirs, so by the time this task
-    # comes to those, their records are probably written.
-    for tar_no in sorted(likely.intersection(to_count)) + [t for t in to_count if t not in likely]:
+    reading = to_count
+    if records is not None and all(is_cached(inputs[t], sizes[t]) for t in likely):
+        # Cached inputs cost no disk time in any order: first the inputs this task copies from, as the
+        # other tasks start with theirs, so by the time it comes to those their records are probably
+        # written. From the disk, all tasks read in input order instead: on one machine each input is
+        # then read once for all of them, sequentially, and copying starts while later inputs are read.
+        reading = sorted(likely.intersection(to_count)) + [t for t in to_count if t not in likely]
+    for tar_no in reading:
         path, body = inputs[tar_no], bodies[tar_no]
         held: TarIndex | SampleCounts | None = None
         if tar_no not in likely and body is None and not is_url(path):
