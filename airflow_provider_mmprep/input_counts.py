@@ -77,6 +77,12 @@ def save(folder: Path, rel: str, stat: os.stat_result, counts: SampleCounts) -> 
         log.debug("input counts of %s not recorded: %s", rel, exc)
 
 
+def is_recorded(folder: Path, rel: str, stat: os.stat_result) -> bool:
+    """Whether a record describes input ``rel`` as ``stat`` finds it (a task that indexed the input in
+    full leaves such a record as it is)."""
+    return load(folder, rel, stat) is not None
+
+
 def load(folder: Path, rel: str, stat: os.stat_result) -> SampleCounts | None:
     """The recorded counts of input ``rel`` if a record describes it as ``stat`` finds it, else None."""
     try:

@@ -107,6 +107,9 @@ def test_tasks_read_the_headers_of_only_the_inputs_they_copy_from_once_one_task_
         assert summary["input_counts_from_records"] == 4 and summary["usable_samples"] == 48
     assert digests(out) == digests(tmp_path / "reference")
     assert not temporaries(out)
+    records = {p.name: p.stat().st_mtime_ns for p in (out / input_counts.RECORDS_DIR).iterdir()}
+    stage.run_task(make_cfg(raw, out, 4), 1, 3)  # a rerun: its own inputs' records stay as they are
+    assert {p.name: p.stat().st_mtime_ns for p in (out / input_counts.RECORDS_DIR).iterdir()} == records
 
 
 def test_a_record_of_an_input_rewritten_since_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

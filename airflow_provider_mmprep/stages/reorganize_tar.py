@@ -472,9 +472,11 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
                     input_counts.save(records, plan.rel(tar_no), stats[tar_no], held)
         if held is None:
             held = _index(path, body)
-            recorded = input_counts.counts_of_index(held) if records is not None and body is None else None
-            if recorded is not None:
-                input_counts.save(records, plan.rel(tar_no), stats[tar_no], recorded)  # type: ignore[arg-type]
+            if records is not None and body is None and not input_counts.is_recorded(records, plan.rel(tar_no),
+                                                                                stats[tar_no]):
+                recorded = input_counts.counts_of_index(held)
+                if recorded is not None:
+                    input_counts.save(records, plan.rel(tar_no), stats[tar_no], recorded)
         unlisted[tar_no] = held
         counts[tar_no] = _usable_count(held, wanted)
         if early is not None:
