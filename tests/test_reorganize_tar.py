@@ -43,7 +43,7 @@ def tar_members(path: Path) -> list[tuple[str, bytes]]:
 
 
 def digests(folder: Path) -> dict[str, str]:
-    """The folder's files (not the input counts several tasks record in a subfolder) but manifests."""
+    """Digests of the folder's files, manifests left out (and the subfolder where tasks record input counts)."""
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.endswith(".manifest.json")}
 
