@@ -503,12 +503,13 @@ def order_task_samples(input_dir: Path, chunk_size: int, file_ext_in_tar: list[s
         else:
             index = next(fresh) if held is None or isinstance(held, SampleCounts) else held
             usable = _add_tar(plan, tar_no, index, wanted, seen_keys, keep=tar_no in feeding)
-        if tar_no in from_records and usable != counts[tar_no]:
-            raise StageError(
-                f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its record "
-                f"{input_counts.record_path(records, plan.rel(tar_no))} says {counts[tar_no]}, and other "  # type: ignore[arg-type]
-                f"tasks may have placed their samples by it. Delete {records}, then rerun every {STAGE} task")
         if isinstance(held, SampleCounts) and usable != counts[tar_no]:
+            if tar_no in from_records:
+                raise StageError(
+                    f"{STAGE}.input_dir: {plan.rel(tar_no)} has {usable} usable sample(s) but its record "
+                    f"{input_counts.record_path(records, plan.rel(tar_no))} says {counts[tar_no]}, and "  # type: ignore[arg-type]
+                    f"other tasks may have placed their samples by it. Delete {records}, then rerun every "
+                    f"{STAGE} task")
             raise StageError(
                 f"{STAGE}.input_dir: {plan.rel(tar_no)} changed while this task read it ({counts[tar_no]} usable "
                 f"sample(s) when counted, {usable} when indexed); rerun every {STAGE} task once nothing writes "
